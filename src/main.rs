@@ -1,0 +1,53 @@
+//! `cohort`: launch data-parallel training jobs, test collectives on one host,
+//! inspect checkpoints. This binary does not link libtorch; training runs in
+//! `cohort-worker`, which `launch` starts for every rank.
+
+mod backend;
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cohort", version, about = "Distributed data-parallel training", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report libtorch, CUDA, NCCL, cores, memory and the collective backend `launch` would pick.
+    Doctor(cmd::doctor::DoctorArgs),
+}
+
+fn main() -> ExitCode {
+    // Die quietly on a closed stdout (`cohort doctor | head`), as command-line
+    // tools do, instead of panicking in println!. Sockets are unaffected: std
+    // and tokio send with MSG_NOSIGNAL.
+    // SAFETY: setting a signal disposition to SIG_DFL before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    cmd::init_tracing();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version to stdout with exit 0, and usage errors
+            // to stderr with exit 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let result = match cli.command {
+        Command::Doctor(args) => cmd::doctor::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! cohort trainer.
+pub use tch;
