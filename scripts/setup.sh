@@ -66,6 +66,8 @@ COHORT_TORCH_VERSION = "$TORCH_VERSION"
 
 [build]
 rustflags = ["-C", "link-arg=-Wl,-rpath,$torch_dir/lib:$nccl_dir"]
+# rustdoc builds doc tests with its own flags.
+rustdocflags = ["-C", "link-arg=-Wl,-rpath,$torch_dir/lib:$nccl_dir"]
 CONF
 )"
 if [[ "$(cat "$config" 2>/dev/null || true)" != "$want" ]]; then
