@@ -1,0 +1,442 @@
+//! The node agent: joins each generation, starts this node's workers with the
+//! worker env contract, heartbeats, detects hung workers, reports exits, and
+//! follows the coordinator's directives (go on, restart, finish).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cohort_proto::v1::{
+    Action, Assignment, Directive, FailureInfo, HeartbeatRequest, JobOptions, JobOutcome,
+    JoinRequest, LeaveRequest, ReportDoneRequest, ReportFailureRequest, join_response,
+};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::LauncherError;
+use crate::client::{Client, connect, error_chain, rpc_error};
+use crate::console::Console;
+use crate::decision::{NodeRange, find_hung_worker};
+use crate::worker::{WorkerGroup, WorkerSpec, attempt_dir, describe_exit};
+
+/// What each worker runs.
+#[derive(Clone, Debug)]
+pub enum WorkerCommand {
+    /// `cohort launch -- PROGRAM ARGS`.
+    Program {
+        program: OsString,
+        args: Vec<OsString>,
+    },
+    /// `cohort launch CONFIG.toml`: `WORKER train --config <job-dir>/config.toml`,
+    /// with the resolved config written there first.
+    Train {
+        worker: PathBuf,
+        config_toml: String,
+    },
+}
+
+/// Everything a node agent needs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The coordinator's HOST:PORT.
+    pub coordinator: String,
+    pub token: String,
+    /// Empty: the coordinator's job.
+    pub job_id: String,
+    /// Stable for this agent's life.
+    pub node_id: String,
+    /// The address other nodes reach this node at (`COHORT_HOST`, `MASTER_ADDR` of node 0).
+    pub host: String,
+    pub nproc: u32,
+    pub nnodes: NodeRange,
+    pub max_restarts: u32,
+    pub hang_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// Give up on a coordinator that has not answered for this long.
+    pub coordinator_timeout: Duration,
+    /// Between the stop signal and SIGKILL.
+    pub grace_period: Duration,
+    /// How long to retry reaching the coordinator at start.
+    pub connect_retry: Duration,
+    pub log_dir: PathBuf,
+    pub command: WorkerCommand,
+}
+
+/// How the agent ended.
+#[derive(Clone, Debug)]
+pub enum AgentOutcome {
+    /// The job is over (as the coordinator says).
+    Finished(JobOutcome),
+    /// The user interrupted this node with `signal`.
+    Interrupted { signal: i32 },
+}
+
+/// What ends one generation for this node.
+enum Next {
+    Restart(String),
+    Finished(JobOutcome),
+    Interrupted(i32),
+}
+
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, LauncherError> {
+        let install = |kind| signal(kind).map_err(LauncherError::Runtime);
+        Ok(Self {
+            int: install(SignalKind::interrupt())?,
+            term: install(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+        }
+    }
+}
+
+/// A free TCP port on this host (MASTER_PORT if this node becomes node 0).
+fn free_port(host: &str) -> u32 {
+    std::net::TcpListener::bind((host, 0))
+        .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", 0)))
+        .and_then(|l| l.local_addr())
+        .map_or(0, |a| u32::from(a.port()))
+}
+
+struct Agent {
+    config: AgentConfig,
+    client: Client,
+    console: Arc<Console>,
+}
+
+/// Runs the node agent until the job is over or the user interrupts it.
+pub async fn run_agent(
+    config: AgentConfig,
+    console: Arc<Console>,
+) -> Result<AgentOutcome, LauncherError> {
+    let mut signals = Signals::new()?;
+    let client = tokio::select! {
+        c = connect(&config.coordinator, &config.token, config.connect_retry) => c?,
+        sig = signals.recv() => return Ok(AgentOutcome::Interrupted { signal: sig }),
+    };
+    let mut agent = Agent {
+        config,
+        client,
+        console,
+    };
+    let outcome = agent.run(&mut signals).await;
+    // Say goodbye, so a coordinator hosted by another launcher can exit
+    // without waiting for this node.
+    if outcome.is_ok() && !agent.config.job_id.is_empty() {
+        let request = LeaveRequest {
+            job_id: agent.config.job_id.clone(),
+            node_id: agent.config.node_id.clone(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), agent.client.leave(request)).await;
+    }
+    outcome
+}
+
+impl Agent {
+    async fn run(&mut self, signals: &mut Signals) -> Result<AgentOutcome, LauncherError> {
+        loop {
+            let request = JoinRequest {
+                job_id: self.config.job_id.clone(),
+                node_id: self.config.node_id.clone(),
+                host: self.config.host.clone(),
+                nproc: self.config.nproc,
+                master_port: free_port(&self.config.host),
+                options: Some(JobOptions {
+                    min_nodes: self.config.nnodes.min,
+                    max_nodes: self.config.nnodes.max,
+                    max_restarts: self.config.max_restarts,
+                }),
+            };
+            let mut client = self.client.clone();
+            let response = tokio::select! {
+                r = client.join(request) => r.map_err(|s| rpc_error(&self.config.coordinator, "Join", s))?,
+                sig = signals.recv() => return Ok(AgentOutcome::Interrupted { signal: sig }),
+            };
+            let assignment = match response.into_inner().outcome {
+                Some(join_response::Outcome::Assignment(a)) => a,
+                Some(join_response::Outcome::Finished(outcome)) => {
+                    return Ok(AgentOutcome::Finished(outcome));
+                }
+                None => {
+                    return Err(LauncherError::Rpc {
+                        addr: self.config.coordinator.clone(),
+                        call: "Join",
+                        code: tonic::Code::Internal,
+                        message: "empty answer".to_owned(),
+                    });
+                }
+            };
+            self.config.job_id.clone_from(&assignment.job_id);
+            match self.run_generation(&assignment, signals).await? {
+                Next::Restart(reason) => {
+                    tracing::debug!("generation {} ended: {reason}", assignment.generation);
+                }
+                Next::Finished(outcome) => return Ok(AgentOutcome::Finished(outcome)),
+                Next::Interrupted(signal) => return Ok(AgentOutcome::Interrupted { signal }),
+            }
+        }
+    }
+
+    fn job_dir(&self) -> PathBuf {
+        self.config.log_dir.join(&self.config.job_id)
+    }
+
+    fn specs(&self, a: &Assignment) -> Result<Vec<WorkerSpec>, LauncherError> {
+        let job_dir = self.job_dir();
+        let attempt = attempt_dir(&job_dir, a.generation)?;
+        let (program, args) = match &self.config.command {
+            WorkerCommand::Program { program, args } => (program.clone(), args.clone()),
+            WorkerCommand::Train {
+                worker,
+                config_toml,
+            } => {
+                let path = job_dir.join("config.toml");
+                std::fs::write(&path, config_toml).map_err(|source| LauncherError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                (
+                    worker.clone().into_os_string(),
+                    vec!["train".into(), "--config".into(), path.into_os_string()],
+                )
+            }
+        };
+        let nproc = self.config.nproc;
+        let omp = std::env::var_os("OMP_NUM_THREADS").is_none() && nproc > 1;
+        Ok((0..nproc)
+            .map(|local_rank| {
+                let rank = a.rank_offset + local_rank;
+                let status_path = attempt.join(format!("rank_{rank}.status"));
+                let mut env: Vec<(String, OsString)> = vec![
+                    ("RANK".into(), rank.to_string().into()),
+                    ("LOCAL_RANK".into(), local_rank.to_string().into()),
+                    ("WORLD_SIZE".into(), a.world_size.to_string().into()),
+                    ("LOCAL_WORLD_SIZE".into(), nproc.to_string().into()),
+                    ("GROUP_RANK".into(), a.node_rank.to_string().into()),
+                    ("MASTER_ADDR".into(), a.master_addr.clone().into()),
+                    ("MASTER_PORT".into(), a.master_port.to_string().into()),
+                    (
+                        "COHORT_COORDINATOR".into(),
+                        self.config.coordinator.clone().into(),
+                    ),
+                    ("COHORT_JOB_ID".into(), a.job_id.clone().into()),
+                    ("COHORT_GENERATION".into(), a.generation.to_string().into()),
+                    (
+                        "COHORT_RESTART_COUNT".into(),
+                        a.restart_count.to_string().into(),
+                    ),
+                    ("COHORT_TOKEN".into(), self.config.token.clone().into()),
+                    ("COHORT_LOG_DIR".into(), job_dir.clone().into_os_string()),
+                    ("COHORT_HOST".into(), self.config.host.clone().into()),
+                    (
+                        "COHORT_STATUS_FILE".into(),
+                        status_path.clone().into_os_string(),
+                    ),
+                ];
+                if omp {
+                    env.push(("OMP_NUM_THREADS".into(), "1".into()));
+                }
+                WorkerSpec {
+                    rank,
+                    local_rank,
+                    program: program.clone(),
+                    args: args.clone(),
+                    env,
+                    log_path: attempt.join(format!("rank_{rank}.log")),
+                    status_path,
+                }
+            })
+            .collect())
+    }
+
+    async fn run_generation(
+        &mut self,
+        a: &Assignment,
+        signals: &mut Signals,
+    ) -> Result<Next, LauncherError> {
+        let specs = self.specs(a)?;
+        let grace = self.config.grace_period;
+        let mut group = WorkerGroup::spawn(specs, &self.console, grace).await?;
+        let next = self.supervise(a, &mut group, signals).await;
+        let stop_signal = match &next {
+            Ok(Next::Interrupted(sig)) => *sig,
+            _ => libc::SIGTERM,
+        };
+        group.stop(stop_signal, grace).await;
+        if let Ok(Next::Interrupted(sig)) = &next {
+            // Tell the coordinator, so the other nodes stop too.
+            let failure = FailureInfo {
+                reason: format!(
+                    "was interrupted ({})",
+                    if *sig == libc::SIGINT {
+                        "SIGINT"
+                    } else {
+                        "SIGTERM"
+                    }
+                ),
+                ..FailureInfo::default()
+            };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.report_failure(a.generation, failure, true),
+            )
+            .await;
+        }
+        next
+    }
+
+    async fn report_failure(
+        &self,
+        generation: u64,
+        failure: FailureInfo,
+        fatal: bool,
+    ) -> Result<Directive, LauncherError> {
+        let request = ReportFailureRequest {
+            job_id: self.config.job_id.clone(),
+            node_id: self.config.node_id.clone(),
+            generation,
+            failure: Some(failure),
+            fatal,
+        };
+        let mut client = self.client.clone();
+        client
+            .report_failure(request)
+            .await
+            .map(|r| r.into_inner().directive.unwrap_or_default())
+            .map_err(|s| rpc_error(&self.config.coordinator, "ReportFailure", s))
+    }
+
+    fn follow(directive: Directive) -> Option<Next> {
+        match Action::try_from(directive.action) {
+            Ok(Action::Restart) => Some(Next::Restart(directive.reason)),
+            Ok(Action::Finished) => Some(Next::Finished(directive.outcome.unwrap_or(JobOutcome {
+                success: false,
+                summary: directive.reason,
+                root_cause: None,
+            }))),
+            _ => None,
+        }
+    }
+
+    fn failure_of(group: &WorkerGroup, rank: u32, reason: String) -> FailureInfo {
+        let worker = group.by_rank(rank);
+        FailureInfo {
+            rank: Some(rank),
+            reason,
+            log_tail: worker.map(|w| w.tail()).unwrap_or_default(),
+            log_path: worker.map_or_else(String::new, |w| w.log_path.display().to_string()),
+            ..FailureInfo::default()
+        }
+    }
+
+    async fn supervise(
+        &mut self,
+        a: &Assignment,
+        group: &mut WorkerGroup,
+        signals: &mut Signals,
+    ) -> Result<Next, LauncherError> {
+        let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_answer = Instant::now();
+        // Once this node reported a failure or success, it only waits for
+        // the coordinator's directive.
+        let mut reported = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let now = Instant::now();
+                    group.refresh_progress(now, &self.console);
+                    if !reported {
+                        let marks = group.step_marks();
+                        if let Some((rank, reason)) = find_hung_worker(now, &marks, self.config.hang_timeout) {
+                            reported = true;
+                            let failure = Self::failure_of(group, rank, reason);
+                            if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false).await?) {
+                                return Ok(next);
+                            }
+                        }
+                    }
+                    let request = HeartbeatRequest {
+                        job_id: self.config.job_id.clone(),
+                        node_id: self.config.node_id.clone(),
+                        generation: a.generation,
+                        workers: group.statuses(),
+                    };
+                    let mut call = tonic::Request::new(request);
+                    call.set_timeout(self.config.coordinator_timeout);
+                    let mut client = self.client.clone();
+                    match client.heartbeat(call).await {
+                        Ok(response) => {
+                            last_answer = Instant::now();
+                            if let Some(next) = Self::follow(response.into_inner().directive.unwrap_or_default()) {
+                                return Ok(next);
+                            }
+                        }
+                        Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                            return Err(rpc_error(&self.config.coordinator, "Heartbeat", status));
+                        }
+                        Err(status) => {
+                            let waited = last_answer.elapsed();
+                            if waited >= self.config.coordinator_timeout {
+                                return Err(LauncherError::LostCoordinator {
+                                    addr: self.config.coordinator.clone(),
+                                    waited,
+                                    last_error: error_chain(&status),
+                                });
+                            }
+                        }
+                    }
+                }
+                Some((index, status)) = group.next_exit() => {
+                    if reported {
+                        continue;
+                    }
+                    if !status.success() {
+                        reported = true;
+                        let rank = group.workers[index].rank;
+                        let failure = Self::failure_of(group, rank, describe_exit(status));
+                        if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false).await?) {
+                            return Ok(next);
+                        }
+                    } else if group.all_succeeded() {
+                        reported = true;
+                        let request = ReportDoneRequest {
+                            job_id: self.config.job_id.clone(),
+                            node_id: self.config.node_id.clone(),
+                            generation: a.generation,
+                        };
+                        let mut client = self.client.clone();
+                        let directive = client
+                            .report_done(request)
+                            .await
+                            .map_err(|s| rpc_error(&self.config.coordinator, "ReportDone", s))?
+                            .into_inner()
+                            .directive
+                            .unwrap_or_default();
+                        if let Some(next) = Self::follow(directive) {
+                            return Ok(next);
+                        }
+                    }
+                }
+                sig = signals.recv() => {
+                    self.console.err(&format!(
+                        "[cohort] {} received: stopping workers (SIGKILL after {:?})",
+                        if sig == libc::SIGINT { "SIGINT" } else { "SIGTERM" },
+                        self.config.grace_period
+                    ));
+                    return Ok(Next::Interrupted(sig));
+                }
+            }
+        }
+    }
+}

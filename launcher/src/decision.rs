@@ -1,0 +1,424 @@
+//! The coordinator's and the agent's decisions, as pure functions of
+//! (clock, state, options) that return the decision and a reason a person can
+//! read. The reason is logged, sent to every launcher, and asserted in tests;
+//! the gRPC layer ([`crate::coordinator`]) only feeds these functions and acts
+//! on their answers.
+//!
+//! - [`decide_formation`]: does the generation being formed start now?
+//! - [`find_lost_nodes`]: which members stopped heartbeating?
+//! - [`decide_recovery`]: after a failure, restart or give up?
+//! - [`find_hung_worker`]: which worker made no step progress for too long?
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// `--nnodes N` or `--nnodes MIN:MAX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeRange {
+    pub min: u32,
+    pub max: u32,
+}
+
+impl NodeRange {
+    /// Exactly `n` nodes.
+    pub fn exactly(n: u32) -> Self {
+        Self { min: n, max: n }
+    }
+
+    fn is_elastic(self) -> bool {
+        self.min != self.max
+    }
+}
+
+impl fmt::Display for NodeRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_elastic() {
+            write!(f, "{}:{}", self.min, self.max)
+        } else {
+            write!(f, "{}", self.min)
+        }
+    }
+}
+
+impl FromStr for NodeRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |part: &str| -> Result<u32, String> {
+            match part.trim().parse::<u32>() {
+                Ok(0) => Err(format!(
+                    "--nnodes {s:?}: the number of nodes must be at least 1"
+                )),
+                Ok(n) => Ok(n),
+                Err(_) => Err(format!(
+                    "--nnodes {s:?}: expected a number of nodes N or a range MIN:MAX (e.g. 2 or 1:4)"
+                )),
+            }
+        };
+        let range = match s.split_once(':') {
+            Some((min, max)) => Self {
+                min: parse(min)?,
+                max: parse(max)?,
+            },
+            None => Self::exactly(parse(s)?),
+        };
+        if range.min > range.max {
+            return Err(format!("--nnodes {s:?}: MIN is larger than MAX"));
+        }
+        Ok(range)
+    }
+}
+
+/// What [`decide_formation`] says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Formation {
+    /// Not yet; look again at `until` (when a last call ends) or when a node joins.
+    Wait { until: Option<Instant> },
+    /// Start the generation with the first `nodes` pending nodes.
+    Form { nodes: usize },
+}
+
+/// Does the generation being formed start now?
+///
+/// With `--nnodes N` it starts as soon as N nodes joined. With `MIN:MAX` it
+/// starts at once with MAX nodes, or `last_call` after the MIN-th node joined
+/// with however many joined by then (torchrun's last call): late nodes of a
+/// large job still make it into the generation, and a job never waits forever
+/// for nodes that are not coming.
+///
+/// `joined` counts the nodes waiting; `min_joined_at` is when the MIN-th of
+/// them joined (`None` while fewer than MIN joined).
+pub fn decide_formation(
+    now: Instant,
+    joined: usize,
+    min_joined_at: Option<Instant>,
+    range: NodeRange,
+    last_call: Duration,
+) -> (Formation, String) {
+    let n = joined;
+    let (min, max) = (range.min as usize, range.max as usize);
+    if n >= max {
+        let reason = if range.is_elastic() {
+            format!("{max} nodes joined, the maximum of --nnodes {range}")
+        } else {
+            format!("all {max} nodes of --nnodes {range} joined")
+        };
+        return (Formation::Form { nodes: max }, reason);
+    }
+    let Some(min_joined_at) = min_joined_at.filter(|_| n >= min) else {
+        return (
+            Formation::Wait { until: None },
+            format!("{n} of {min} nodes joined (--nnodes {range})"),
+        );
+    };
+    let deadline = min_joined_at + last_call;
+    if now >= deadline {
+        (
+            Formation::Form { nodes: n },
+            format!("last call of {last_call:?} ended with {n} nodes (--nnodes {range})",),
+        )
+    } else {
+        (
+            Formation::Wait {
+                until: Some(deadline),
+            },
+            format!(
+                "{n} nodes joined (--nnodes {range}): waiting {:?} more for late nodes",
+                deadline - now
+            ),
+        )
+    }
+}
+
+/// A member of the running generation, as the coordinator last heard of it.
+#[derive(Clone, Debug)]
+pub struct MemberLiveness<'a> {
+    pub node_id: &'a str,
+    pub last_heartbeat: Instant,
+}
+
+/// Members whose last heartbeat is older than `timeout`, each with the reason.
+pub fn find_lost_nodes(
+    now: Instant,
+    members: &[MemberLiveness<'_>],
+    timeout: Duration,
+) -> Vec<(String, String)> {
+    members
+        .iter()
+        .filter_map(|m| {
+            let silent = now.saturating_duration_since(m.last_heartbeat);
+            (silent > timeout).then(|| {
+                (
+                    m.node_id.to_owned(),
+                    format!(
+                        "sent no heartbeat for {:.1}s (limit {:?})",
+                        silent.as_secs_f64(),
+                        timeout
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// What [`decide_recovery`] says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// Start generation + 1 with the nodes that are still there.
+    Restart,
+    /// The job is over and failed.
+    GiveUp,
+}
+
+/// After a generation ended with a failure: restart or give up?
+///
+/// `restarts_done` counts restarts before this failure; `live_nodes` the
+/// nodes still heartbeating; `fatal` failures (the user interrupted a node)
+/// never restart.
+pub fn decide_recovery(
+    restarts_done: u32,
+    max_restarts: u32,
+    live_nodes: usize,
+    range: NodeRange,
+    fatal: bool,
+) -> (Recovery, String) {
+    if fatal {
+        return (Recovery::GiveUp, "the job was interrupted".to_owned());
+    }
+    if live_nodes < range.min as usize {
+        return (
+            Recovery::GiveUp,
+            format!(
+                "only {live_nodes} node(s) left, --nnodes {range} needs at least {}",
+                range.min
+            ),
+        );
+    }
+    if restarts_done >= max_restarts {
+        return (
+            Recovery::GiveUp,
+            format!("no restarts left ({restarts_done} of --max-restarts {max_restarts} used)"),
+        );
+    }
+    (
+        Recovery::Restart,
+        format!(
+            "restart {} of --max-restarts {max_restarts} with {live_nodes} node(s)",
+            restarts_done + 1
+        ),
+    )
+}
+
+/// A worker's last step change, as its agent saw it in the status file.
+#[derive(Clone, Copy, Debug)]
+pub struct StepMark {
+    pub rank: u32,
+    pub step: u64,
+    /// When the agent first saw `step`.
+    pub since: Instant,
+}
+
+/// The first worker whose step has not changed for longer than
+/// `hang_timeout`, with the reason. Workers that never wrote a status file
+/// have no mark and are never hung.
+pub fn find_hung_worker(
+    now: Instant,
+    marks: &[StepMark],
+    hang_timeout: Duration,
+) -> Option<(u32, String)> {
+    marks.iter().find_map(|m| {
+        let stuck = now.saturating_duration_since(m.since);
+        (stuck > hang_timeout).then(|| {
+            (
+                m.rank,
+                format!(
+                    "hung: no step progress for {:.1}s at step {} (--hang-timeout {}s)",
+                    stuck.as_secs_f64(),
+                    m.step,
+                    hang_timeout.as_secs_f64()
+                ),
+            )
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_range_parses_and_rejects() {
+        assert_eq!("2".parse::<NodeRange>().unwrap(), NodeRange::exactly(2));
+        assert_eq!(
+            "1:4".parse::<NodeRange>().unwrap(),
+            NodeRange { min: 1, max: 4 }
+        );
+        assert!("0".parse::<NodeRange>().unwrap_err().contains("at least 1"));
+        assert!(
+            "4:1"
+                .parse::<NodeRange>()
+                .unwrap_err()
+                .contains("MIN is larger")
+        );
+        assert!("x".parse::<NodeRange>().unwrap_err().contains("MIN:MAX"));
+        assert_eq!(NodeRange { min: 1, max: 4 }.to_string(), "1:4");
+    }
+
+    #[test]
+    fn fixed_size_forms_when_all_joined() {
+        let t0 = Instant::now();
+        let range = NodeRange::exactly(3);
+        let last_call = Duration::from_secs(1);
+        let (d, reason) = decide_formation(t0, 2, None, range, last_call);
+        assert_eq!(d, Formation::Wait { until: None });
+        assert_eq!(reason, "2 of 3 nodes joined (--nnodes 3)");
+        let (d, reason) = decide_formation(t0, 3, Some(t0), range, last_call);
+        assert_eq!(d, Formation::Form { nodes: 3 });
+        assert_eq!(reason, "all 3 nodes of --nnodes 3 joined");
+    }
+
+    #[test]
+    fn elastic_waits_for_last_call_then_forms() {
+        let t0 = Instant::now();
+        let range = NodeRange { min: 2, max: 4 };
+        let last_call = Duration::from_secs(10);
+        // The last call started when the 2nd (MIN-th) node joined, at 1 s.
+        let min_joined_at = Some(t0 + Duration::from_secs(1));
+        let (d, reason) = decide_formation(
+            t0 + Duration::from_secs(3),
+            3,
+            min_joined_at,
+            range,
+            last_call,
+        );
+        assert_eq!(
+            d,
+            Formation::Wait {
+                until: Some(t0 + Duration::from_secs(11))
+            }
+        );
+        assert_eq!(
+            reason,
+            "3 nodes joined (--nnodes 2:4): waiting 8s more for late nodes"
+        );
+        let (d, reason) = decide_formation(
+            t0 + Duration::from_secs(11),
+            3,
+            min_joined_at,
+            range,
+            last_call,
+        );
+        assert_eq!(d, Formation::Form { nodes: 3 });
+        assert_eq!(reason, "last call of 10s ended with 3 nodes (--nnodes 2:4)");
+    }
+
+    #[test]
+    fn elastic_forms_at_once_with_max_and_leaves_extras() {
+        let t0 = Instant::now();
+        let range = NodeRange { min: 1, max: 2 };
+        let (d, reason) = decide_formation(t0, 3, Some(t0), range, Duration::from_secs(30));
+        assert_eq!(d, Formation::Form { nodes: 2 });
+        assert_eq!(reason, "2 nodes joined, the maximum of --nnodes 1:2");
+    }
+
+    #[test]
+    fn lost_nodes_are_the_silent_ones() {
+        let t0 = Instant::now();
+        let members = [
+            MemberLiveness {
+                node_id: "a",
+                last_heartbeat: t0,
+            },
+            MemberLiveness {
+                node_id: "b",
+                last_heartbeat: t0 + Duration::from_secs(4),
+            },
+        ];
+        let lost = find_lost_nodes(
+            t0 + Duration::from_secs(5),
+            &members,
+            Duration::from_secs(3),
+        );
+        assert_eq!(
+            lost,
+            vec![(
+                "a".to_owned(),
+                "sent no heartbeat for 5.0s (limit 3s)".to_owned()
+            )]
+        );
+        assert!(
+            find_lost_nodes(
+                t0 + Duration::from_secs(2),
+                &members,
+                Duration::from_secs(3)
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn recovery_restarts_within_budget_and_gives_up_after() {
+        let fixed = NodeRange::exactly(2);
+        assert_eq!(
+            decide_recovery(0, 3, 2, fixed, false),
+            (
+                Recovery::Restart,
+                "restart 1 of --max-restarts 3 with 2 node(s)".to_owned()
+            )
+        );
+        assert_eq!(
+            decide_recovery(3, 3, 2, fixed, false),
+            (
+                Recovery::GiveUp,
+                "no restarts left (3 of --max-restarts 3 used)".to_owned()
+            )
+        );
+        assert_eq!(
+            decide_recovery(0, 3, 2, fixed, true),
+            (Recovery::GiveUp, "the job was interrupted".to_owned())
+        );
+    }
+
+    #[test]
+    fn recovery_needs_min_nodes() {
+        assert_eq!(
+            decide_recovery(0, 3, 1, NodeRange::exactly(2), false),
+            (
+                Recovery::GiveUp,
+                "only 1 node(s) left, --nnodes 2 needs at least 2".to_owned()
+            )
+        );
+        assert_eq!(
+            decide_recovery(0, 3, 1, NodeRange { min: 1, max: 2 }, false).0,
+            Recovery::Restart
+        );
+    }
+
+    #[test]
+    fn hung_worker_is_the_one_without_progress() {
+        let t0 = Instant::now();
+        let marks = [
+            StepMark {
+                rank: 0,
+                step: 7,
+                since: t0 + Duration::from_secs(4),
+            },
+            StepMark {
+                rank: 1,
+                step: 3,
+                since: t0,
+            },
+        ];
+        let now = t0 + Duration::from_secs(5);
+        assert_eq!(
+            find_hung_worker(now, &marks, Duration::from_secs(2)),
+            Some((
+                1,
+                "hung: no step progress for 5.0s at step 3 (--hang-timeout 2s)".to_owned()
+            ))
+        );
+        assert_eq!(find_hung_worker(now, &marks, Duration::from_secs(6)), None);
+        assert_eq!(find_hung_worker(now, &[], Duration::ZERO), None);
+    }
+}

@@ -1,0 +1,31 @@
+//! cohort launcher: the gRPC coordinator (rendezvous, key-value store,
+//! heartbeats, restarts), the node agent that runs workers, and the pieces of
+//! `cohort launch` and `cohort coordinator`.
+//!
+//! - [`decision`]: the coordinator's and agent's decisions as pure functions.
+//! - [`coordinator`]: the job state machine and its tonic service.
+//! - [`agent`] and [`worker`]: a node's workers, heartbeats, hang detection.
+//! - [`store`]: the coordinator's key-value store as a collectives `Store`
+//!   for workers ([`store_from_env`]).
+//! - [`status`]: the worker status file ([`WorkerProgress`]).
+//! - [`launch`]: `cohort launch` / `cohort coordinator` as library calls.
+
+pub mod agent;
+pub mod auth;
+pub mod client;
+pub mod console;
+pub mod coordinator;
+pub mod decision;
+mod error;
+mod kv;
+pub mod launch;
+pub mod status;
+pub mod store;
+pub mod worker;
+
+pub use agent::WorkerCommand;
+pub use decision::NodeRange;
+pub use error::LauncherError;
+pub use launch::{CoordinatorMode, CoordinatorOptions, LaunchOptions, Timing, launch, serve};
+pub use status::WorkerProgress;
+pub use store::{CoordinatorStore, store_from_env};

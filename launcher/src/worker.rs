@@ -1,0 +1,399 @@
+//! The worker processes of one node and one generation.
+//!
+//! Each worker runs in its own process group (so a signal reaches the
+//! programs it starts too, and a terminal's Ctrl-C reaches only the
+//! launcher, which forwards it). Its stdout and stderr are copied line by
+//! line to the launcher's terminal, prefixed `[rank N]`, and to
+//! `attempt_<g>/rank_<r>.log`; the last lines are kept for the root-cause
+//! summary. Stopping is: the signal (SIGTERM, or the SIGINT being forwarded)
+//! to the group, a grace period, then SIGKILL to the group.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cohort_proto::v1::{WorkerState, WorkerStatus};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::mpsc;
+
+use crate::LauncherError;
+use crate::console::Console;
+use crate::decision::StepMark;
+use crate::status::WorkerProgress;
+
+/// Lines of a worker's output kept for the root-cause summary.
+const TAIL_LINES: usize = 20;
+
+/// How to start one worker.
+pub struct WorkerSpec {
+    pub rank: u32,
+    pub local_rank: u32,
+    pub program: OsString,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, OsString)>,
+    pub log_path: PathBuf,
+    pub status_path: PathBuf,
+}
+
+/// One running (or exited) worker.
+pub struct Worker {
+    pub rank: u32,
+    pub local_rank: u32,
+    pgid: i32,
+    pub exit: Option<ExitStatus>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    pub log_path: PathBuf,
+    status_path: PathBuf,
+    progress: Option<WorkerProgress>,
+    mark: Option<StepMark>,
+    status_error_logged: bool,
+}
+
+/// The workers of this node in the current generation.
+pub struct WorkerGroup {
+    pub workers: Vec<Worker>,
+    exits: mpsc::UnboundedReceiver<(usize, ExitStatus)>,
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// "exited with code 3", "killed by signal 9 (SIGKILL)".
+pub fn describe_exit(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig} ({})", signal_name(sig)),
+        _ => format!("ended with {status}"),
+    }
+}
+
+async fn copy_lines(
+    stream: impl AsyncRead + Unpin,
+    rank: u32,
+    to_stderr: bool,
+    console: Arc<Console>,
+    log: Arc<Mutex<File>>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        {
+            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = log.write_all(&buf);
+            if !buf.ends_with(b"\n") {
+                let _ = log.write_all(b"\n");
+            }
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let line = format!("[rank {rank}] {}", text.trim_end_matches(['\n', '\r']));
+        if to_stderr {
+            console.err(&line);
+        } else {
+            console.out(&line);
+        }
+        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+}
+
+impl WorkerGroup {
+    /// Starts every worker; on a failure to start one, stops those started.
+    pub async fn spawn(
+        specs: Vec<WorkerSpec>,
+        console: &Arc<Console>,
+        grace: Duration,
+    ) -> Result<Self, LauncherError> {
+        let (tx, exits) = mpsc::unbounded_channel();
+        let mut group = Self {
+            workers: Vec::new(),
+            exits,
+        };
+        for (index, spec) in specs.into_iter().enumerate() {
+            match spawn_one(index, spec, console, tx.clone()) {
+                Ok(worker) => group.workers.push(worker),
+                Err(e) => {
+                    group.stop(libc::SIGTERM, grace).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(group)
+    }
+
+    /// The next worker exit: (index into `workers`, status).
+    pub async fn next_exit(&mut self) -> Option<(usize, ExitStatus)> {
+        let (index, status) = self.exits.recv().await?;
+        self.workers[index].exit = Some(status);
+        Some((index, status))
+    }
+
+    /// Every worker exited.
+    pub fn all_exited(&self) -> bool {
+        self.workers.iter().all(|w| w.exit.is_some())
+    }
+
+    /// Every worker exited 0.
+    pub fn all_succeeded(&self) -> bool {
+        self.workers
+            .iter()
+            .all(|w| w.exit.is_some_and(|s| s.success()))
+    }
+
+    /// Reads the status files; a step seen for the first time restarts the
+    /// worker's hang clock.
+    pub fn refresh_progress(&mut self, now: Instant, console: &Console) {
+        for w in self.workers.iter_mut().filter(|w| w.exit.is_none()) {
+            match WorkerProgress::read(&w.status_path) {
+                Ok(Some(p)) => {
+                    if w.mark.is_none_or(|m| m.step != p.step) {
+                        w.mark = Some(StepMark {
+                            rank: w.rank,
+                            step: p.step,
+                            since: now,
+                        });
+                    }
+                    w.progress = Some(p);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if !w.status_error_logged {
+                        w.status_error_logged = true;
+                        console.err(&format!(
+                            "[cohort] warning: rank {}: unreadable status file ({e}); ignoring it",
+                            w.rank
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Step marks of the running workers that report progress.
+    pub fn step_marks(&self) -> Vec<StepMark> {
+        self.workers
+            .iter()
+            .filter(|w| w.exit.is_none())
+            .filter_map(|w| w.mark)
+            .collect()
+    }
+
+    /// Each worker's state for a heartbeat.
+    pub fn statuses(&self) -> Vec<WorkerStatus> {
+        self.workers
+            .iter()
+            .map(|w| {
+                let state = match w.exit {
+                    None => WorkerState::Running,
+                    Some(s) if s.success() => WorkerState::Succeeded,
+                    Some(_) => WorkerState::Failed,
+                };
+                let p = w.progress.as_ref();
+                WorkerStatus {
+                    rank: w.rank,
+                    local_rank: w.local_rank,
+                    state: state as i32,
+                    reports_progress: p.is_some(),
+                    step: p.map_or(0, |p| p.step),
+                    max_steps: p.map_or(0, |p| p.max_steps),
+                    loss: p.and_then(|p| p.loss),
+                    tokens_per_s: p.and_then(|p| p.tokens_per_s),
+                }
+            })
+            .collect()
+    }
+
+    /// The worker of global rank `rank`.
+    pub fn by_rank(&self, rank: u32) -> Option<&Worker> {
+        self.workers.iter().find(|w| w.rank == rank)
+    }
+
+    /// Sends `signal` to the process group of every worker still running.
+    pub fn signal(&self, signal: i32) {
+        for w in self.workers.iter().filter(|w| w.exit.is_none()) {
+            // SAFETY: killpg has no memory-safety preconditions.
+            unsafe {
+                libc::killpg(w.pgid, signal);
+                // A stopped (SIGSTOP) worker handles the signal only once continued.
+                libc::killpg(w.pgid, libc::SIGCONT);
+            }
+        }
+    }
+
+    /// `signal` to every running worker, up to `grace` for them to exit,
+    /// then SIGKILL to every worker's group (also reaching the programs a
+    /// worker left behind).
+    pub async fn stop(&mut self, signal: i32, grace: Duration) {
+        self.signal(signal);
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.all_exited() {
+            match tokio::time::timeout_at(deadline, self.next_exit()).await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.kill_groups();
+        while !self.all_exited() {
+            if self.next_exit().await.is_none() {
+                break;
+            }
+        }
+    }
+
+    fn kill_groups(&self) {
+        for w in &self.workers {
+            // SAFETY: killpg has no memory-safety preconditions.
+            unsafe {
+                libc::killpg(w.pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for WorkerGroup {
+    fn drop(&mut self) {
+        // On every way out (errors included), no worker outlives the group.
+        if !self.all_exited() {
+            self.kill_groups();
+        }
+    }
+}
+
+impl Worker {
+    /// The last lines of its output.
+    pub fn tail(&self) -> Vec<String> {
+        self.tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+fn spawn_one(
+    index: usize,
+    spec: WorkerSpec,
+    console: &Arc<Console>,
+    exits: mpsc::UnboundedSender<(usize, ExitStatus)>,
+) -> Result<Worker, LauncherError> {
+    let log = File::create(&spec.log_path).map_err(|source| LauncherError::Io {
+        path: spec.log_path.clone(),
+        source,
+    })?;
+    let mut child = tokio::process::Command::new(&spec.program)
+        .args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|source| LauncherError::Spawn {
+            program: spec.program.to_string_lossy().into_owned(),
+            source,
+        })?;
+    let pgid = child.id().map_or(0, |id| id as i32);
+    let log = Arc::new(Mutex::new(log));
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+    let mut copies = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        copies.push(tokio::spawn(copy_lines(
+            out,
+            spec.rank,
+            false,
+            console.clone(),
+            log.clone(),
+            tail.clone(),
+        )));
+    }
+    if let Some(err) = child.stderr.take() {
+        copies.push(tokio::spawn(copy_lines(
+            err,
+            spec.rank,
+            true,
+            console.clone(),
+            log,
+            tail.clone(),
+        )));
+    }
+    tokio::spawn(async move {
+        let status = match child.wait().await {
+            Ok(status) => status,
+            Err(_) => ExitStatus::from_raw(libc::SIGKILL),
+        };
+        // Let the output drain before the exit is reported (for the log tail),
+        // but don't wait on programs the worker left holding its pipes.
+        for copy in copies {
+            let _ = tokio::time::timeout(Duration::from_millis(500), copy).await;
+        }
+        let _ = exits.send((index, status));
+    });
+    Ok(Worker {
+        rank: spec.rank,
+        local_rank: spec.local_rank,
+        pgid,
+        exit: None,
+        tail,
+        log_path: spec.log_path,
+        status_path: spec.status_path,
+        progress: None,
+        mark: None,
+        status_error_logged: false,
+    })
+}
+
+/// `<log-dir>/<job-id>/attempt_<g>`, created.
+pub fn attempt_dir(job_dir: &Path, generation: u64) -> Result<PathBuf, LauncherError> {
+    let dir = job_dir.join(format!("attempt_{generation}"));
+    std::fs::create_dir_all(&dir).map_err(|source| LauncherError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_described_by_code_or_signal() {
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(3 << 8)),
+            "exited with code 3"
+        );
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(libc::SIGKILL)),
+            "killed by signal 9 (SIGKILL)"
+        );
+    }
+}

@@ -1,0 +1,314 @@
+//! `cohort coordinator` with several `cohort launch` nodes: rank layout,
+//! the job token, garbage on the port, and a PyTorch gloo job.
+
+mod launch_util;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use launch_util::{FAST, Proc, alive, cohort, eventually, run};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Starts `cohort coordinator` on a free port; returns it and its address.
+fn coordinator(extra: &[&str]) -> (Proc, String) {
+    let mut cmd = cohort();
+    cmd.args(["coordinator", "--bind", "127.0.0.1:0"])
+        .args(FAST)
+        .args(extra);
+    let mut p = Proc::spawn(cmd);
+    let line = p.wait_line("listening on", false, Duration::from_secs(30));
+    let addr = line.rsplit(' ').next().unwrap().to_owned();
+    (p, addr)
+}
+
+fn node(
+    addr: &str,
+    token: &str,
+    log_dir: &Path,
+    extra: &[&str],
+    program: &[&str],
+) -> std::process::Command {
+    let mut cmd = cohort();
+    cmd.arg("launch")
+        .args(FAST)
+        .args(["--coordinator", addr, "--token", token])
+        .arg("--log-dir")
+        .arg(log_dir)
+        .args(extra)
+        .arg("--")
+        .args(program);
+    cmd
+}
+
+#[test]
+fn two_nodes_get_every_rank_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr) = coordinator(&["--nnodes", "2", "--token", "s3cret"]);
+    let program = [
+        "sh",
+        "-c",
+        "echo \"layout rank=$RANK world=$WORLD_SIZE node=$GROUP_RANK local=$LOCAL_RANK\"",
+    ];
+    let extra = ["--nnodes", "2", "--nproc-per-node", "2"];
+    let mut a = Proc::spawn(node(&addr, "s3cret", dir.path(), &extra, &program));
+    let mut b = Proc::spawn(node(&addr, "s3cret", dir.path(), &extra, &program));
+    let (sa, sb) = (a.wait(LIMIT), b.wait(LIMIT));
+    assert!(
+        sa.success() && sb.success(),
+        "a:\n{}{}\nb:\n{}{}",
+        a.out,
+        a.err,
+        b.out,
+        b.err
+    );
+    let mut ranks: Vec<u32> = Vec::new();
+    for out in [&a.out, &b.out] {
+        for line in out.lines().filter(|l| l.contains("layout ")) {
+            assert!(line.contains("world=4"), "{line}");
+            let rank: u32 = line
+                .split("rank=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let node: u32 = line
+                .split("node=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let local: u32 = line.split("local=").nth(1).unwrap().parse().unwrap();
+            assert_eq!(rank, node * 2 + local, "{line}");
+            ranks.push(rank);
+        }
+    }
+    ranks.sort_unstable();
+    assert_eq!(ranks, vec![0, 1, 2, 3], "a:\n{}\nb:\n{}", a.out, b.out);
+    let status = coord.wait(LIMIT);
+    assert!(status.success(), "{}{}", coord.out, coord.err);
+    assert!(
+        coord
+            .out
+            .contains("job succeeded: all 4 ranks of generation 0 exited 0"),
+        "{}",
+        coord.out
+    );
+}
+
+#[test]
+fn the_first_node_can_host_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = ["sh", "-c", "echo \"rank $RANK of $WORLD_SIZE\""];
+    let mut first = cohort();
+    first
+        .arg("launch")
+        .args(FAST)
+        .args(["--coordinator-bind", "127.0.0.1:0", "--nnodes", "2"])
+        .arg("--log-dir")
+        .arg(dir.path())
+        .arg("--")
+        .args(program);
+    let mut first = Proc::spawn(first);
+    let line = first.wait_line("coordinator listening on", true, Duration::from_secs(30));
+    let addr = line.rsplit(' ').next().unwrap().to_owned();
+    let line = first.wait_line("job token: ", true, Duration::from_secs(30));
+    let token = line
+        .split("job token: ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (status, out, err) = run(
+        node(&addr, &token, dir.path(), &["--nnodes", "2"], &program),
+        LIMIT,
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(first.wait(LIMIT).success(), "{}{}", first.out, first.err);
+    let mut lines: Vec<&str> = first.out.lines().chain(out.lines()).collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["[rank 0] rank 0 of 2", "[rank 1] rank 1 of 2"]);
+}
+
+#[test]
+fn a_silent_node_is_dropped_and_an_elastic_job_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let timing = [
+        "--heartbeat-interval-ms",
+        "100",
+        "--heartbeat-timeout-ms",
+        "1500",
+        "--grace-period-ms",
+        "500",
+        "--connect-retry-ms",
+        "3000",
+        "--last-call-ms",
+        "300",
+    ];
+    let mut cmd = cohort();
+    cmd.args([
+        "coordinator",
+        "--bind",
+        "127.0.0.1:0",
+        "--nnodes",
+        "1:2",
+        "--token",
+        "t",
+    ])
+    .args(timing);
+    let mut coord = Proc::spawn(cmd);
+    let line = coord.wait_line("listening on", false, Duration::from_secs(30));
+    let addr = line.rsplit(' ').next().unwrap().to_owned();
+    // Generation 0 waits (each worker records its pid under its launcher's
+    // pid); generation 1 finishes at once.
+    let body = format!(
+        "echo $$ > {d}/worker_of_$PPID\n\
+         if [ \"$COHORT_GENERATION\" = 0 ]; then sleep 60; fi\n\
+         echo \"rank $RANK of $WORLD_SIZE in generation $COHORT_GENERATION\"\n",
+        d = dir.path().display()
+    );
+    let script = launch_util::script(dir.path(), "elastic.sh", &body);
+    let spawn_node = || {
+        let mut cmd = cohort();
+        cmd.arg("launch")
+            .args(timing)
+            .args(["--coordinator", &addr, "--token", "t", "--nnodes", "1:2"])
+            .arg("--log-dir")
+            .arg(dir.path().join("logs"))
+            .arg("--")
+            .arg("sh")
+            .arg(&script);
+        Proc::spawn(cmd)
+    };
+    let mut a = spawn_node();
+    let mut b = spawn_node();
+    let worker_of = |p: &Proc| dir.path().join(format!("worker_of_{}", p.pid()));
+    assert!(
+        eventually(Duration::from_secs(30), || worker_of(&a).exists()
+            && worker_of(&b).exists()),
+        "generation 0 did not start"
+    );
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(b.pid(), libc::SIGSTOP);
+    }
+    let status = a.wait(LIMIT);
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(b.pid(), libc::SIGCONT);
+    }
+    assert!(status.success(), "a:\n{}{}", a.out, a.err);
+    assert!(a.err.contains("sent no heartbeat for"), "{}", a.err);
+    assert!(
+        a.err.contains("generation 1 formed: 1 node(s), 1 ranks"),
+        "{}",
+        a.err
+    );
+    assert!(a.out.contains("rank 0 of 1 in generation 1"), "{}", a.out);
+    b.wait(LIMIT);
+    let b_worker: i32 = std::fs::read_to_string(worker_of(&b))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(b_worker)),
+        "the dropped node's worker is still running:\n{}{}",
+        b.out,
+        b.err
+    );
+}
+
+#[test]
+fn wrong_token_and_garbage_are_refused_while_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr) = coordinator(&["--nnodes", "1", "--token", "right"]);
+
+    // Garbage bytes: the connection is dropped, the coordinator goes on.
+    let mut garbage = std::net::TcpStream::connect(&addr).unwrap();
+    garbage
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.0\r\n\r\n\x00\xff\xfe garbage \x13\x37")
+        .unwrap();
+    let mut sink = Vec::new();
+    // Closed (EOF) or reset, but not left open until the read timeout.
+    let closed = garbage.read_to_end(&mut sink);
+    assert!(
+        closed.is_ok()
+            || closed
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the coordinator kept a garbage connection open: {closed:?}"
+    );
+
+    let (status, _, err) = run(node(&addr, "wrong", dir.path(), &[], &["true"]), LIMIT);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("the coordinator at {addr} refused our job token")),
+        "{err}"
+    );
+
+    let (status, out, err) = run(
+        node(
+            &addr,
+            "right",
+            dir.path(),
+            &[],
+            &["sh", "-c", "echo served"],
+        ),
+        LIMIT,
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("[rank 0] served"), "{out}");
+    assert!(coord.wait(LIMIT).success(), "{}{}", coord.out, coord.err);
+    assert!(
+        coord.err.contains("with a wrong job token"),
+        "{}",
+        coord.err
+    );
+}
+
+#[test]
+fn pytorch_gloo_all_reduce_runs_under_launch() {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import torch.distributed"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("skipped: torch can't be imported with {}", python.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/launch_gloo_allreduce.py");
+    let mut cmd = cohort();
+    cmd.arg("launch")
+        .args(FAST)
+        .args(["--nproc-per-node", "2"])
+        .arg("--log-dir")
+        .arg(dir.path())
+        .arg("--")
+        .arg(&python)
+        .arg(&script);
+    let (status, out, err) = run(cmd, Duration::from_secs(120));
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    for rank in 0..2 {
+        assert!(
+            out.contains(&format!(
+                "[rank {rank}] gloo all_reduce ok: rank {rank} of 2, sum 3.0"
+            )),
+            "{out}"
+        );
+    }
+}
