@@ -11,10 +11,10 @@ setup:
 build: setup
 	$(CARGO) build --release --bins
 
-# The main job: what this host offers, then a real tch training.
+# The main job: what this host offers, then the quickstart (2 workers train a small GPT).
 demo: build
 	$(COHORT) doctor
-	target/release/cohort-worker demo-mlp
+	$(COHORT) launch configs/quickstart.toml
 
 # Formatting, lints, then every test of the workspace.
 test: setup
@@ -27,6 +27,12 @@ fmt:
 
 bench-collectives: build
 	.venv/bin/python bench/collectives_vs_gloo.py
+
+# The coordinator under simulated load: 16,384 and 131,072 ranks (8 per node agent).
+.PHONY: bench-coordinator
+bench-coordinator: setup
+	$(CARGO) run --release -p cohort-launcher --example coordinator_scale -- --nodes 2048 --nproc 8 --json target/coordinator_scale_16k.json
+	$(CARGO) run --release -p cohort-launcher --example coordinator_scale -- --nodes 16384 --nproc 8 --json target/coordinator_scale_131k.json
 
 clean:
 	$(CARGO) clean

@@ -68,12 +68,12 @@ impl JobConfig {
         origin: &str,
         overrides: &[String],
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::Syntax {
-                origin: origin.to_owned(),
-                message: e.to_string().trim_end().to_owned(),
-            }
-        })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    origin: origin.to_owned(),
+                    message: e.to_string().trim_end().to_owned(),
+                })?;
         for arg in overrides {
             apply_override(&mut table, arg)?;
         }
@@ -82,11 +82,13 @@ impl JobConfig {
         } else {
             format!("{origin} (with --set overrides)")
         };
-        let job: JobConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Key {
-                origin: origin.clone(),
-                key: e.path().to_string(),
-                message: e.inner().to_string(),
+        let job: JobConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Key {
+                    origin: origin.clone(),
+                    key: e.path().to_string(),
+                    message: e.inner().to_string(),
+                }
             })?;
         job.validate().map_err(|(key, message)| ConfigError::Key {
             origin,
@@ -129,7 +131,7 @@ impl JobConfig {
                 ),
             );
         }
-        if !(self.parallel.bucket_mb > 0.0) {
+        if self.parallel.bucket_mb.is_nan() || self.parallel.bucket_mb <= 0.0 {
             return err("parallel.bucket_mb", "must be greater than 0".into());
         }
         let m = &self.model;
@@ -150,7 +152,7 @@ impl JobConfig {
         if !(0.0..1.0).contains(&m.dropout) {
             return err("model.dropout", format!("{} is not in [0, 1)", m.dropout));
         }
-        if !(self.optim.lr > 0.0) {
+        if self.optim.lr.is_nan() || self.optim.lr <= 0.0 {
             return err("optim.lr", "must be greater than 0".into());
         }
         if !(0.0..1.0).contains(&self.data.val_fraction) {
@@ -221,11 +223,7 @@ mod tests {
     fn overrides_win_over_the_file() {
         let job = parse(
             "[train]\nmax_steps = 10\n",
-            &[
-                "train.max_steps=20",
-                "data.path=input.txt",
-                "optim.lr=3e-4",
-            ],
+            &["train.max_steps=20", "data.path=input.txt", "optim.lr=3e-4"],
         )
         .unwrap();
         assert_eq!(job.train.max_steps, 20);
@@ -235,8 +233,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_name_their_path() {
-        let err = parse("[train]\nmax_step = 10\n", &[]).unwrap_err().to_string();
-        assert!(err.starts_with("test.toml: train.max_step: unknown field `max_step`"), "{err}");
+        let err = parse("[train]\nmax_step = 10\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml: train.max_step: unknown field `max_step`"),
+            "{err}"
+        );
         let err = parse("", &["optim.betas=1"]).unwrap_err().to_string();
         assert!(err.contains("optim.betas"), "{err}");
         let err = parse("[trian]\n", &[]).unwrap_err().to_string();
@@ -245,21 +248,33 @@ mod tests {
 
     #[test]
     fn wrong_types_and_values_name_their_path() {
-        let err = parse("[train]\nmax_steps = \"ten\"\n", &[]).unwrap_err().to_string();
+        let err = parse("[train]\nmax_steps = \"ten\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("train.max_steps"), "{err}");
-        let err = parse("[parallel]\nzero_stage = 3\n", &[]).unwrap_err().to_string();
-        assert!(err.contains("parallel.zero_stage: 3 is not supported"), "{err}");
+        let err = parse("[parallel]\nzero_stage = 3\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("parallel.zero_stage: 3 is not supported"),
+            "{err}"
+        );
         let err = parse("[model]\nkind = \"gpt\"\nn_embd = 30\nn_head = 4\n", &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.n_embd"), "{err}");
-        let err = parse("[model]\nkind = \"resnet\"\n", &[]).unwrap_err().to_string();
+        let err = parse("[model]\nkind = \"resnet\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model.kind"), "{err}");
     }
 
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
-        assert!(matches!(parse("[train", &[]), Err(ConfigError::Syntax { .. })));
+        assert!(matches!(
+            parse("[train", &[]),
+            Err(ConfigError::Syntax { .. })
+        ));
         for bad in ["train.max_steps", "max_steps=1", "train..x=1", "=1"] {
             assert!(
                 matches!(parse("", &[bad]), Err(ConfigError::Override { .. })),
@@ -287,7 +302,9 @@ mod tests {
         let mut seen = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") && path.file_name() != Some("Cargo.toml".as_ref()) {
+            if path.extension().is_some_and(|e| e == "toml")
+                && path.file_name() != Some("Cargo.toml".as_ref())
+            {
                 JobConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
                 seen += 1;
             }

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cohort-worker", version, about = "cohort's training worker (started by `cohort launch`)")]
+#[command(
+    name = "cohort-worker",
+    version,
+    about = "cohort's training worker (started by `cohort launch`)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +25,14 @@ enum Command {
         /// Optimizer steps.
         #[arg(long, default_value_t = 300)]
         steps: usize,
+    },
+    /// Train the job a resolved config describes, as one rank of it (the
+    /// rank and world come from the launcher's env contract; without it,
+    /// a single process).
+    Train {
+        /// The job config (`cohort launch` passes the resolved one from the job's log dir).
+        #[arg(long)]
+        config: std::path::PathBuf,
     },
 }
 
@@ -39,6 +51,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Probe => probe(),
         Command::DemoMlp { steps } => demo_mlp(steps),
+        Command::Train { config } => train(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +60,61 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One rank of a training job. With `WORLD_SIZE` > 1 the ranks find each
+/// other through the coordinator's store, or through a directory shared by
+/// every rank when `COHORT_STORE_DIR` is set (to run workers by hand, without
+/// `cohort launch`). `COHORT_RESUME=auto|never|PATH` picks the checkpoint to
+/// resume from (default auto: the newest in `checkpoint.dir` that verifies).
+fn train(config: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use cohort_collectives::{FileStore, Store};
+    use cohort_trainer::DistEnv;
+    use cohort_trainer::train::{Resume, run};
+    use std::sync::Arc;
+
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let job = cohort_configs::JobConfig::load(config, &[])?;
+    let env = DistEnv::from_env()?;
+    let store: Option<Arc<dyn Store>> = match (env.world, std::env::var_os("COHORT_STORE_DIR")) {
+        (1, _) => None,
+        (_, Some(dir)) => Some(Arc::new(FileStore::new(std::path::PathBuf::from(&dir)).with_context(|| {
+            format!("opening the store directory COHORT_STORE_DIR={}", dir.to_string_lossy())
+        })?)),
+        (_, None) => Some(cohort_launcher::store_from_env().context(
+            "finding the coordinator's store (run under `cohort launch`, or set COHORT_STORE_DIR to a directory shared by every rank)",
+        )?),
+    };
+    let comm = env.connect(store.as_deref())?;
+    let resume = Resume::parse(std::env::var("COHORT_RESUME").ok().as_deref());
+    let summary = run(&job, &env, comm, &resume).with_context(|| {
+        format!(
+            "training {} (rank {} of {})",
+            config.display(),
+            env.rank,
+            env.world
+        )
+    })?;
+    if env.rank == 0 {
+        println!(
+            "done: {} steps, final loss {}{}",
+            summary.steps,
+            summary
+                .final_loss
+                .map_or("n/a".into(), |l| format!("{l:.4}")),
+            summary
+                .eval_loss
+                .map_or(String::new(), |l| format!(", eval loss {l:.4}"))
+        );
+    }
+    Ok(())
 }
 
 /// What `cohort doctor` reports about libtorch: the version of the library
@@ -94,8 +162,10 @@ fn demo_mlp(steps: usize) -> anyhow::Result<()> {
     tch::manual_seed(0);
     let (classes, per_class) = (3i64, 400i64);
     let n = classes * per_class;
-    let label = Tensor::arange(classes, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(per_class, 0, None);
-    let radius = Tensor::linspace(0.05, 1.0, per_class, (Kind::Float, Device::Cpu)).repeat([classes]);
+    let label = Tensor::arange(classes, (Kind::Int64, Device::Cpu))
+        .repeat_interleave_self_int(per_class, 0, None);
+    let radius =
+        Tensor::linspace(0.05, 1.0, per_class, (Kind::Float, Device::Cpu)).repeat([classes]);
     let angle = label.to_kind(Kind::Float) * (2.0 * std::f64::consts::PI / classes as f64)
         + &radius * 4.0
         + Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.15;
@@ -110,13 +180,19 @@ fn demo_mlp(steps: usize) -> anyhow::Result<()> {
         .add_fn(|t| t.relu())
         .add(nn::linear(&root / "fc3", 64, classes, Default::default()));
     let mut opt = nn::Adam::default().build(&vs, 1e-2)?;
-    println!("demo: {n} points of {classes} spirals, MLP 2-64-64-{classes}, Adam lr 1e-2, {steps} full-batch steps");
+    println!(
+        "demo: {n} points of {classes} spirals, MLP 2-64-64-{classes}, Adam lr 1e-2, {steps} full-batch steps"
+    );
     for step in 1..=steps {
         let logits = model.forward(&x);
         let loss = logits.cross_entropy_for_logits(&label);
         opt.backward_step(&loss);
         if step == 1 || step % 25 == 0 || step == steps {
-            let acc = logits.argmax(1, false).eq_tensor(&label).to_kind(Kind::Float).mean(Kind::Float);
+            let acc = logits
+                .argmax(1, false)
+                .eq_tensor(&label)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float);
             println!(
                 "step {step:>4}  loss {:.4}  accuracy {:.1}%",
                 loss.double_value(&[]),

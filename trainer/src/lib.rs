@@ -1,2 +1,63 @@
-//! cohort trainer.
+//! cohort trainer: data-parallel training on tch with DDP and ZeRO-1/2.
+//!
+//! Two ways in:
+//! - the built-in trainer ([`train::run`]) that `cohort launch CONFIG.toml`
+//!   runs through `cohort-worker train`: built-in models ([`model`]), data
+//!   ([`data`]), metrics, checkpoints, all from a [`cohort_configs::JobConfig`];
+//! - the library, for your own training program: read the env contract,
+//!   connect, wrap your `VarStore` in a [`DataParallel`], and call
+//!   [`DataParallel::step`] once per step after your backward passes.
+//!
+//! ```no_run
+//! use cohort_trainer::{DataParallel, DistEnv};
+//! use cohort_configs::{OptimConfig, ParallelConfig};
+//! use tch::{nn, nn::Module, Device, Kind, Tensor};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Under `cohort launch -- my-program`, RANK and WORLD_SIZE come from the
+//! // launcher and the store is `cohort_launcher::store_from_env()?`; run
+//! // alone, this is a world of one and no store is needed.
+//! let env = DistEnv::from_env()?;
+//! let comm = env.connect(None)?;
+//!
+//! tch::manual_seed(0); // the same initial model on every rank
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let net = nn::seq()
+//!     .add(nn::linear(vs.root() / "l1", 16, 64, Default::default()))
+//!     .add_fn(|x| x.relu())
+//!     .add(nn::linear(vs.root() / "l2", 64, 1, Default::default()));
+//!
+//! let optim = OptimConfig { lr: 1e-3, ..OptimConfig::default() };
+//! // zero_stage 0 = DDP, 1 = ZeRO-1, 2 = ZeRO-2; gradient buckets of bucket_mb MiB.
+//! let parallel = ParallelConfig { zero_stage: 1, ..ParallelConfig::default() };
+//! let mut dp = DataParallel::new(&vs, comm, &optim, &parallel)?;
+//!
+//! for _ in 0..100 {
+//!     // Each rank feeds its own part of the global batch.
+//!     let x = Tensor::randn([32, 16], (Kind::Float, Device::Cpu));
+//!     let y = x.sum_dim_intlist(1, true, Kind::Float);
+//!     let loss = net.forward(&x).mse_loss(&y, tch::Reduction::Mean);
+//!     // backward, reduce gradients across ranks, clip, optimizer step,
+//!     // parameters updated (and gathered, under ZeRO).
+//!     let report = dp.backward_and_step(&loss)?;
+//!     if dp.rank() == 0 {
+//!         println!("step {} loss {:.4}", report.step, report.loss.unwrap_or(f64::NAN));
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+mod comm;
+pub mod data;
+mod env;
+mod error;
+pub mod flat;
+pub mod model;
+pub mod optim;
+mod parallel;
+pub mod train;
+
+pub use env::DistEnv;
+pub use error::TrainError;
+pub use parallel::{DataParallel, StepReport, ZeroStage};
 pub use tch;

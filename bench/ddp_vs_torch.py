@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Training throughput, side by side: cohort DDP and ZeRO-1 vs PyTorch DDP (gloo).
+
+Both train the same nanoGPT-shaped model (tied embeddings, pre-LayerNorm
+blocks, exact GELU, causal scaled-dot-product attention) on the same text
+with AdamW (weight decay on >= 2-D tensors), global-norm clipping at 1.0, the
+same per-rank batch and block size, 2 ranks on this host with one libtorch
+thread each. Runs alternate (cohort DDP, cohort ZeRO-1, PyTorch DDP, repeat)
+so drift on a shared machine hits all three alike; the first `--warmup`
+steps of every run are dropped.
+
+    .venv/bin/python bench/ddp_vs_torch.py --worker target/release/cohort-worker
+
+Prints a table and writes JSON (--json) with every run.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", default=os.path.join(ROOT, "target/release/cohort-worker"))
+    p.add_argument("--data", default=os.path.join(ROOT, "configs/data/tiny.txt"))
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="libtorch threads per rank")
+    p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--json", default=None, help="write the results here")
+    # Internal: run one PyTorch rank.
+    p.add_argument("--torch-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--torch-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------- PyTorch side
+
+
+def torch_rank(a):
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(a.threads)
+    dist.init_process_group("gloo", rank=a.torch_rank, world_size=a.world)
+    torch.manual_seed(1337)
+
+    class Block(nn.Module):
+        def __init__(s):
+            super().__init__()
+            e = a.n_embd
+            s.ln_1, s.ln_2 = nn.LayerNorm(e), nn.LayerNorm(e)
+            s.c_attn, s.attn_proj = nn.Linear(e, 3 * e), nn.Linear(e, e)
+            s.c_fc, s.mlp_proj = nn.Linear(e, 4 * e), nn.Linear(4 * e, e)
+
+        def forward(s, x):
+            b, t, c = x.shape
+            q, k, v = s.c_attn(s.ln_1(x)).split(c, dim=2)
+            h = lambda z: z.view(b, t, a.n_head, c // a.n_head).transpose(1, 2)
+            y = F.scaled_dot_product_attention(h(q), h(k), h(v), is_causal=True)
+            x = x + s.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+            return x + s.mlp_proj(F.gelu(s.c_fc(s.ln_2(x))))
+
+    class GPT(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.wte = nn.Parameter(torch.randn(256, a.n_embd) * 0.02)
+            s.wpe = nn.Parameter(torch.randn(a.block, a.n_embd) * 0.02)
+            s.h = nn.ModuleList(Block() for _ in range(a.n_layer))
+            s.ln_f = nn.LayerNorm(a.n_embd)
+
+        def forward(s, idx, targets):
+            pos = torch.arange(idx.shape[1])
+            x = F.embedding(idx, s.wte) + F.embedding(pos, s.wpe)
+            for blk in s.h:
+                x = blk(x)
+            logits = s.ln_f(x) @ s.wte.t()
+            return F.cross_entropy(logits.view(-1, 256), targets.reshape(-1))
+
+    model = GPT()
+    ddp = nn.parallel.DistributedDataParallel(model)  # 25 MiB buckets, overlapped with backward
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+    )
+    data = torch.frombuffer(bytearray(open(a.data, "rb").read()), dtype=torch.uint8).long()
+    gen = torch.Generator().manual_seed(1337 + a.torch_rank)
+    times, losses = [], []
+    for step in range(a.steps):
+        t0 = time.perf_counter()
+        ix = torch.randint(len(data) - a.block - 1, (a.batch,), generator=gen)
+        x = torch.stack([data[i : i + a.block] for i in ix])
+        y = torch.stack([data[i + 1 : i + 1 + a.block] for i in ix])
+        lr = 1e-3 * min(1.0, (step + 1) / 11)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = ddp(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        times.append(time.perf_counter() - t0)
+    if a.torch_rank == 0:
+        with open(a.torch_out, "w") as f:
+            json.dump({"step_s": times, "loss": losses}, f)
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- driver
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_all(procs, what, timeout=900):
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            rc = p.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            sys.exit(f"{what}: timed out")
+        if rc != 0:
+            for q in procs:
+                q.kill()
+            sys.exit(f"{what}: a rank exited with {rc}")
+
+
+def summarize(step_s, a, extra=None):
+    s = step_s[a.warmup :]
+    tokens = a.world * a.batch * a.block
+    out = {
+        "tokens_per_s": tokens * len(s) / sum(s),
+        "step_ms_median": 1e3 * statistics.median(s),
+        "step_ms_mean": 1e3 * sum(s) / len(s),
+    }
+    out.update(extra or {})
+    return out
+
+
+def run_cohort(a, stage, tmp):
+    config = os.path.join(tmp, f"cohort-z{stage}.toml")
+    with open(config, "w") as f:
+        f.write(
+            f"""
+[train]
+max_steps = {a.steps}
+batch_size = {a.batch}
+log_every = 1000000
+threads = {a.threads}
+[model]
+kind = "gpt"
+n_layer = {a.n_layer}
+n_head = {a.n_head}
+n_embd = {a.n_embd}
+block_size = {a.block}
+[data]
+kind = "text"
+path = "{a.data}"
+val_fraction = 0.0
+[optim]
+lr = 1e-3
+min_lr = 1e-3
+warmup_steps = 10
+weight_decay = 0.1
+grad_clip = 1.0
+[parallel]
+zero_stage = {stage}
+"""
+        )
+    run_dir = tempfile.mkdtemp(dir=tmp)
+    procs = []
+    for r in range(a.world):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(a.world),
+            COHORT_TOKEN="bench", COHORT_STORE_DIR=os.path.join(run_dir, "store"),
+            COHORT_LOG_DIR=os.path.join(run_dir, "logs"), OMP_NUM_THREADS=str(a.threads),
+            COHORT_RESUME="never",
+        )
+        procs.append(subprocess.Popen([a.worker, "train", "--config", config], env=env,
+                                      stdout=subprocess.DEVNULL))
+    wait_all(procs, f"cohort zero_stage={stage}")
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "logs", "metrics.jsonl"))]
+    kept = rows[a.warmup :]
+    step = sum(r["step_s"] for r in kept)
+    comm = sum(r["comm_s"] for r in kept)
+    wait = sum(r["comm_wait_s"] for r in kept)
+    return summarize([r["step_s"] for r in rows], a, {
+        "comm_not_hidden_share": wait / step,
+        "comm_hidden_fraction": max(0.0, (comm - wait) / comm) if comm > 0 else 0.0,
+        "compute_share": sum(r["compute_s"] for r in kept) / step,
+        "optimizer_share": sum(r["optimizer_s"] for r in kept) / step,
+        "final_loss": rows[-1]["loss"],
+    })
+
+
+def run_torch(a, tmp):
+    out = os.path.join(tmp, "torch.json")
+    port = free_port()
+    procs = []
+    for r in range(a.world):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS=str(a.threads))
+        args = [sys.executable, os.path.abspath(__file__), "--torch-rank", str(r), "--torch-out", out,
+                "--data", a.data, "--steps", str(a.steps), "--world", str(a.world),
+                "--threads", str(a.threads), "--batch", str(a.batch), "--n-layer", str(a.n_layer),
+                "--n-head", str(a.n_head), "--n-embd", str(a.n_embd), "--block", str(a.block)]
+        procs.append(subprocess.Popen(args, env=env))
+    wait_all(procs, "pytorch ddp")
+    res = json.load(open(out))
+    return summarize(res["step_s"], a, {"final_loss": res["loss"][-1]})
+
+
+def main():
+    a = parse_args()
+    if a.torch_rank is not None:
+        return torch_rank(a)
+    if not os.path.exists(a.worker):
+        sys.exit(f"{a.worker} not found: build it with `cargo build --release --bin cohort-worker`")
+    runs = {"cohort_ddp": [], "cohort_zero1": [], "torch_ddp": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(a.repeats):
+            runs["cohort_ddp"].append(run_cohort(a, 0, tmp))
+            runs["cohort_zero1"].append(run_cohort(a, 1, tmp))
+            runs["torch_ddp"].append(run_torch(a, tmp))
+            print(f"repeat {i + 1}/{a.repeats}: " + ", ".join(
+                f"{k} {v[-1]['tokens_per_s']:.0f} tok/s" for k, v in runs.items()), flush=True)
+
+    med = lambda k, f: statistics.median(r[f] for r in runs[k])
+    params = 12 * a.n_layer * a.n_embd ** 2 + (256 + a.block) * a.n_embd
+    print(f"\ngpt n_layer={a.n_layer} n_head={a.n_head} n_embd={a.n_embd} block={a.block} "
+          f"(~{params / 1e6:.2f} M params), {a.world} ranks x batch {a.batch}, "
+          f"{a.threads} thread(s)/rank, {a.steps} steps ({a.warmup} warmup dropped), "
+          f"median of {a.repeats} runs\n")
+    print(f"| run | tokens/s | step ms (median) | comm not hidden (share of step) | comm hidden |")
+    print(f"|---|---:|---:|---:|---:|")
+    for k in runs:
+        extra = ("| {:.1%} | {:.0%} |".format(med(k, "comm_not_hidden_share"), med(k, "comm_hidden_fraction"))
+                 if k.startswith("cohort") else "| - | - |")
+        print(f"| {k} | {med(k, 'tokens_per_s'):.0f} | {med(k, 'step_ms_median'):.1f} {extra}")
+    ratio = med("cohort_ddp", "tokens_per_s") / med("torch_ddp", "tokens_per_s")
+    zero = med("cohort_zero1", "step_ms_median") / med("cohort_ddp", "step_ms_median")
+    print(f"\ncohort DDP / PyTorch DDP tokens/s: {ratio:.2f}x (goal >= 1.1x)")
+    print(f"cohort ZeRO-1 / DDP step time:     {zero:.2f}x (goal <= 1.1x)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "runs": runs, "ddp_vs_torch": ratio, "zero1_vs_ddp": zero}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

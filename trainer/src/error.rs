@@ -1,0 +1,57 @@
+//! The trainer's errors: each says what failed, where, and what to do.
+
+use std::path::PathBuf;
+
+use cohort_collectives::CommError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A collective failed; the communicator is broken and the job must
+    /// restart (the launcher does this from the last checkpoint).
+    #[error("rank {rank}: {op} failed")]
+    Comm {
+        op: &'static str,
+        rank: usize,
+        #[source]
+        source: CommError,
+    },
+    /// libtorch raised an error.
+    #[error("libtorch error during {context}")]
+    Torch {
+        context: String,
+        #[source]
+        source: tch::TchError,
+    },
+    /// A data file could not be read.
+    #[error(
+        "cannot read data file {path}: {source} (check data.path; relative paths are relative to the directory the job runs in)"
+    )]
+    DataRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A data file is not usable.
+    #[error("data file {path}: {reason}")]
+    DataInvalid { path: PathBuf, reason: String },
+    /// A config value or API argument that cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// An env-contract variable with a bad value.
+    #[error("environment variable {name}={value:?}: {reason}")]
+    Env {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// Saving or loading a checkpoint.
+    #[error(transparent)]
+    Checkpoint(#[from] cohort_checkpoint::CkptError),
+    /// Writing metrics or status files.
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

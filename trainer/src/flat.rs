@@ -1,0 +1,181 @@
+//! The flat fp32 parameter space: every trainable variable of a `VarStore`,
+//! in the order the model created them, laid end to end. Element `i` of the
+//! space is one scalar of one parameter; gradient buckets, optimizer shards
+//! and checkpoint shards are all ranges of it.
+
+use std::ops::Range;
+
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+use crate::TrainError;
+
+/// One trainable variable and where it sits in the flat space.
+pub struct Slot {
+    /// The name the `VarStore` gives it (`transformer/h/0/attn/c_attn/weight`).
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// First element in the flat space.
+    pub offset: usize,
+    pub numel: usize,
+    /// Weight decay applies (as nanoGPT: tensors of 2 or more dimensions;
+    /// not biases or LayerNorm gains).
+    pub decay: bool,
+    tensor: Tensor,
+}
+
+/// The flat view of a `VarStore`'s trainable variables.
+pub struct FlatParams {
+    slots: Vec<Slot>,
+    total: usize,
+}
+
+impl FlatParams {
+    /// Lays out `vs`'s trainable variables in creation order. Every one must
+    /// be f32.
+    pub fn new(vs: &VarStore) -> Result<Self, TrainError> {
+        let named = vs.variables();
+        let mut slots = Vec::new();
+        let mut offset = 0;
+        for tensor in vs.trainable_variables() {
+            let name = named
+                .iter()
+                .find(|(_, t)| t.data_ptr() == tensor.data_ptr())
+                .map(|(n, _)| n.clone())
+                .unwrap_or_else(|| format!("param{}", slots.len()));
+            if tensor.kind() != Kind::Float {
+                return Err(TrainError::Config(format!(
+                    "parameter {name} is {:?}: cohort trains f32 parameters (convert the model with vs.float())",
+                    tensor.kind()
+                )));
+            }
+            let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
+            let numel = shape.iter().product();
+            slots.push(Slot {
+                name,
+                decay: shape.len() >= 2,
+                shape,
+                offset,
+                numel,
+                tensor,
+            });
+            offset += numel;
+        }
+        if slots.is_empty() {
+            return Err(TrainError::Config(
+                "the VarStore has no trainable variables: build the model before wrapping it"
+                    .into(),
+            ));
+        }
+        Ok(FlatParams {
+            slots,
+            total: offset,
+        })
+    }
+
+    /// Elements in the flat space.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// Calls `f(slot, part_of_slot, part_of_range)` for every slot overlapping
+    /// `range`, in order.
+    fn overlapping(
+        &self,
+        range: &Range<usize>,
+        mut f: impl FnMut(&Slot, Range<usize>, Range<usize>),
+    ) {
+        let first = self
+            .slots
+            .partition_point(|s| s.offset + s.numel <= range.start);
+        for slot in &self.slots[first..] {
+            if slot.offset >= range.end {
+                break;
+            }
+            let lo = range.start.max(slot.offset);
+            let hi = range.end.min(slot.offset + slot.numel);
+            if lo < hi {
+                f(
+                    slot,
+                    lo - slot.offset..hi - slot.offset,
+                    lo - range.start..hi - range.start,
+                );
+            }
+        }
+    }
+
+    /// Copies the parameter values of `range` into `dst` (`range.len()` long).
+    pub fn read_params(&self, range: Range<usize>, dst: &mut [f32]) {
+        self.overlapping(&range, |slot, part, at| {
+            copy_out(&slot.tensor, part, &mut dst[at]);
+        });
+    }
+
+    /// Copies the gradients of `range` into `dst`; a parameter without a
+    /// gradient (unused in the forward pass) reads as zeros.
+    pub fn read_grads(&self, range: Range<usize>, dst: &mut [f32]) {
+        self.overlapping(&range, |slot, part, at| {
+            let grad = slot.tensor.grad();
+            if grad.defined() {
+                copy_out(&grad, part, &mut dst[at]);
+            } else {
+                dst[at].fill(0.0);
+            }
+        });
+    }
+
+    /// Writes `src` into the parameters of `range`.
+    pub fn write_params(&self, range: Range<usize>, src: &[f32]) {
+        tch::no_grad(|| {
+            self.overlapping(&range, |slot, part, at| {
+                let src = &src[at];
+                // SAFETY: `src` outlives the blob tensor, which is only read by
+                // the copy below and dropped at the end of this closure.
+                let blob = unsafe {
+                    Tensor::from_blob(
+                        src.as_ptr().cast(),
+                        &[src.len() as i64],
+                        &[],
+                        Kind::Float,
+                        Device::Cpu,
+                    )
+                };
+                let mut dst =
+                    slot.tensor
+                        .view([-1])
+                        .narrow(0, part.start as i64, part.len() as i64);
+                dst.copy_(&blob);
+            });
+        });
+    }
+
+    /// Zeroes every gradient (before the next step's backward passes).
+    pub fn zero_grads(&self) {
+        for slot in &self.slots {
+            let mut grad = slot.tensor.grad();
+            if grad.defined() {
+                let _ = grad.zero_();
+            }
+        }
+    }
+
+    /// The weight-decay runs of `range`: `(sub-range relative to range.start, decay)`.
+    pub fn decay_runs(&self, range: Range<usize>) -> Vec<(Range<usize>, bool)> {
+        let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
+        self.overlapping(&range, |slot, _, at| match runs.last_mut() {
+            Some((r, d)) if *d == slot.decay && r.end == at.start => r.end = at.end,
+            _ => runs.push((at, slot.decay)),
+        });
+        runs
+    }
+}
+
+fn copy_out(t: &Tensor, part: Range<usize>, dst: &mut [f32]) {
+    let src = t
+        .reshape([-1])
+        .narrow(0, part.start as i64, part.len() as i64);
+    src.copy_data(dst, part.len());
+}

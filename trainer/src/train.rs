@@ -1,0 +1,484 @@
+//! The built-in trainer: what `cohort-worker train --config FILE` runs.
+//!
+//! One step, in order (as nanoGPT's loop): the micro-batches' forward and
+//! backward passes (gradients accumulate in the variables; nothing is
+//! communicated until the last one), then [`DataParallel::step_with_loss`]
+//! (reduce, clip, optimizer, parameters), then metrics, evaluation and
+//! checkpoint. Randomness (dropout) is re-seeded every step from
+//! `(train.seed, step, rank)`, and the data order is a function of the
+//! seed and the job's sample position, so a job resumed from a checkpoint
+//! continues exactly where it stopped.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cohort_checkpoint::{FaultPoint, FaultSpec, Meta, ParamLayout, Saver, SaverOptions, Shard};
+use cohort_collectives::Communicator;
+use cohort_configs::JobConfig;
+use serde_json::json;
+use tch::{Device, nn::VarStore};
+
+use crate::data::{Dataset, Loader};
+use crate::optim::LrSchedule;
+use crate::{DataParallel, DistEnv, StepReport, TrainError, model};
+
+/// Where to resume from (`COHORT_RESUME`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest checkpoint in `checkpoint.dir` that verifies, if any.
+    Auto,
+    /// Start fresh.
+    Never,
+    /// This step directory or checkpoint root.
+    Path(PathBuf),
+}
+
+impl Resume {
+    /// `auto` (also unset or empty), `never`, or a path.
+    pub fn parse(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            None | Some("") | Some("auto") => Resume::Auto,
+            Some("never") => Resume::Never,
+            Some(path) => Resume::Path(PathBuf::from(path)),
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Optimizer steps completed (including those before a resume).
+    pub steps: u64,
+    /// Mean loss over the ranks of the last step run.
+    pub final_loss: Option<f64>,
+    /// Last evaluation loss.
+    pub eval_loss: Option<f64>,
+    /// The checkpoint the run resumed from.
+    pub resumed_from: Option<PathBuf>,
+}
+
+/// Trains the model `job` describes with `comm` (world and rank taken from
+/// it; `env` supplies the log dir, status file and restart count).
+pub fn run(
+    job: &JobConfig,
+    env: &DistEnv,
+    comm: Communicator,
+    resume: &Resume,
+) -> Result<Summary, TrainError> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let t = &job.train;
+    if t.threads > 0 {
+        tch::set_num_threads(t.threads as i32);
+    }
+    let device = parse_device(&t.device, env.local_rank)?;
+
+    let data = Arc::new(Dataset::open(
+        &job.data,
+        job.model.block_size,
+        job.model.vocab_size,
+        t.seed,
+    )?);
+    tch::manual_seed(t.seed as i64);
+    let vs = VarStore::new(device);
+    let net = model::build(&vs.root(), &job.model, data.vocab_size());
+    let mut dp = DataParallel::new(&vs, comm, &job.optim, &job.parallel)?;
+    dp.set_schedule(LrSchedule::new(&job.optim, t.max_steps));
+    let mut loader = Loader::new(data.clone(), t.seed, rank, world, t.batch_size);
+
+    let layout: Vec<ParamLayout> = dp
+        .flat()
+        .slots()
+        .iter()
+        .map(|s| ParamLayout {
+            name: s.name.clone(),
+            shape: s.shape.clone(),
+            offset: s.offset,
+        })
+        .collect();
+    let resumed_from = resume_from(job, resume, &layout, &mut dp, &mut loader)?;
+    let mut saver = match (&job.checkpoint.dir, job.checkpoint.every) {
+        (Some(dir), every) if every > 0 => Some(Saver::new(
+            dir,
+            rank,
+            world,
+            SaverOptions {
+                keep_last: job.checkpoint.keep_last,
+                async_save: job.checkpoint.async_save,
+                ..SaverOptions::default()
+            },
+        )?),
+        (None, every) if every > 0 => {
+            return Err(TrainError::Config(
+                "checkpoint.every is set but checkpoint.dir is not: name a directory every rank can write".into(),
+            ));
+        }
+        _ => None,
+    };
+    let fault = FaultSpec::from_env()?.filter(|f| f.at == FaultPoint::Step && f.rank == rank);
+    let mut metrics = match (&env.log_dir, rank) {
+        (Some(dir), 0) => Some(open_append(&dir.join("metrics.jsonl"))?),
+        _ => None,
+    };
+    let tokens_per_step = (world * t.batch_size * t.grad_accum_steps * job.model.block_size) as f64;
+    if rank == 0 {
+        println!(
+            "training {:?} ({} parameters) on {}, world {world}, zero stage {}, {} tokens/step{}",
+            job.model.kind,
+            dp.flat().total(),
+            describe_device(device),
+            job.parallel.zero_stage,
+            tokens_per_step,
+            resumed_from
+                .as_ref()
+                .map(|p| format!(", resumed from {} at step {}", p.display(), dp.steps_done()))
+                .unwrap_or_default()
+        );
+    }
+    write_status(env, dp.steps_done(), t.max_steps, None, None)?;
+
+    let mut summary = Summary {
+        steps: dp.steps_done(),
+        final_loss: None,
+        eval_loss: None,
+        resumed_from,
+    };
+    let mut window = Window::default();
+    while dp.steps_done() < t.max_steps {
+        let step = dp.steps_done();
+        if fault.is_some_and(|f| f.step == step) {
+            eprintln!("COHORT_INJECT_FAULT: rank {rank} aborting at step {step}");
+            std::process::abort();
+        }
+        let start = Instant::now();
+        tch::manual_seed(step_seed(t.seed, step, rank));
+
+        // Micro-batches: each loss is divided by their number so the summed
+        // gradients are those of the mean over the whole per-rank batch.
+        let mut loss_sum = 0.0;
+        for _ in 0..t.grad_accum_steps {
+            let batch = loader.next_batch(device);
+            let loss = net.loss(&batch.inputs, &batch.targets, true) / t.grad_accum_steps as f64;
+            loss.f_backward().map_err(|source| TrainError::Torch {
+                context: format!("backward pass of step {step}"),
+                source,
+            })?;
+            loss_sum += loss.double_value(&[]);
+        }
+        let compute_s = start.elapsed().as_secs_f64();
+        let report = dp.step_with_loss(loss_sum)?;
+        let step_s = start.elapsed().as_secs_f64();
+        let tokens_per_s = tokens_per_step / step_s;
+        summary.steps = report.step;
+        summary.final_loss = report.loss;
+
+        let eval_loss = if t.eval_every > 0
+            && (report.step % t.eval_every == 0 || report.step == t.max_steps)
+        {
+            evaluate(&*net, &loader, t.eval_batches, device, &mut dp)?
+        } else {
+            None
+        };
+        summary.eval_loss = eval_loss.or(summary.eval_loss);
+
+        if let Some(out) = metrics.as_mut() {
+            let line = metrics_line(&report, compute_s, step_s, tokens_per_s, eval_loss);
+            writeln!(out, "{line}").map_err(|source| TrainError::Io {
+                path: env
+                    .log_dir
+                    .clone()
+                    .unwrap_or_default()
+                    .join("metrics.jsonl"),
+                source,
+            })?;
+        }
+        write_status(
+            env,
+            report.step,
+            t.max_steps,
+            report.loss,
+            Some(tokens_per_s),
+        )?;
+        window.add(&report, compute_s, step_s);
+        if rank == 0
+            && (report.step % t.log_every.max(1) == 0
+                || report.step == t.max_steps
+                || eval_loss.is_some())
+        {
+            println!(
+                "{}",
+                window.line(&report, t.max_steps, tokens_per_step, eval_loss)
+            );
+            window = Window::default();
+        }
+
+        if let Some(saver) = saver.as_mut()
+            && (report.step % job.checkpoint.every == 0 || report.step == t.max_steps)
+        {
+            let (range, params, states) = dp.checkpoint_shard();
+            let meta = Meta {
+                step: report.step,
+                world,
+                zero_stage: job.parallel.zero_stage,
+                total: dp.flat().total(),
+                layout: layout.clone(),
+                state_names: dp
+                    .optimizer_state_names()
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                train_state: json!({
+                    "data_position": loader.position(),
+                    "seed": t.seed,
+                    "rng": "re-seeded every step from (train.seed, step, rank)",
+                    "lr_schedule": { "step": report.step, "next_lr": dp.next_lr() },
+                }),
+                config_toml: job.to_toml_string(),
+            };
+            saver.save(
+                meta,
+                Shard {
+                    range,
+                    params,
+                    states,
+                },
+            )?;
+        }
+    }
+    if let Some(saver) = saver.as_mut() {
+        saver.finish()?;
+    }
+    Ok(summary)
+}
+
+/// Loads the checkpoint `resume` names (or finds one), if any, into `dp`
+/// and `loader`.
+fn resume_from(
+    job: &JobConfig,
+    resume: &Resume,
+    layout: &[ParamLayout],
+    dp: &mut DataParallel,
+    loader: &mut Loader,
+) -> Result<Option<PathBuf>, TrainError> {
+    let path = match (resume, &job.checkpoint.dir) {
+        (Resume::Never, _) | (Resume::Auto, None) => return Ok(None),
+        (Resume::Path(p), _) => p.clone(),
+        (Resume::Auto, Some(dir)) if !dir.exists() => return Ok(None),
+        (Resume::Auto, Some(dir)) => match cohort_checkpoint::find_resumable(dir)? {
+            Some(p) => p,
+            None => return Ok(None),
+        },
+    };
+    let (meta, shard) = cohort_checkpoint::load(&path, dp.rank(), dp.world_size())?;
+    meta.check_compatible(layout)?;
+    let names: Vec<&str> = meta.state_names.iter().map(String::as_str).collect();
+    if names != dp.optimizer_state_names() {
+        return Err(TrainError::Config(format!(
+            "checkpoint {} holds optimizer state {:?}, but optim.kind = {:?} needs {:?}: resume with the optimizer it was saved with, or set COHORT_RESUME=never",
+            path.display(),
+            names,
+            job.optim.kind,
+            dp.optimizer_state_names()
+        )));
+    }
+    let position = meta
+        .train_state
+        .get("data_position")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| {
+            TrainError::Config(format!(
+                "checkpoint {} has no train_state.data_position: it was not written by cohort's trainer",
+                path.display()
+            ))
+        })?;
+    dp.restore(meta.step, shard.params, shard.states)?;
+    loader.set_position(position);
+    Ok(Some(path))
+}
+
+/// Mean validation loss over the ranks (`None` without a held-out split).
+fn evaluate(
+    net: &dyn model::LanguageModel,
+    loader: &Loader,
+    batches: usize,
+    device: Device,
+    dp: &mut DataParallel,
+) -> Result<Option<f64>, TrainError> {
+    let mut sum = 0.0;
+    for k in 0..batches.max(1) {
+        let Some(batch) = loader.eval_batch(k, device) else {
+            return Ok(None);
+        };
+        sum += tch::no_grad(|| {
+            net.loss(&batch.inputs, &batch.targets, false)
+                .double_value(&[])
+        });
+    }
+    let mean = dp.mean_over_ranks(&[sum / batches.max(1) as f64])?;
+    Ok(Some(mean[0]))
+}
+
+fn step_seed(seed: u64, step: u64, rank: usize) -> i64 {
+    let mut rng =
+        crate::data::SplitMix::new(seed ^ step.rotate_left(24) ^ (rank as u64).rotate_left(48));
+    (rng.next_u64() >> 1) as i64
+}
+
+fn parse_device(name: &str, local_rank: usize) -> Result<Device, TrainError> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "auto" if tch::Cuda::is_available() => {
+            Ok(Device::Cuda(local_rank % tch::Cuda::device_count().max(1) as usize))
+        }
+        "auto" => Ok(Device::Cpu),
+        "cuda" => Err(TrainError::Config(
+            "train.device = \"cuda\" but libtorch sees no CUDA device: use \"cpu\" or \"auto\" (check `cohort doctor`)".into(),
+        )),
+        other => Err(TrainError::Config(format!(
+            "train.device = {other:?}: expected \"cpu\", \"cuda\" or \"auto\""
+        ))),
+    }
+}
+
+fn describe_device(d: Device) -> String {
+    match d {
+        Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn metrics_line(
+    r: &StepReport,
+    compute_s: f64,
+    step_s: f64,
+    tokens_per_s: f64,
+    eval_loss: Option<f64>,
+) -> serde_json::Value {
+    let mut line = json!({
+        "step": r.step,
+        "loss": r.loss,
+        "lr": r.lr,
+        "grad_norm": r.grad_norm,
+        "tokens_per_s": tokens_per_s,
+        "step_s": step_s,
+        "compute_s": compute_s,
+        "comm_s": r.comm_s,
+        "comm_wait_s": r.comm_wait_s,
+        "comm_hidden": r.hidden_comm_fraction(),
+        "optimizer_s": r.optimizer_s,
+        "pack_s": r.pack_s,
+        "time": unix_now(),
+    });
+    if let Some(e) = eval_loss {
+        line["eval_loss"] = json!(e);
+    }
+    line
+}
+
+/// Averages for the progress line between two prints.
+#[derive(Default)]
+struct Window {
+    steps: u32,
+    step_s: f64,
+    compute_s: f64,
+    comm_s: f64,
+    wait_s: f64,
+    optimizer_s: f64,
+}
+
+impl Window {
+    fn add(&mut self, r: &StepReport, compute_s: f64, step_s: f64) {
+        self.steps += 1;
+        self.step_s += step_s;
+        self.compute_s += compute_s;
+        self.comm_s += r.comm_s;
+        self.wait_s += r.comm_wait_s;
+        self.optimizer_s += r.optimizer_s;
+    }
+
+    fn line(
+        &self,
+        r: &StepReport,
+        max_steps: u64,
+        tokens_per_step: f64,
+        eval: Option<f64>,
+    ) -> String {
+        let n = f64::from(self.steps.max(1));
+        let ms = |s: f64| s / n * 1e3;
+        let hidden = if self.comm_s > 0.0 {
+            ((self.comm_s - self.wait_s) / self.comm_s).clamp(0.0, 1.0) * 100.0
+        } else {
+            0.0
+        };
+        let mut line = format!(
+            "step {}/{max_steps} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | step {:.1} ms: compute {:.1}, comm {:.1} ({hidden:.0}% hidden), optimizer {:.1}",
+            r.step,
+            r.loss.unwrap_or(f64::NAN),
+            r.lr,
+            r.grad_norm,
+            tokens_per_step * n / self.step_s,
+            ms(self.step_s),
+            ms(self.compute_s),
+            ms(self.comm_s),
+            ms(self.optimizer_s),
+        );
+        if let Some(e) = eval {
+            line.push_str(&format!(" | eval loss {e:.4}"));
+        }
+        line
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64()
+}
+
+fn open_append(path: &Path) -> Result<File, TrainError> {
+    let io = |source| TrainError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)
+}
+
+/// Replaces `COHORT_STATUS_FILE` (tmp + rename) with this worker's progress.
+fn write_status(
+    env: &DistEnv,
+    step: u64,
+    max_steps: u64,
+    loss: Option<f64>,
+    tokens_per_s: Option<f64>,
+) -> Result<(), TrainError> {
+    let Some(path) = &env.status_file else {
+        return Ok(());
+    };
+    let body = json!({
+        "step": step,
+        "max_steps": max_steps,
+        "loss": loss,
+        "tokens_per_s": tokens_per_s,
+        "time": unix_now(),
+    });
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let io = |source| TrainError::Io {
+        path: path.clone(),
+        source,
+    };
+    std::fs::write(&tmp, body.to_string()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
