@@ -18,8 +18,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a job's workers on this node (torchrun style): `cohort launch CONFIG.toml` or `cohort launch -- PROGRAM ARGS`.
+    Launch(cmd::launch::LaunchArgs),
+    /// Run a standalone coordinator for a multi-node job.
+    Coordinator(cmd::coordinator::CoordinatorArgs),
     /// Report libtorch, CUDA, NCCL, cores, memory and the collective backend `launch` would pick.
     Doctor(cmd::doctor::DoctorArgs),
+    /// Inspect, verify or export a checkpoint (a step directory or a checkpoint root).
+    Ckpt(cmd::ckpt::CkptArgs),
+    /// Benchmark the collectives (nccl-tests style): `cohort bench collectives --nproc 4`.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,7 +49,11 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Launch(args) => cmd::launch::run(args),
+        Command::Coordinator(args) => cmd::coordinator::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
+        Command::Ckpt(args) => cmd::ckpt::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(code) => code,

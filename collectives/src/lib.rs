@@ -1,7 +1,48 @@
 //! cohort's collectives: all-reduce, reduce-scatter, all-gather, broadcast and
 //! barrier over typed slices, with transport-agnostic algorithms (ring, tree)
 //! and point-to-point transports (tcp, mem). No libtorch, no gRPC.
+//!
+//! Layers, as in Gloo:
+//! - [`Communicator`] (the front): validates, numbers ops, picks the
+//!   algorithm, applies timeouts, records ops, breaks on failure;
+//! - `algorithms`: ring, tree, chain; they move bytes through a
+//!   point-to-point `Transport` and never name one;
+//! - `transport`: `tcp` (authenticated, poll-driven) and `mem` (threads);
+//! - `wire`: the header checked on every message (desync detection);
+//! - `auth`: the HMAC handshake with the job token;
+//! - `store`: bootstrap key-value stores.
+//!
+//! ```
+//! use cohort_collectives::{Communicator, OpOptions, ReduceOp};
+//!
+//! let handles: Vec<_> = Communicator::mem_group(3)
+//!     .into_iter()
+//!     .map(|mut comm| {
+//!         std::thread::spawn(move || {
+//!             let mut grads = vec![comm.rank() as f32; 5];
+//!             comm.all_reduce(&mut grads, ReduceOp::Sum, &OpOptions::default())
+//!                 .unwrap();
+//!             grads
+//!         })
+//!     })
+//!     .collect();
+//! for h in handles {
+//!     assert_eq!(h.join().unwrap(), vec![3.0; 5]);
+//! }
+//! ```
 
+mod algorithms;
+mod auth;
+mod communicator;
+mod error;
+mod reduce;
 pub mod store;
+mod transport;
+mod types;
+mod wire;
 
+pub use communicator::{Communicator, OpOptions, OpRecord};
+pub use error::CommError;
 pub use store::{FileStore, MemStore, PrefixStore, Store, StoreError};
+pub use transport::tcp::TcpConfig;
+pub use types::{Algorithm, DType, Element, OpKind, ParseError, ReduceOp, shard_range};

@@ -1,6 +1,10 @@
 //! One module per `cohort` subcommand.
 
+pub mod bench;
+pub mod ckpt;
+pub mod coordinator;
 pub mod doctor;
+pub mod launch;
 
 /// Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default: info).
 pub fn init_tracing() {

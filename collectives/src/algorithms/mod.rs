@@ -1,0 +1,246 @@
+//! Transport-agnostic collective algorithms.
+//!
+//! An algorithm gets a [`Ctx`] (this rank, the world, the op's header, a
+//! deadline, a scratch buffer and a [`Transport`]) and the caller's buffer as
+//! bytes. It moves segments with `Transport::exchange` and combines them with
+//! the kernels of `crate::reduce`. It never names a transport.
+//!
+//! - [`ring`]: reduce-scatter, all-gather, and all-reduce as the two in turn;
+//! - [`tree`]: pipelined binary-tree all-reduce and broadcast;
+//! - [`chain`]: pipelined chain broadcast (the "ring" broadcast).
+//!
+//! The front (`Communicator`) has already validated the arguments, resolved
+//! `Algorithm::Auto` with [`choose`], and handles world 1 and empty buffers.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use crate::error::CommError;
+use crate::reduce;
+use crate::transport::{Transport, Xfer};
+use crate::types::{Algorithm, DType, OpKind, ReduceOp, shard_range};
+use crate::wire::Header;
+
+pub(crate) mod chain;
+pub(crate) mod ring;
+pub(crate) mod tree;
+
+/// Everything an algorithm needs besides the buffer.
+pub(crate) struct Ctx<'a> {
+    pub transport: &'a mut dyn Transport,
+    pub rank: usize,
+    pub world: usize,
+    /// The op's header; messages copy it and set `chunk` and `len`.
+    pub base: Header,
+    pub deadline: Instant,
+    /// Largest message of a pipelined phase, in elements (at least 1).
+    pub seg_elems: usize,
+    /// Reused across ops; 8-byte aligned for every dtype.
+    pub scratch: &'a mut Vec<u64>,
+    /// How contributions combine (differs from `base` when an algorithm is
+    /// built on another, e.g. all-gather as a byte-wise max).
+    pub red_dtype: DType,
+    pub red_op: ReduceOp,
+}
+
+impl Ctx<'_> {
+    pub fn elem(&self) -> usize {
+        self.red_dtype.size()
+    }
+
+    pub fn exchange(&mut self, xfers: &mut [Xfer<'_>]) -> Result<(), CommError> {
+        self.transport.exchange(xfers, self.deadline)
+    }
+}
+
+/// A send of message `chunk` of the op described by `base`, or nothing.
+pub(crate) fn send_if<'b>(
+    cond: bool,
+    base: &Header,
+    peer: usize,
+    chunk: u64,
+    data: &'b [u8],
+) -> Xfer<'b> {
+    if cond {
+        send(base, peer, chunk, data)
+    } else {
+        Xfer::Idle
+    }
+}
+
+/// A receive of message `chunk` of the op described by `base`, or nothing.
+pub(crate) fn recv_if<'b>(
+    cond: bool,
+    base: &Header,
+    peer: usize,
+    chunk: u64,
+    buf: &'b mut [u8],
+) -> Xfer<'b> {
+    if cond {
+        recv(base, peer, chunk, buf)
+    } else {
+        Xfer::Idle
+    }
+}
+
+/// A send of message `chunk` of the op described by `base`.
+pub(crate) fn send<'b>(base: &Header, peer: usize, chunk: u64, data: &'b [u8]) -> Xfer<'b> {
+    Xfer::Send {
+        peer,
+        header: Header {
+            chunk,
+            len: data.len() as u64,
+            ..*base
+        },
+        data,
+    }
+}
+
+/// A receive of message `chunk` of the op described by `base`.
+pub(crate) fn recv<'b>(base: &Header, peer: usize, chunk: u64, buf: &'b mut [u8]) -> Xfer<'b> {
+    Xfer::Recv {
+        peer,
+        header: Header {
+            chunk,
+            len: buf.len() as u64,
+            ..*base
+        },
+        buf,
+    }
+}
+
+/// `bytes` bytes of the scratch buffer, grown if needed (never shrunk: the
+/// next op of the same size allocates nothing).
+pub(crate) fn scratch_bytes(scratch: &mut Vec<u64>, bytes: usize) -> &mut [u8] {
+    let words = bytes.div_ceil(8);
+    if scratch.len() < words {
+        scratch.resize(words, 0);
+    }
+    &mut bytemuck::cast_slice_mut(scratch.as_mut_slice())[..bytes]
+}
+
+/// Segment `k` of the element range `r`, cut in segments of `seg` elements.
+pub(crate) fn segment(r: &Range<usize>, seg: usize, k: usize) -> Range<usize> {
+    let start = (r.start + k * seg).min(r.end);
+    start..(start + seg).min(r.end)
+}
+
+/// Number of segments of `seg` elements in `len` elements.
+pub(crate) fn segments(len: usize, seg: usize) -> usize {
+    len.div_ceil(seg)
+}
+
+/// Element range → byte range.
+pub(crate) fn bytes(r: &Range<usize>, elem: usize) -> Range<usize> {
+    r.start * elem..r.end * elem
+}
+
+/// Two disjoint byte ranges of `buf`: the first shared, the second mutable.
+pub(crate) fn split_pair(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&[u8], &mut [u8]) {
+    assert!(
+        a.end <= b.start || b.end <= a.start,
+        "split_pair: ranges overlap"
+    );
+    if a.start < b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.end - b.start])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.end - a.start], &mut lo[b])
+    }
+}
+
+/// Picks the algorithm for `Algorithm::Auto`.
+///
+/// Crossovers measured over TCP on the 2-core development machine (shared,
+/// load average 8-9 during the run) with `cohort bench collectives --algo
+/// ring|tree --op all_reduce,broadcast --iters 10`, f32, mean time per op in
+/// microseconds:
+///
+/// ```text
+///                      4 KiB   16 KiB  64 KiB  256 KiB   1 MiB    4 MiB
+/// all_reduce  4 ranks
+///             ring        91      485     444     2656   12571    85156
+///             tree        50       59     293      840    2518    60806
+/// all_reduce  8 ranks
+///             ring       434      439     618     1640   11829   119525
+///             tree        99      149    2674     2721    8078   126174
+/// broadcast   4 ranks
+///             chain      3.2      3.5     392      556    5594    31265
+///             tree       5.7      7.5      76      119    4309    27821
+/// broadcast   8 ranks
+///             chain      5.0       44      48     2284   14795    61396
+///             tree       5.6       35     448      926   12985    78421
+/// ```
+///
+/// With 2 ranks ring and tree send the same messages. With more ranks than
+/// cores every ring step waits for each rank to be scheduled, so the tree
+/// (log2(n) levels, pipelined) stays ahead up to about 1 MiB; at 4 MiB the
+/// two are even, and above it the ring's lower traffic per link wins. So:
+/// tree for all-reduces up to 1 MiB and broadcasts up to 256 KiB when the
+/// world exceeds 2, ring (chain) above. Reduce-scatter and all-gather always
+/// use the ring: their tree variants move the whole buffer through every
+/// link.
+pub(crate) fn choose(kind: OpKind, bytes: usize, world: usize) -> Algorithm {
+    const ALL_REDUCE_TREE_MAX: usize = 1 << 20;
+    const BROADCAST_TREE_MAX: usize = 256 << 10;
+    match kind {
+        OpKind::Barrier => Algorithm::Tree,
+        OpKind::AllReduce if world > 2 && bytes <= ALL_REDUCE_TREE_MAX => Algorithm::Tree,
+        OpKind::Broadcast if world > 2 && bytes <= BROADCAST_TREE_MAX => Algorithm::Tree,
+        _ => Algorithm::Ring,
+    }
+}
+
+/// All-reduce of `buf` (whole elements of `ctx.red_dtype`).
+pub(crate) fn all_reduce(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
+    match ctx.base.algo {
+        Algorithm::Tree => tree::all_reduce(ctx, buf),
+        Algorithm::Ring | Algorithm::Auto => ring::all_reduce(ctx, buf),
+    }
+}
+
+/// Reduce-scatter: afterwards this rank's shard holds the reduced values.
+pub(crate) fn reduce_scatter(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
+    match ctx.base.algo {
+        // The tree reduces everything everywhere; this rank's shard is part
+        // of it.
+        Algorithm::Tree => tree::all_reduce(ctx, buf),
+        Algorithm::Ring | Algorithm::Auto => {
+            ring::reduce_scatter(ctx, buf)?;
+            if ctx.red_op == ReduceOp::Avg {
+                let es = ctx.elem();
+                let own = shard_range(buf.len() / es, ctx.world, ctx.rank);
+                reduce::finish_avg(ctx.red_dtype, &mut buf[bytes(&own, es)], ctx.world);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// All-gather: on entry this rank's shard holds its part.
+pub(crate) fn all_gather(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
+    match ctx.base.algo {
+        Algorithm::Tree => {
+            // Every byte outside this rank's shard becomes 0, and a byte-wise
+            // max over the tree then leaves every shard's bytes exactly as
+            // its owner had them (max(x, 0, ..., 0) == x for bytes).
+            let es = ctx.elem();
+            let own = bytes(&shard_range(buf.len() / es, ctx.world, ctx.rank), es);
+            buf[..own.start].fill(0);
+            buf[own.end..].fill(0);
+            ctx.red_dtype = DType::U8;
+            ctx.red_op = ReduceOp::Max;
+            tree::all_reduce(ctx, buf)
+        }
+        Algorithm::Ring | Algorithm::Auto => ring::all_gather(ctx, buf),
+    }
+}
+
+/// Broadcast from `root` (in `ctx.base.root`).
+pub(crate) fn broadcast(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
+    match ctx.base.algo {
+        Algorithm::Tree => tree::broadcast(ctx, buf),
+        Algorithm::Ring | Algorithm::Auto => chain::broadcast(ctx, buf),
+    }
+}

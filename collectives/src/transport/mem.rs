@@ -1,0 +1,192 @@
+//! The in-process transport: one mailbox per rank, holding a queue of
+//! messages per sender. Sends copy the payload into the receiver's mailbox and
+//! never block, so an exchange posts all its sends first and then waits for
+//! its receives on a condition variable (no spinning). Thousands of ranks as
+//! threads of one process run the real algorithms this way.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use super::{Transport, Xfer};
+use crate::error::CommError;
+use crate::wire::{Frame, Header, PROBE_AFTER};
+
+enum Msg {
+    Data(Header, Vec<u8>),
+    /// See `wire`: "I am waiting on you in this op".
+    Probe(Header),
+    Abort(String),
+}
+
+#[derive(Default)]
+struct Mailbox {
+    queues: Mutex<HashMap<usize, VecDeque<Msg>>>,
+    arrived: Condvar,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, HashMap<usize, VecDeque<Msg>>> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Shared {
+    boxes: Vec<Mailbox>,
+    gone: Vec<AtomicBool>,
+}
+
+/// One rank's end of an in-process group.
+pub(crate) struct MemTransport {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl MemTransport {
+    /// The transports of a group of `world` ranks, in rank order.
+    pub fn group(world: usize) -> Vec<MemTransport> {
+        let shared = Arc::new(Shared {
+            boxes: (0..world).map(|_| Mailbox::default()).collect(),
+            gone: (0..world).map(|_| AtomicBool::new(false)).collect(),
+        });
+        (0..world)
+            .map(|rank| MemTransport {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    fn post(&self, peer: usize, msg: Msg) {
+        let mailbox = &self.shared.boxes[peer];
+        mailbox.lock().entry(self.rank).or_default().push_back(msg);
+        mailbox.arrived.notify_one();
+    }
+
+    /// Marks this rank gone and wakes every rank that may be waiting on it.
+    fn leave(&self) {
+        if self.shared.gone[self.rank].swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for mailbox in &self.shared.boxes {
+            // Taking the lock orders this wake-up after any waiter's check of
+            // `gone`, so no waiter misses it.
+            drop(mailbox.lock());
+            mailbox.arrived.notify_all();
+        }
+    }
+
+    fn gone(&self, peer: usize) -> bool {
+        self.shared.gone[peer].load(Ordering::SeqCst)
+    }
+
+    fn recv(
+        &self,
+        peer: usize,
+        expect: &Header,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<(), CommError> {
+        let started = Instant::now();
+        let mut probed = false;
+        let mailbox = &self.shared.boxes[self.rank];
+        let mut queues = mailbox.lock();
+        loop {
+            if let Some(msg) = queues.get_mut(&peer).and_then(VecDeque::pop_front) {
+                match msg {
+                    Msg::Data(header, data) => {
+                        drop(queues);
+                        expect.check(&Frame::Msg(header), self.rank, peer)?;
+                        buf.copy_from_slice(&data);
+                        return Ok(());
+                    }
+                    Msg::Probe(probe) => {
+                        expect.check_probe(&probe, self.rank, peer)?;
+                        continue;
+                    }
+                    Msg::Abort(reason) => {
+                        return Err(CommError::PeerAborted {
+                            rank: self.rank,
+                            peer,
+                            op: expect.describe(),
+                            reason,
+                        });
+                    }
+                }
+            }
+            if self.gone(peer) {
+                return Err(CommError::PeerClosed {
+                    rank: self.rank,
+                    peer,
+                    op: expect.describe(),
+                    detail: String::from("its communicator was dropped"),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(CommError::Timeout {
+                    rank: self.rank,
+                    peer,
+                    op: expect.describe(),
+                    what: "receiving from it",
+                    waited: now - started,
+                });
+            }
+            if !probed && now >= started + PROBE_AFTER {
+                probed = true;
+                drop(queues);
+                self.post(peer, Msg::Probe(*expect));
+                queues = mailbox.lock();
+                continue;
+            }
+            let wake = if probed {
+                deadline
+            } else {
+                deadline.min(started + PROBE_AFTER)
+            };
+            queues = mailbox
+                .arrived
+                .wait_timeout(queues, wake - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Transport for MemTransport {
+    fn exchange(&mut self, xfers: &mut [Xfer<'_>], deadline: Instant) -> Result<(), CommError> {
+        for xfer in xfers.iter() {
+            if let Xfer::Send { peer, header, data } = xfer {
+                if self.gone(*peer) {
+                    return Err(CommError::PeerClosed {
+                        rank: self.rank,
+                        peer: *peer,
+                        op: header.describe(),
+                        detail: String::from("its communicator was dropped"),
+                    });
+                }
+                self.post(*peer, Msg::Data(*header, data.to_vec()));
+            }
+        }
+        for xfer in xfers.iter_mut() {
+            if let Xfer::Recv { peer, header, buf } = xfer {
+                self.recv(*peer, header, buf, deadline)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self, reason: &str) {
+        for peer in (0..self.shared.boxes.len()).filter(|&p| p != self.rank) {
+            self.post(peer, Msg::Abort(reason.to_owned()));
+        }
+        self.leave();
+    }
+}
+
+impl Drop for MemTransport {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}

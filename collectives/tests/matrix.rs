@@ -1,0 +1,295 @@
+//! Every algorithm × transport (mem, tcp) × world 1..8 × counts {0, 1, 7,
+//! 1000} × every dtype and reduce op, against a plain reference; a
+//! representative subset at 1,000,003 elements; and 1,024 ranks on `mem`.
+
+mod common;
+
+use cohort_collectives::{Algorithm, Communicator, Element, OpOptions, ReduceOp, shard_range};
+use common::{Kind, each_rank, group};
+use half::{bf16, f16};
+
+/// Test-side arithmetic, independent of the crate's kernels.
+trait TestElem: Element + PartialEq + std::fmt::Debug {
+    fn from_i64(x: i64) -> Self;
+    fn combine(a: Self, b: Self, op: ReduceOp) -> Self;
+    fn div(a: Self, world: usize) -> Self;
+    /// Values of rank `rank` at element `i`: small integers whose sums and
+    /// products stay exact in every float type.
+    fn value(rank: usize, i: usize, op: ReduceOp) -> Self {
+        let v = if op == ReduceOp::Prod {
+            [1, 2, -1][(i + rank) % 3]
+        } else {
+            ((i * 7 + rank * 13) % 19) as i64 - 9
+        };
+        Self::from_i64(v)
+    }
+}
+
+macro_rules! float_elem {
+    ($t:ty, $to:expr, $from:expr) => {
+        impl TestElem for $t {
+            fn from_i64(x: i64) -> Self {
+                $from(x as f32)
+            }
+            fn combine(a: Self, b: Self, op: ReduceOp) -> Self {
+                let (a, b): (f32, f32) = ($to(a), $to(b));
+                $from(match op {
+                    ReduceOp::Sum | ReduceOp::Avg => a + b,
+                    ReduceOp::Prod => a * b,
+                    ReduceOp::Min => a.min(b),
+                    ReduceOp::Max => a.max(b),
+                })
+            }
+            fn div(a: Self, world: usize) -> Self {
+                $from($to(a) / world as f32)
+            }
+        }
+    };
+}
+
+float_elem!(f32, |x: f32| x, |x: f32| x);
+float_elem!(f16, |x: f16| x.to_f32(), f16::from_f32);
+float_elem!(bf16, |x: bf16| x.to_f32(), bf16::from_f32);
+
+impl TestElem for f64 {
+    fn from_i64(x: i64) -> Self {
+        x as f64
+    }
+    fn combine(a: Self, b: Self, op: ReduceOp) -> Self {
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => a + b,
+            ReduceOp::Prod => a * b,
+            ReduceOp::Min => a.min(b),
+            ReduceOp::Max => a.max(b),
+        }
+    }
+    fn div(a: Self, world: usize) -> Self {
+        a / world as f64
+    }
+}
+
+macro_rules! int_elem {
+    ($t:ty) => {
+        impl TestElem for $t {
+            fn from_i64(x: i64) -> Self {
+                x as $t
+            }
+            fn combine(a: Self, b: Self, op: ReduceOp) -> Self {
+                match op {
+                    ReduceOp::Sum | ReduceOp::Avg => a.wrapping_add(b),
+                    ReduceOp::Prod => a.wrapping_mul(b),
+                    ReduceOp::Min => a.min(b),
+                    ReduceOp::Max => a.max(b),
+                }
+            }
+            fn div(a: Self, world: usize) -> Self {
+                a / world as $t
+            }
+        }
+    };
+}
+
+int_elem!(i32);
+int_elem!(i64);
+int_elem!(u8);
+
+fn expected<T: TestElem>(world: usize, i: usize, op: ReduceOp) -> T {
+    let mut acc = T::value(0, i, op);
+    for r in 1..world {
+        acc = T::combine(acc, T::value(r, i, op), op);
+    }
+    if op == ReduceOp::Avg {
+        acc = T::div(acc, world);
+    }
+    acc
+}
+
+fn fill<T: TestElem>(rank: usize, count: usize, op: ReduceOp) -> Vec<T> {
+    (0..count).map(|i| T::value(rank, i, op)).collect()
+}
+
+fn check<T: TestElem>(
+    what: &str,
+    got: &[T],
+    want: impl Fn(usize) -> T,
+    range: std::ops::Range<usize>,
+) {
+    for i in range {
+        let w = want(i);
+        assert!(
+            got[i] == w,
+            "{what}: element {i} is {:?}, expected {w:?}",
+            got[i]
+        );
+    }
+}
+
+/// Runs every collective of dtype `T` on `comm` for `count` elements.
+fn ops_for<T: TestElem>(comm: &mut Communicator, algo: Algorithm, count: usize, label: &str) {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let opts = OpOptions {
+        algorithm: algo,
+        ..OpOptions::default()
+    };
+    let ty = T::DTYPE;
+    for op in ReduceOp::ALL {
+        let what = format!("{label} all_reduce {ty} {op} count {count} rank {rank}");
+        let mut buf = fill::<T>(rank, count, op);
+        comm.all_reduce(&mut buf, op, &opts)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        check(&what, &buf, |i| expected::<T>(world, i, op), 0..count);
+
+        let what = format!("{label} reduce_scatter {ty} {op} count {count} rank {rank}");
+        let mut buf = fill::<T>(rank, count, op);
+        let shard = comm
+            .reduce_scatter(&mut buf, op, &opts)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(shard, shard_range(count, world, rank), "{what}");
+        check(&what, &buf, |i| expected::<T>(world, i, op), shard);
+    }
+
+    let what = format!("{label} all_gather {ty} count {count} rank {rank}");
+    let owner = |i: usize| {
+        (0..world)
+            .find(|&r| shard_range(count, world, r).contains(&i))
+            .unwrap()
+    };
+    let mut buf: Vec<T> = vec![T::from_i64(99); count];
+    for i in shard_range(count, world, rank) {
+        buf[i] = T::value(rank, i, ReduceOp::Sum);
+    }
+    comm.all_gather(&mut buf, &opts)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    check(
+        &what,
+        &buf,
+        |i| T::value(owner(i), i, ReduceOp::Sum),
+        0..count,
+    );
+
+    let root = (count + 1) % world;
+    let what = format!("{label} broadcast {ty} root {root} count {count} rank {rank}");
+    let mut buf = fill::<T>(rank, count, ReduceOp::Sum);
+    comm.broadcast(&mut buf, root, &opts)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    check(&what, &buf, |i| T::value(root, i, ReduceOp::Sum), 0..count);
+}
+
+fn full_matrix(kind: Kind) {
+    for world in 1..=8 {
+        let mut comms = group(kind, world);
+        for comm in &mut comms {
+            // Small segments: count 1000 takes the multi-segment paths.
+            comm.set_max_segment_bytes(96);
+        }
+        each_rank(&mut comms, |comm| {
+            for algo in [Algorithm::Ring, Algorithm::Tree, Algorithm::Auto] {
+                for count in [0, 1, 7, 1000] {
+                    let label = format!("{kind:?} world {world} {algo}");
+                    ops_for::<f32>(comm, algo, count, &label);
+                    ops_for::<f64>(comm, algo, count, &label);
+                    ops_for::<f16>(comm, algo, count, &label);
+                    ops_for::<bf16>(comm, algo, count, &label);
+                    ops_for::<i32>(comm, algo, count, &label);
+                    ops_for::<i64>(comm, algo, count, &label);
+                    ops_for::<u8>(comm, algo, count, &label);
+                }
+            }
+            comm.barrier(&OpOptions::default()).unwrap();
+        });
+    }
+}
+
+#[test]
+fn matrix_mem() {
+    full_matrix(Kind::Mem);
+}
+
+#[test]
+fn matrix_tcp() {
+    full_matrix(Kind::Tcp);
+}
+
+#[test]
+fn large_counts() {
+    const COUNT: usize = 1_000_003;
+    for (kind, world) in [(Kind::Mem, 5), (Kind::Tcp, 3), (Kind::Tcp, 4)] {
+        let mut comms = group(kind, world);
+        each_rank(&mut comms, |comm| {
+            let (rank, world) = (comm.rank(), comm.world_size());
+            for algo in [Algorithm::Ring, Algorithm::Tree] {
+                let opts = OpOptions {
+                    algorithm: algo,
+                    ..OpOptions::default()
+                };
+                let what = format!("{kind:?} world {world} {algo} rank {rank}");
+                let mut buf = fill::<f32>(rank, COUNT, ReduceOp::Sum);
+                comm.all_reduce(&mut buf, ReduceOp::Sum, &opts).unwrap();
+                check(
+                    &what,
+                    &buf,
+                    |i| expected::<f32>(world, i, ReduceOp::Sum),
+                    0..COUNT,
+                );
+
+                let mut buf = fill::<bf16>(rank, COUNT, ReduceOp::Avg);
+                let shard = comm.reduce_scatter(&mut buf, ReduceOp::Avg, &opts).unwrap();
+                check(
+                    &what,
+                    &buf,
+                    |i| expected::<bf16>(world, i, ReduceOp::Avg),
+                    shard,
+                );
+
+                let mut buf = fill::<i64>(rank, COUNT, ReduceOp::Max);
+                comm.all_reduce(&mut buf, ReduceOp::Max, &opts).unwrap();
+                check(
+                    &what,
+                    &buf,
+                    |i| expected::<i64>(world, i, ReduceOp::Max),
+                    0..COUNT,
+                );
+            }
+            ops_for::<f16>(
+                comm,
+                Algorithm::Auto,
+                COUNT,
+                &format!("{kind:?} world {world}"),
+            );
+        });
+    }
+}
+
+#[test]
+fn thousand_ranks_on_mem() {
+    const WORLD: usize = 1024;
+    let mut comms = Communicator::mem_group(WORLD);
+    each_rank(&mut comms, |comm| {
+        let rank = comm.rank();
+        for (algo, count) in [(Algorithm::Tree, 3000), (Algorithm::Ring, 2500)] {
+            let opts = OpOptions {
+                algorithm: algo,
+                ..OpOptions::default()
+            };
+            let what = format!("1024 ranks {algo} rank {rank}");
+            let mut buf = fill::<i64>(rank, count, ReduceOp::Sum);
+            comm.all_reduce(&mut buf, ReduceOp::Sum, &opts).unwrap();
+            check(
+                &what,
+                &buf,
+                |i| expected::<i64>(WORLD, i, ReduceOp::Sum),
+                0..count,
+            );
+        }
+        let mut buf = fill::<f32>(rank, 100, ReduceOp::Sum);
+        comm.broadcast(&mut buf, 700, &OpOptions::default())
+            .unwrap();
+        check(
+            "1024 ranks broadcast",
+            &buf,
+            |i| f32::value(700, i, ReduceOp::Sum),
+            0..100,
+        );
+        comm.barrier(&OpOptions::default()).unwrap();
+    });
+}

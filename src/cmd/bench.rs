@@ -1,0 +1,522 @@
+//! `cohort bench collectives`: an nccl-tests-style benchmark of the TCP
+//! collectives on one host.
+//!
+//! The parent spawns `--nproc` copies of this binary in a hidden worker mode
+//! (`--worker-rank R --store DIR`), which bootstrap through a `FileStore` in a
+//! temporary directory with a random job token. Every worker runs every op
+//! and size, times each iteration (the buffer is refilled before it,
+//! untimed), checks every result, and agrees with the others on the slowest
+//! rank's mean time and the total of wrong elements; rank 0 prints one JSON
+//! row per size, which the parent turns into the table.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cohort_collectives::{
+    Algorithm, Communicator, DType, Element, FileStore, OpKind, OpOptions, PrefixStore, ReduceOp,
+    TcpConfig, shard_range,
+};
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(clap::Subcommand)]
+enum BenchWhat {
+    /// Time all_reduce, reduce_scatter, all_gather and broadcast over TCP
+    /// between local processes, nccl-tests style.
+    Collectives(CollectivesArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct CollectivesArgs {
+    /// Number of local processes (ranks).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    nproc: u16,
+    /// Collectives to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "all_reduce")]
+    op: Vec<BenchOp>,
+    /// Algorithm: auto, ring or tree.
+    #[arg(long, default_value = "auto")]
+    algo: Algorithm,
+    /// Element type: f32, f64, f16, bf16, i32, i64, u8.
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
+    /// Smallest buffer (bytes; K, M, G suffixes are powers of 1024).
+    #[arg(long, default_value = "1K", value_parser = parse_size)]
+    min_bytes: usize,
+    /// Largest buffer.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    max_bytes: usize,
+    /// Size multiplier from one row to the next.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..))]
+    factor: u32,
+    /// Timed iterations per size.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    iters: u32,
+    /// Untimed iterations before them.
+    #[arg(long, default_value_t = 5)]
+    warmup: u32,
+    /// Also write the rows to this file, as a JSON array of objects.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Largest pipeline segment in bytes (tuning).
+    #[arg(long, hide = true, value_parser = parse_size)]
+    segment_bytes: Option<usize>,
+    /// Worker mode: this process is rank R.
+    #[arg(long, hide = true, requires = "store")]
+    worker_rank: Option<usize>,
+    /// Worker mode: the FileStore directory.
+    #[arg(long, hide = true)]
+    store: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+enum BenchOp {
+    AllReduce,
+    ReduceScatter,
+    AllGather,
+    Broadcast,
+}
+
+impl BenchOp {
+    fn name(self) -> &'static str {
+        match self {
+            BenchOp::AllReduce => "all_reduce",
+            BenchOp::ReduceScatter => "reduce_scatter",
+            BenchOp::AllGather => "all_gather",
+            BenchOp::Broadcast => "broadcast",
+        }
+    }
+
+    /// nccl-tests' bus bandwidth factor.
+    fn busbw_factor(self, world: usize) -> f64 {
+        let n = world as f64;
+        match self {
+            BenchOp::AllReduce => 2.0 * (n - 1.0) / n,
+            BenchOp::ReduceScatter | BenchOp::AllGather => (n - 1.0) / n,
+            BenchOp::Broadcast => 1.0,
+        }
+    }
+}
+
+/// One row of results.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Row {
+    op: BenchOp,
+    dtype: String,
+    bytes: usize,
+    count: usize,
+    world: usize,
+    algo: String,
+    time_us: f64,
+    algbw_gbps: f64,
+    busbw_gbps: f64,
+    wrong: u64,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1usize << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 64K, 256M, 1G)"))
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    match args.what {
+        BenchWhat::Collectives(a) => match (a.worker_rank, a.store.clone()) {
+            (Some(rank), Some(store)) => worker(&a, rank, &store),
+            _ => parent(&a),
+        },
+    }
+}
+
+fn sizes(a: &CollectivesArgs) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut b = a.min_bytes.max(1);
+    while b <= a.max_bytes {
+        out.push(b);
+        match b.checked_mul(a.factor as usize) {
+            Some(next) => b = next,
+            None => break,
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- parent
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Kills and reaps every child still running when dropped.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Removes the store directory when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .context("reading /dev/urandom for the job token")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
+    if a.min_bytes > a.max_bytes {
+        bail!(
+            "--min-bytes ({}) is larger than --max-bytes ({})",
+            a.min_bytes,
+            a.max_bytes
+        );
+    }
+    let world = usize::from(a.nproc);
+    let dir = TempDir(std::env::temp_dir().join(format!("cohort-bench-{}", random_hex(8)?)));
+    std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
+    let token = random_hex(32)?;
+    let exe = std::env::current_exe().context("finding this executable")?;
+
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+
+    let mut children = Children(Vec::with_capacity(world));
+    let mut rank0_out = None;
+    for rank in 0..world {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["bench", "collectives"])
+            .args(forwarded_args(a))
+            .arg("--worker-rank")
+            .arg(rank.to_string())
+            .arg("--store")
+            .arg(&dir.0)
+            .env("COHORT_TOKEN", &token)
+            .stdin(Stdio::null())
+            .stdout(if rank == 0 {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        // SAFETY: prctl is async-signal-safe; it makes the worker die with us
+        // even if this process is killed without a chance to clean up.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting worker rank {rank}"))?;
+        if rank == 0 {
+            rank0_out = child.stdout.take();
+        }
+        children.0.push(child);
+    }
+
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = rank0_out.context("rank 0's stdout")?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    println!(
+        "# cohort bench collectives: {world} processes on 127.0.0.1 (TCP), dtype {}, algo {}, \
+         {} warmup + {} timed iterations",
+        a.dtype, a.algo, a.warmup, a.iters
+    );
+    println!(
+        "# {:>12} {:>12} {:>6} {:>15} {:>5} {:>11} {:>12} {:>12} {:>7}",
+        "size(B)",
+        "count",
+        "type",
+        "op",
+        "algo",
+        "time(us)",
+        "algbw(GB/s)",
+        "busbw(GB/s)",
+        "#wrong"
+    );
+    let mut rows = Vec::new();
+    let mut exited = vec![false; world];
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => {
+                let row: Row = serde_json::from_str(&line)
+                    .with_context(|| format!("rank 0 printed an unreadable row: {line}"))?;
+                println!(
+                    "  {:>12} {:>12} {:>6} {:>15} {:>5} {:>11.1} {:>12.3} {:>12.3} {:>7}",
+                    row.bytes,
+                    row.count,
+                    row.dtype,
+                    row.op.name(),
+                    row.algo,
+                    row.time_us,
+                    row.algbw_gbps,
+                    row.busbw_gbps,
+                    row.wrong
+                );
+                let _ = std::io::stdout().flush();
+                rows.push(row);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if exited.iter().all(|&e| e) {
+                    break;
+                }
+            }
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bail!("interrupted: stopped the {world} workers");
+        }
+        for (rank, child) in children.0.iter_mut().enumerate() {
+            if exited[rank] {
+                continue;
+            }
+            if let Some(status) = child.try_wait().context("waiting for a worker")? {
+                exited[rank] = true;
+                if !status.success() {
+                    bail!(
+                        "worker rank {rank} failed ({status}); its error is above. \
+                         Stopped the other workers"
+                    );
+                }
+            }
+        }
+    }
+
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&rows)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    let wrong: u64 = rows.iter().map(|r| r.wrong).sum();
+    if wrong > 0 {
+        eprintln!("error: {wrong} wrong elements in the results (see the #wrong column)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn forwarded_args(a: &CollectivesArgs) -> Vec<String> {
+    let ops: Vec<&str> = a.op.iter().map(|o| o.name()).collect();
+    let mut v = vec![
+        format!("--nproc={}", a.nproc),
+        format!("--op={}", ops.join(",")),
+        format!("--algo={}", a.algo),
+        format!("--dtype={}", a.dtype),
+        format!("--min-bytes={}", a.min_bytes),
+        format!("--max-bytes={}", a.max_bytes),
+        format!("--factor={}", a.factor),
+        format!("--iters={}", a.iters),
+        format!("--warmup={}", a.warmup),
+    ];
+    if let Some(s) = a.segment_bytes {
+        v.push(format!("--segment-bytes={s}"));
+    }
+    v
+}
+
+// ---------------------------------------------------------------- worker
+
+/// Benchmark values: small integers, exact in every dtype for sums over up
+/// to 25 ranks (bf16 holds integers up to 256 exactly).
+trait BenchElem: Element + PartialEq {
+    fn from_i64(x: i64) -> Self;
+}
+
+macro_rules! bench_elem {
+    ($($t:ty => $conv:expr),* $(,)?) => {
+        $(impl BenchElem for $t {
+            fn from_i64(x: i64) -> Self {
+                $conv(x)
+            }
+        })*
+    };
+}
+
+bench_elem!(
+    f32 => |x: i64| x as f32,
+    f64 => |x: i64| x as f64,
+    f16 => |x: i64| f16::from_f32(x as f32),
+    bf16 => |x: i64| bf16::from_f32(x as f32),
+    i32 => |x: i64| x as i32,
+    i64 => |x: i64| x,
+    u8 => |x: i64| x as u8,
+);
+
+/// Values repeat with this period, so expected results are a small table.
+const PERIOD: usize = 11;
+
+fn value(rank: usize, i: usize) -> i64 {
+    ((i + 3 * rank) % PERIOD) as i64
+}
+
+fn table<T: BenchElem>(f: impl Fn(usize) -> i64) -> [T; PERIOD] {
+    std::array::from_fn(|i| T::from_i64(f(i)))
+}
+
+fn fill<T: BenchElem>(buf: &mut [T], t: &[T; PERIOD]) {
+    for (i, x) in buf.iter_mut().enumerate() {
+        *x = t[i % PERIOD];
+    }
+}
+
+fn count_wrong<T: BenchElem>(buf: &[T], range: std::ops::Range<usize>, t: &[T; PERIOD]) -> u64 {
+    range.filter(|&i| buf[i] != t[i % PERIOD]).count() as u64
+}
+
+fn worker(a: &CollectivesArgs, rank: usize, store_dir: &Path) -> anyhow::Result<ExitCode> {
+    let world = usize::from(a.nproc);
+    let cfg = TcpConfig::from_env()?;
+    let store = PrefixStore::new("bench", FileStore::new(store_dir)?)?;
+    let mut comm = Communicator::connect_tcp(&store, rank, world, &cfg)
+        .with_context(|| format!("rank {rank}: joining the benchmark group"))?;
+    if let Some(s) = a.segment_bytes {
+        comm.set_max_segment_bytes(s);
+    }
+    for &op in &a.op {
+        for bytes in sizes(a) {
+            let row = match a.dtype {
+                DType::F32 => measure::<f32>(&mut comm, a, op, bytes),
+                DType::F64 => measure::<f64>(&mut comm, a, op, bytes),
+                DType::F16 => measure::<f16>(&mut comm, a, op, bytes),
+                DType::BF16 => measure::<bf16>(&mut comm, a, op, bytes),
+                DType::I32 => measure::<i32>(&mut comm, a, op, bytes),
+                DType::I64 => measure::<i64>(&mut comm, a, op, bytes),
+                DType::U8 => measure::<u8>(&mut comm, a, op, bytes),
+            }
+            .with_context(|| format!("rank {rank}: {} of {bytes} bytes", op.name()))?;
+            if rank == 0 {
+                println!("{}", serde_json::to_string(&row)?);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn measure<T: BenchElem>(
+    comm: &mut Communicator,
+    a: &CollectivesArgs,
+    op: BenchOp,
+    bytes: usize,
+) -> anyhow::Result<Row> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let count = bytes / std::mem::size_of::<T>();
+    let opts = OpOptions {
+        algorithm: a.algo,
+        timeout: None,
+    };
+    let mine: [T; PERIOD] = table(|i| value(rank, i));
+    let root0: [T; PERIOD] = table(|i| value(0, i));
+    let sum: [T; PERIOD] = table(|i| (0..world).map(|r| value(r, i)).sum());
+    let owners: Vec<[T; PERIOD]> = (0..world).map(|r| table(|i| value(r, i))).collect();
+    let shard = shard_range(count, world, rank);
+    let mut buf = vec![T::from_i64(0); count];
+    let mut total = Duration::ZERO;
+    let mut wrong = 0u64;
+    let quiet = OpOptions::default();
+    for it in 0..a.warmup + a.iters {
+        fill(&mut buf, &mine);
+        // Untimed barriers around the timed op: no rank fills or checks
+        // (heavy on memory) while another is still being timed, which
+        // matters when ranks outnumber cores.
+        comm.barrier(&quiet)?;
+        let started = Instant::now();
+        match op {
+            BenchOp::AllReduce => comm.all_reduce(&mut buf, ReduceOp::Sum, &opts)?,
+            BenchOp::ReduceScatter => {
+                comm.reduce_scatter(&mut buf, ReduceOp::Sum, &opts)?;
+            }
+            BenchOp::AllGather => comm.all_gather(&mut buf, &opts)?,
+            BenchOp::Broadcast => comm.broadcast(&mut buf, 0, &opts)?,
+        }
+        let took = started.elapsed();
+        if it >= a.warmup {
+            total += took;
+        }
+        comm.barrier(&quiet)?;
+        wrong += match op {
+            BenchOp::AllReduce => count_wrong(&buf, 0..count, &sum),
+            BenchOp::ReduceScatter => count_wrong(&buf, shard.clone(), &sum),
+            BenchOp::AllGather => (0..world)
+                .map(|r| count_wrong(&buf, shard_range(count, world, r), &owners[r]))
+                .sum(),
+            BenchOp::Broadcast => count_wrong(&buf, 0..count, &root0),
+        };
+    }
+    let algo = comm
+        .flight_record()
+        .iter()
+        .rev()
+        .find(|r| r.kind != OpKind::Barrier)
+        .map_or_else(|| a.algo.to_string(), |r| r.algorithm.to_string());
+    // The slowest rank's mean and everyone's wrong elements.
+    let mut mean_us = [total.as_secs_f64() * 1e6 / f64::from(a.iters)];
+    comm.all_reduce(&mut mean_us, ReduceOp::Max, &OpOptions::default())?;
+    let mut wrong_all = [wrong as i64];
+    comm.all_reduce(&mut wrong_all, ReduceOp::Sum, &OpOptions::default())?;
+    let bytes = count * std::mem::size_of::<T>();
+    let algbw = if mean_us[0] > 0.0 {
+        bytes as f64 / mean_us[0] / 1e3
+    } else {
+        0.0
+    };
+    Ok(Row {
+        op,
+        dtype: T::DTYPE.to_string(),
+        bytes,
+        count,
+        world,
+        algo,
+        time_us: mean_us[0],
+        algbw_gbps: algbw,
+        busbw_gbps: algbw * op.busbw_factor(world),
+        wrong: wrong_all[0] as u64,
+    })
+}

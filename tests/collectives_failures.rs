@@ -1,0 +1,122 @@
+//! Failures across real processes: a worker killed mid-run, and a worker
+//! with the wrong job token.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills and reaps every process it holds when dropped.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts rank `rank` of `world` in the hidden worker mode of the benchmark.
+fn worker(store: &Path, rank: usize, world: usize, token: &str, timeout_s: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(["bench", "collectives", "--nproc", &world.to_string()])
+        .args([
+            "--op",
+            "all_reduce",
+            "--min-bytes",
+            "1K",
+            "--max-bytes",
+            "64M",
+            "--factor",
+            "2",
+        ])
+        .args([
+            "--iters",
+            "3",
+            "--warmup",
+            "0",
+            "--worker-rank",
+            &rank.to_string(),
+            "--store",
+        ])
+        .arg(store)
+        .env("COHORT_TOKEN", token)
+        .env("COHORT_COLLECTIVE_TIMEOUT_S", timeout_s)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a worker")
+}
+
+/// Waits for `child` to exit, up to `limit`; returns its stderr.
+fn wait_failed(child: &mut Child, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(!status.success(), "the worker should have failed: {err}");
+            return err;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a worker still runs after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_worker_fails_the_others_quickly() {
+    let store = tempfile::tempdir().unwrap();
+    // A 60 s op timeout: the survivors must notice the death long before.
+    let mut procs = Procs(
+        (0..3)
+            .map(|r| worker(store.path(), r, 3, "sekrit", "60"))
+            .collect(),
+    );
+    // Rank 0 prints a row once the group is up and running ops.
+    let out = procs.0[0].stdout.take().unwrap();
+    let first = BufReader::new(out).lines().next().expect("a row").unwrap();
+    assert!(first.contains("\"op\":\"all_reduce\""), "{first}");
+
+    let killed_at = Instant::now();
+    procs.0[2].kill().unwrap();
+    let errors: Vec<String> = (0..2)
+        .map(|rank| wait_failed(&mut procs.0[rank], Duration::from_secs(20)))
+        .collect();
+    assert!(killed_at.elapsed() < Duration::from_secs(20));
+    for (rank, err) in errors.iter().enumerate() {
+        // Each survivor fails on the dead rank or on the other survivor,
+        // which gave up first and closed or aborted.
+        assert!(
+            err.contains("ended") || err.contains("aborted"),
+            "rank {rank}: {err}"
+        );
+    }
+    // The first failure can only be about the dead rank.
+    assert!(errors.iter().any(|e| e.contains("rank 2")), "{errors:#?}");
+}
+
+#[test]
+fn a_worker_with_the_wrong_token_is_refused() {
+    let store = tempfile::tempdir().unwrap();
+    let mut procs = Procs(vec![
+        worker(store.path(), 1, 2, "right", "3"),
+        worker(store.path(), 0, 2, "wrong", "3"),
+    ]);
+    let connector = wait_failed(&mut procs.0[1], Duration::from_secs(20));
+    assert!(
+        connector.contains("authentication") && connector.contains("COHORT_TOKEN"),
+        "{connector}"
+    );
+    let listener = wait_failed(&mut procs.0[0], Duration::from_secs(20));
+    assert!(listener.contains("failed authentication"), "{listener}");
+    assert!(
+        listener.contains("waiting for ranks [0] to connect"),
+        "{listener}"
+    );
+}
