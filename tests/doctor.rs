@@ -17,7 +17,9 @@ fn doctor_reports_libtorch_nccl_and_backend() {
     assert!(stdout.contains("libtorch 2.11.0"), "{stdout}");
     assert!(stdout.contains("collective backend (auto): "), "{stdout}");
     assert!(
-        stdout.lines().any(|l| l.starts_with("NCCL ") || l.starts_with("NCCL: not loadable")),
+        stdout
+            .lines()
+            .any(|l| l.starts_with("NCCL ") || l.starts_with("NCCL: not loadable")),
         "{stdout}"
     );
 }

@@ -32,6 +32,11 @@ pub enum WorkerCommand {
     Train {
         worker: PathBuf,
         config_toml: String,
+        /// `COHORT_RESUME` for the first attempt (`auto`, `never` or a
+        /// checkpoint path); `None` leaves the worker's default (`auto`).
+        /// Restarts always resume from the newest good checkpoint (`auto`):
+        /// going back to a given path would throw away the steps saved since.
+        resume: Option<String>,
     },
 }
 
@@ -199,6 +204,7 @@ impl Agent {
             WorkerCommand::Train {
                 worker,
                 config_toml,
+                ..
             } => {
                 let path = job_dir.join("config.toml");
                 std::fs::write(&path, config_toml).map_err(|source| LauncherError::Io {
@@ -245,6 +251,18 @@ impl Agent {
                 ];
                 if omp {
                     env.push(("OMP_NUM_THREADS".into(), "1".into()));
+                }
+                if let WorkerCommand::Train {
+                    resume: Some(resume),
+                    ..
+                } = &self.config.command
+                {
+                    let mode = if a.restart_count == 0 {
+                        resume.as_str()
+                    } else {
+                        "auto"
+                    };
+                    env.push(("COHORT_RESUME".into(), mode.into()));
                 }
                 WorkerSpec {
                     rank,

@@ -60,8 +60,10 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let libtorch = probe_libtorch();
     let nccl = probe_nccl();
     let cuda_devices = libtorch.as_ref().map_or(0, |l| l.cuda_devices);
-    let (backend, backend_reason) =
-        backend::choose_auto(cuda_devices, nccl.version.as_deref().ok_or(nccl.error.as_deref()));
+    let (backend, backend_reason) = backend::choose_auto(
+        cuda_devices,
+        nccl.version.as_deref().ok_or(nccl.error.as_deref()),
+    );
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let shm = statvfs(Path::new("/dev/shm"));
     let (libtorch, libtorch_error) = match libtorch {
@@ -154,7 +156,10 @@ fn print_table(r: &Report) {
         gib(r.shm_total_bytes),
         gib(r.shm_free_bytes)
     );
-    println!("collective backend (auto): {}, because {}", r.backend, r.backend_reason);
+    println!(
+        "collective backend (auto): {}, because {}",
+        r.backend, r.backend_reason
+    );
 }
 
 fn gib(bytes: Option<u64>) -> String {
@@ -172,7 +177,10 @@ fn probe_libtorch() -> Result<Libtorch, String> {
         .map_err(|e| format!("cannot run {}: {e}", worker.display()))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let detail = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+        let detail = stderr
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
         return Err(format!(
             "{} failed ({}): {detail}. libtorch comes from the project's venv: \
              run `make setup` (installs torch into .venv) and `make build`",

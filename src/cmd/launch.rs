@@ -78,6 +78,10 @@ pub struct LaunchArgs {
     /// when this launcher runs the coordinator].
     #[arg(long, value_name = "T", env = "COHORT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Checkpoint to start from: `auto` (the newest good one in checkpoint.dir),
+    /// `never`, or a checkpoint directory. Restarts after a failure always use `auto`.
+    #[arg(long, value_name = "auto|never|PATH")]
+    resume: Option<String>,
     /// Override a config value (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
@@ -123,6 +127,9 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             if !args.set.is_empty() {
                 return usage("--set overrides a config file's values: it needs CONFIG.toml");
             }
+            if args.resume.is_some() {
+                return usage("--resume applies to cohort's trainer: it needs CONFIG.toml");
+            }
             let command = WorkerCommand::Program {
                 program: program.clone(),
                 args: rest.to_vec(),
@@ -134,9 +141,16 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
                 Ok(job) => job,
                 Err(e) => return usage(e),
             };
+            if let Err(message) = check_resume(args.resume.as_deref()) {
+                return usage(message);
+            }
+            if let Err(message) = check_checkpoint_dir(&job.checkpoint) {
+                return usage(message);
+            }
             let command = WorkerCommand::Train {
                 worker: worker_binary()?,
                 config_toml: job.to_toml_string(),
+                resume: args.resume.clone(),
             };
             (command, job.launch)
         }
@@ -185,6 +199,35 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         timing: args.timing.into(),
     };
     finish(cohort_launcher::launch(options))
+}
+
+/// `--resume` is `auto`, `never`, or a path that exists.
+fn check_resume(resume: Option<&str>) -> Result<(), String> {
+    match resume {
+        None | Some("auto" | "never") => Ok(()),
+        Some(path) if std::path::Path::new(path).exists() => Ok(()),
+        Some(path) => Err(format!(
+            "--resume {path}: no such checkpoint (give auto, never, a step directory or a checkpoint root)"
+        )),
+    }
+}
+
+/// A job that saves checkpoints must be able to write them: find out before
+/// any worker starts, not at the first save.
+fn check_checkpoint_dir(ckpt: &cohort_configs::CheckpointConfig) -> Result<(), String> {
+    let Some(dir) = ckpt.dir.as_deref().filter(|_| ckpt.every > 0) else {
+        return Ok(());
+    };
+    let probe = dir.join(format!(".cohort-write-test-{}", std::process::id()));
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&probe, b""))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            format!(
+                "checkpoint.dir {} is not writable ({e}); choose another with --set checkpoint.dir=DIR",
+                dir.display()
+            )
+        })
 }
 
 /// The exit code of a launcher call: 2 for usage errors, 1 for the others.
