@@ -131,6 +131,32 @@ impl JobConfig {
                 ),
             );
         }
+        match self.parallel.backend.as_str() {
+            "auto" | "tcp" => {}
+            "nccl" => {
+                return err(
+                    "parallel.backend",
+                    "nccl is not available in this version of cohort (the NCCL backend is not built yet): \
+                     use auto or tcp; CUDA tensors are staged through host memory"
+                        .into(),
+                );
+            }
+            other => {
+                return err(
+                    "parallel.backend",
+                    format!("unknown backend {other:?}: use auto or tcp"),
+                );
+            }
+        }
+        if !matches!(self.parallel.algorithm.as_str(), "auto" | "ring" | "tree") {
+            return err(
+                "parallel.algorithm",
+                format!(
+                    "unknown algorithm {:?}: use auto, ring or tree",
+                    self.parallel.algorithm
+                ),
+            );
+        }
         if self.parallel.bucket_mb.is_nan() || self.parallel.bucket_mb <= 0.0 {
             return err("parallel.bucket_mb", "must be greater than 0".into());
         }
@@ -263,6 +289,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.n_embd"), "{err}");
+        let err = parse("", &["parallel.backend=nccl"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("parallel.backend: nccl is not available"),
+            "{err}"
+        );
+        let err = parse("", &["parallel.algorithm=bcube"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("parallel.algorithm"), "{err}");
         let err = parse("[model]\nkind = \"resnet\"\n", &[])
             .unwrap_err()
             .to_string();

@@ -196,7 +196,8 @@ pub struct ParallelConfig {
     pub zero_stage: u8,
     /// Gradient bucket size in MiB (25, as PyTorch DDP).
     pub bucket_mb: f64,
-    /// `auto`, `tcp` or `nccl`.
+    /// `auto` or `tcp` (today `auto` is always tcp; `nccl` is rejected until
+    /// the NCCL backend exists).
     pub backend: String,
     /// Collective algorithm: `auto`, `ring` or `tree`.
     pub algorithm: String,
