@@ -305,3 +305,24 @@ fn an_unreachable_coordinator_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn a_node_waiting_for_nodes_that_never_come_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = launch(
+        dir.path(),
+        &[
+            "--nnodes",
+            "2",
+            "--coordinator-bind",
+            "127.0.0.1:0",
+            "--rendezvous-timeout",
+            "1",
+        ],
+        &["true"],
+    );
+    let (status, _, err) = run(cmd, LIMIT);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("no generation formed within 1s"), "{err}");
+    assert!(err.contains("--nnodes 2"), "{err}");
+}

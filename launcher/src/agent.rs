@@ -63,6 +63,8 @@ pub struct AgentConfig {
     pub grace_period: Duration,
     /// How long to retry reaching the coordinator at start.
     pub connect_retry: Duration,
+    /// How long one Join may wait for its generation to form.
+    pub rendezvous_timeout: Duration,
     pub log_dir: PathBuf,
     pub command: WorkerCommand,
 }
@@ -166,6 +168,13 @@ impl Agent {
             let response = tokio::select! {
                 r = client.join(request) => r.map_err(|s| rpc_error(&self.config.coordinator, "Join", s))?,
                 sig = signals.recv() => return Ok(AgentOutcome::Interrupted { signal: sig }),
+                () = tokio::time::sleep(self.config.rendezvous_timeout) => {
+                    return Err(LauncherError::RendezvousTimeout {
+                        addr: self.config.coordinator.clone(),
+                        waited: self.config.rendezvous_timeout,
+                        nnodes: self.config.nnodes.to_string(),
+                    });
+                }
             };
             let assignment = match response.into_inner().outcome {
                 Some(join_response::Outcome::Assignment(a)) => a,

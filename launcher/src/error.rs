@@ -15,6 +15,17 @@ pub enum LauncherError {
         #[source]
         source: std::io::Error,
     },
+    /// No generation formed while this node waited to join one.
+    #[error(
+        "no generation formed within {waited:?} at the coordinator {addr} (--nnodes {nnodes}): \
+         are the other nodes started with the same --coordinator, --job-id and --token? \
+         (--rendezvous-timeout SECS waits longer)"
+    )]
+    RendezvousTimeout {
+        addr: String,
+        waited: Duration,
+        nnodes: String,
+    },
     /// A coordinator address that is not HOST:PORT.
     #[error("invalid coordinator address {addr:?}: {reason} (expected HOST:PORT)")]
     InvalidAddress { addr: String, reason: String },

@@ -42,6 +42,9 @@ pub struct Timing {
     pub connect_retry: Duration,
     /// With `--nnodes MIN:MAX`: how long to wait for more nodes once MIN joined.
     pub last_call: Duration,
+    /// How long a node waits for a generation to form before giving up
+    /// (torchrun's rendezvous timeout).
+    pub rendezvous_timeout: Duration,
 }
 
 impl Default for Timing {
@@ -52,6 +55,7 @@ impl Default for Timing {
             grace_period: Duration::from_secs(5),
             connect_retry: Duration::from_secs(30),
             last_call: Duration::from_secs(10),
+            rendezvous_timeout: Duration::from_secs(900),
         }
     }
 }
@@ -238,6 +242,7 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
             coordinator_timeout: timing.heartbeat_timeout,
             grace_period: timing.grace_period,
             connect_retry: timing.connect_retry,
+            rendezvous_timeout: timing.rendezvous_timeout,
             log_dir,
             command: options.command.clone(),
         };

@@ -39,6 +39,7 @@ impl From<TimingArgs> for Timing {
             grace_period: Duration::from_millis(t.grace_period_ms),
             connect_retry: Duration::from_millis(t.connect_retry_ms),
             last_call: Duration::from_millis(t.last_call_ms),
+            ..Timing::default()
         }
     }
 }
@@ -82,6 +83,10 @@ pub struct LaunchArgs {
     /// `never`, or a checkpoint directory. Restarts after a failure always use `auto`.
     #[arg(long, value_name = "auto|never|PATH")]
     resume: Option<String>,
+    /// Give up when no generation forms within this long (all nodes of
+    /// --nnodes joined, or MIN and the last call).
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    rendezvous_timeout: u64,
     /// Override a config value (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
@@ -196,7 +201,10 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         job_id: args.job_id,
         token: args.token.filter(|t| !t.is_empty()),
         command,
-        timing: args.timing.into(),
+        timing: Timing {
+            rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout),
+            ..args.timing.into()
+        },
     };
     finish(cohort_launcher::launch(options))
 }
