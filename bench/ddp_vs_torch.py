@@ -36,6 +36,7 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="libtorch threads per rank")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="cohort gradient bucket size in MiB (parallel.bucket_mb)")
     p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
@@ -189,6 +190,7 @@ weight_decay = 0.1
 grad_clip = 1.0
 [parallel]
 zero_stage = {stage}
+bucket_mb = {a.bucket_mb}
 """
         )
     run_dir = tempfile.mkdtemp(dir=tmp)

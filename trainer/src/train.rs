@@ -183,37 +183,11 @@ pub fn run(
         };
         summary.eval_loss = eval_loss.or(summary.eval_loss);
 
-        if let Some(out) = metrics.as_mut() {
-            let line = metrics_line(&report, compute_s, step_s, tokens_per_s, eval_loss);
-            writeln!(out, "{line}").map_err(|source| TrainError::Io {
-                path: env
-                    .log_dir
-                    .clone()
-                    .unwrap_or_default()
-                    .join("metrics.jsonl"),
-                source,
-            })?;
-        }
-        write_status(
-            env,
-            report.step,
-            t.max_steps,
-            report.loss,
-            Some(tokens_per_s),
-        )?;
-        window.add(&report, compute_s, step_s);
-        if rank == 0
-            && (report.step % t.log_every.max(1) == 0
-                || report.step == t.max_steps
-                || eval_loss.is_some())
-        {
-            println!(
-                "{}",
-                window.line(&report, t.max_steps, tokens_per_step, eval_loss)
-            );
-            window = Window::default();
-        }
-
+        // The time the step stalls for a checkpoint: with async saves, the
+        // copy to host memory and the hand-off to the writer (or the wait for
+        // the previous save still in flight).
+        let save_start = Instant::now();
+        let mut ckpt_stall_s = None;
         if let Some(saver) = saver.as_mut()
             && (report.step % job.checkpoint.every == 0 || report.step == t.max_steps)
         {
@@ -245,6 +219,50 @@ pub fn run(
                     states,
                 },
             )?;
+            ckpt_stall_s = Some(save_start.elapsed().as_secs_f64());
+        }
+        if let Some(out) = metrics.as_mut() {
+            let mut line = metrics_line(&report, compute_s, step_s, tokens_per_s, eval_loss);
+            if let Some(stall) = ckpt_stall_s {
+                line["ckpt_stall_s"] = json!(stall);
+            }
+            writeln!(out, "{line}").map_err(|source| TrainError::Io {
+                path: env
+                    .log_dir
+                    .clone()
+                    .unwrap_or_default()
+                    .join("metrics.jsonl"),
+                source,
+            })?;
+        }
+        write_status(
+            env,
+            report.step,
+            t.max_steps,
+            report.loss,
+            Some(tokens_per_s),
+        )?;
+        if rank == 0
+            && let Some(stall) = ckpt_stall_s
+        {
+            println!(
+                "checkpoint of step {}: the step stalled {:.1} ms for it ({:.1}% of the step)",
+                report.step,
+                stall * 1e3,
+                100.0 * stall / step_s
+            );
+        }
+        window.add(&report, compute_s, step_s);
+        if rank == 0
+            && (report.step % t.log_every.max(1) == 0
+                || report.step == t.max_steps
+                || eval_loss.is_some())
+        {
+            println!(
+                "{}",
+                window.line(&report, t.max_steps, tokens_per_step, eval_loss)
+            );
+            window = Window::default();
         }
     }
     if let Some(saver) = saver.as_mut() {
