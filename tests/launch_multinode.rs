@@ -67,25 +67,11 @@ fn two_nodes_get_every_rank_exactly_once() {
     for out in [&a.out, &b.out] {
         for line in out.lines().filter(|l| l.contains("layout ")) {
             assert!(line.contains("world=4"), "{line}");
-            let rank: u32 = line
-                .split("rank=")
-                .nth(1)
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            let node: u32 = line
-                .split("node=")
-                .nth(1)
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            let local: u32 = line.split("local=").nth(1).unwrap().parse().unwrap();
+            let (rank, node, local) = (
+                field(line, "rank="),
+                field(line, "node="),
+                field(line, "local="),
+            );
             assert_eq!(rank, node * 2 + local, "{line}");
             ranks.push(rank);
         }
@@ -311,4 +297,13 @@ fn pytorch_gloo_all_reduce_runs_under_launch() {
             "{out}"
         );
     }
+}
+
+/// The number after `key` in a `rank=R node=N local=L` line.
+fn field(line: &str, key: &str) -> u32 {
+    let rest = line
+        .split(key)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"));
+    rest.split(' ').next().unwrap().parse().unwrap()
 }

@@ -9,7 +9,6 @@ use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use anyhow::Context;
 use serde::Serialize;
 
 use crate::backend::{self, Backend};
@@ -170,7 +169,7 @@ fn gib(bytes: Option<u64>) -> String {
 
 /// Runs `cohort-worker probe` (next to this binary) and parses its JSON.
 fn probe_libtorch() -> Result<Libtorch, String> {
-    let worker = worker_path().map_err(|e| format!("{e:#}"))?;
+    let worker = super::worker_binary().map_err(|e| format!("{e:#}"))?;
     let out = Command::new(&worker)
         .arg("probe")
         .output()
@@ -194,18 +193,6 @@ fn probe_libtorch() -> Result<Libtorch, String> {
             worker.display()
         )
     })
-}
-
-/// The `cohort-worker` binary installed next to this `cohort` binary.
-pub fn worker_path() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot find the path of this executable")?;
-    let worker = exe.with_file_name("cohort-worker");
-    anyhow::ensure!(
-        worker.is_file(),
-        "{} is missing: cohort-worker is built together with cohort (`make build`)",
-        worker.display()
-    );
-    Ok(worker)
 }
 
 /// Loads `libnccl.so` the way cudarc's run-time loader does (by that name,

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use cohort_launcher::{
     CoordinatorMode, LaunchOptions, LauncherError, NodeRange, Timing, WorkerCommand,
 };
@@ -105,19 +104,6 @@ fn usage(message: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(2))
 }
 
-/// The `cohort-worker` binary next to this one.
-fn worker_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot locate the cohort binary")?;
-    let worker = exe.with_file_name("cohort-worker");
-    anyhow::ensure!(
-        worker.is_file(),
-        "{} not found: `cohort launch CONFIG.toml` runs cohort-worker from the directory of cohort \
-         (build both with `cargo build --release --bins`)",
-        worker.display()
-    );
-    Ok(worker)
-}
-
 pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     let (command, launch_config) = match (&args.config, args.program.split_first()) {
         (Some(_), Some(_)) => {
@@ -153,7 +139,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
                 return usage(message);
             }
             let command = WorkerCommand::Train {
-                worker: worker_binary()?,
+                worker: super::worker_binary()?,
                 config_toml: job.to_toml_string(),
                 resume: args.resume.clone(),
             };

@@ -6,6 +6,21 @@ pub mod coordinator;
 pub mod doctor;
 pub mod launch;
 
+/// The `cohort-worker` binary next to this `cohort` binary: the process
+/// `launch` runs for every rank of a config job, and `doctor`'s libtorch probe.
+pub fn worker_binary() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let exe = std::env::current_exe().context("cannot locate the cohort binary")?;
+    let worker = exe.with_file_name("cohort-worker");
+    anyhow::ensure!(
+        worker.is_file(),
+        "{} not found: cohort runs cohort-worker from its own directory \
+         (build both with `make build`, or `cargo build --release --bins`)",
+        worker.display()
+    );
+    Ok(worker)
+}
+
 /// Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default: info).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
