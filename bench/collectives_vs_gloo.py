@@ -8,7 +8,12 @@ barrier, time the op alone, barrier (all untimed but the op); the reported
 time is the slowest rank's mean over the timed iterations. Prints both with the ratio per
 size and writes everything as JSON.
 
+On a shared or noisy machine one run says little: `--repeats R` runs the pair R
+times, alternating cohort and Gloo, and reports per size the median time of each
+side, the median of the R per-round busbw ratios and their range.
+
     .venv/bin/python bench/collectives_vs_gloo.py --nproc 2 --max-bytes 64M
+    .venv/bin/python bench/collectives_vs_gloo.py --nproc 4 --min-bytes 64M --max-bytes 64M --repeats 5
     COHORT_BIN=target/collectives/release/cohort .venv/bin/python bench/collectives_vs_gloo.py
 """
 
@@ -17,6 +22,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,7 +143,7 @@ def run_cohort(args, out_path):
         f"--iters={args.iters}", f"--warmup={args.warmup}", f"--json={out_path}",
     ]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, stdout=None if args.repeats == 1 else subprocess.DEVNULL)
     with open(out_path) as f:
         return json.load(f)
 
@@ -163,16 +169,25 @@ def main():
     p.add_argument("--factor", type=int, default=4)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--json", default="bench/collectives_vs_gloo.json", help="where to write all rows")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds, alternating cohort and gloo; the table shows medians")
+    p.add_argument("--json", default="bench/out/collectives_vs_gloo.json", help="where to write all rows")
     args = p.parse_args()
+    if args.repeats < 1:
+        sys.exit("error: --repeats must be at least 1")
     if not os.path.exists(args.cohort):
         sys.exit(f"error: {args.cohort} not found: build it (cargo build --release --bin cohort) "
                  "or point --cohort / COHORT_BIN at it")
 
     load_before = os.getloadavg()
+    rounds = []  # (cohort rows, gloo rows) per round
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run_cohort(args, os.path.join(tmp, "cohort.json"))
-        theirs = run_gloo(args, os.path.join(tmp, "gloo.json"))
+        for r in range(args.repeats):
+            if args.repeats > 1:
+                print(f"# round {r + 1}/{args.repeats}", flush=True)
+            ours = run_cohort(args, os.path.join(tmp, f"cohort{r}.json"))
+            theirs = run_gloo(args, os.path.join(tmp, f"gloo{r}.json"))
+            rounds.append((ours, theirs))
     load_after = os.getloadavg()
 
     machine = {
@@ -184,30 +199,43 @@ def main():
         "load_after": load_after,
     }
     print()
-    print(f"# {args.nproc} ranks, {args.dtype}, {os.cpu_count()} CPUs, load average "
-          f"{load_before[0]:.1f} before / {load_after[0]:.1f} after")
+    print(f"# {args.nproc} ranks, {args.dtype}, {os.cpu_count()} CPUs, {args.repeats} round(s) "
+          f"alternating cohort and gloo, load average {load_before[0]:.1f} before / "
+          f"{load_after[0]:.1f} after" + ("; medians over the rounds" if args.repeats > 1 else ""))
     print(f"| op | size | cohort algo | cohort time (us) | gloo time (us) | cohort busbw (GB/s) "
-          f"| gloo busbw (GB/s) | busbw ratio (cohort/gloo) | time ratio (cohort/gloo) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    index = {(r["op"], r["bytes"]): r for r in theirs}
+          f"| gloo busbw (GB/s) | busbw ratio (cohort/gloo) | time ratio (cohort/gloo) |"
+          + (" busbw ratio range |" if args.repeats > 1 else ""))
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.repeats > 1 else ""))
+    med = statistics.median
     table = []
-    for r in ours:
-        g = index.get((r["op"], r["bytes"]))
-        if g is None or "error" in g:
+    for i, r in enumerate(rounds[0][0]):
+        key = (r["op"], r["bytes"])
+        ours_k = [rows[i] for rows, _ in rounds]
+        theirs_k = [{(g["op"], g["bytes"]): g for g in gl}.get(key) for _, gl in rounds]
+        if any(g is None or "error" in g for g in theirs_k):
+            g = next((g for g in theirs_k if g is not None and "error" in g), None)
             why = g["error"] if g else "not run"
-            print(f"| {r['op']} | {r['bytes']} | {r['algo']} | {r['time_us']:.1f} | n/a ({why}) | "
-                  f"{r['busbw_gbps']:.3f} | n/a | n/a | n/a |")
-            table.append({"cohort": r, "gloo": g})
+            print(f"| {r['op']} | {r['bytes']} | {r['algo']} | {med(o['time_us'] for o in ours_k):.1f} | "
+                  f"n/a ({why}) | {med(o['busbw_gbps'] for o in ours_k):.3f} | n/a | n/a | n/a |")
+            table.append({"cohort": ours_k, "gloo": theirs_k})
             continue
-        bw_ratio = r["busbw_gbps"] / g["busbw_gbps"] if g["busbw_gbps"] else float("inf")
-        t_ratio = r["time_us"] / g["time_us"]
-        print(f"| {r['op']} | {r['bytes']} | {r['algo']} | {r['time_us']:.1f} | {g['time_us']:.1f} | "
-              f"{r['busbw_gbps']:.3f} | {g['busbw_gbps']:.3f} | {bw_ratio:.2f}x | {t_ratio:.3f} |")
-        table.append({"cohort": r, "gloo": g, "busbw_ratio": bw_ratio, "time_ratio": t_ratio})
+        bw_ratios = [o["busbw_gbps"] / g["busbw_gbps"] if g["busbw_gbps"] else float("inf")
+                     for o, g in zip(ours_k, theirs_k)]
+        t_ratios = [o["time_us"] / g["time_us"] for o, g in zip(ours_k, theirs_k)]
+        bw_ratio, t_ratio = med(bw_ratios), med(t_ratios)
+        line = (f"| {r['op']} | {r['bytes']} | {r['algo']} | {med(o['time_us'] for o in ours_k):.1f} | "
+                f"{med(g['time_us'] for g in theirs_k):.1f} | {med(o['busbw_gbps'] for o in ours_k):.3f} | "
+                f"{med(g['busbw_gbps'] for g in theirs_k):.3f} | {bw_ratio:.2f}x | {t_ratio:.3f} |")
+        if args.repeats > 1:
+            line += f" {min(bw_ratios):.2f}-{max(bw_ratios):.2f}x |"
+        print(line)
+        table.append({"cohort": ours_k, "gloo": theirs_k, "busbw_ratio": bw_ratio,
+                      "time_ratio": t_ratio, "busbw_ratios": bw_ratios, "time_ratios": t_ratios})
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "machine": machine, "rows": table}, f, indent=1)
     print(f"\n# wrote {args.json}")
-    if any(r["wrong"] for r in ours):
+    if any(r["wrong"] for ours, _ in rounds for r in ours):
         sys.exit("error: cohort reported wrong results")
 
 

@@ -210,6 +210,28 @@ fn matrix_tcp() {
     full_matrix(Kind::Tcp);
 }
 
+/// Chunks differ in length by at most one element, so with a segment that
+/// divides the shorter chunks exactly the first chunk has one segment more:
+/// the ring's last slice then has steps that only send or only receive.
+#[test]
+fn chunks_with_one_segment_more() {
+    for kind in [Kind::Mem, Kind::Tcp] {
+        for world in 2..=5 {
+            let mut comms = group(kind, world);
+            for comm in &mut comms {
+                // 24 f32 or 12 f64 elements per segment.
+                comm.set_max_segment_bytes(96);
+            }
+            each_rank(&mut comms, |comm| {
+                let count = 24 * comm.world_size() + 1;
+                let label = format!("{kind:?} world {world} ring, one segment more");
+                ops_for::<f32>(comm, Algorithm::Ring, count, &label);
+                ops_for::<f64>(comm, Algorithm::Ring, count, &label);
+            });
+        }
+    }
+}
+
 #[test]
 fn large_counts() {
     const COUNT: usize = 1_000_003;

@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use crate::error::CommError;
-use crate::reduce;
+
 use crate::transport::{Transport, Xfer};
 use crate::types::{Algorithm, DType, OpKind, ReduceOp, shard_range};
 use crate::wire::Header;
@@ -135,8 +135,15 @@ pub(crate) fn bytes(r: &Range<usize>, elem: usize) -> Range<usize> {
     r.start * elem..r.end * elem
 }
 
-/// Two disjoint byte ranges of `buf`: the first shared, the second mutable.
+/// Two disjoint byte ranges of `buf`: the first shared, the second mutable
+/// (an empty range is disjoint from everything).
 pub(crate) fn split_pair(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&[u8], &mut [u8]) {
+    if a.is_empty() {
+        return (&[], &mut buf[b]);
+    }
+    if b.is_empty() {
+        return (&buf[a], &mut []);
+    }
     assert!(
         a.end <= b.start || b.end <= a.start,
         "split_pair: ranges overlap"
@@ -150,44 +157,47 @@ pub(crate) fn split_pair(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&
     }
 }
 
-/// Picks the algorithm for `Algorithm::Auto`.
+/// Picks the algorithm for `Algorithm::Auto`. A pure function of the op,
+/// its size and the world, so every rank picks the same one.
 ///
-/// Crossovers measured over TCP on the 2-core development machine (shared,
-/// load average 8-9 during the run) with `cohort bench collectives --algo
-/// ring|tree --op all_reduce,broadcast --iters 10`, f32, mean time per op in
-/// microseconds:
+/// Measured over TCP on the 2-core development machine (AMD EPYC, quiet)
+/// with `cohort bench collectives --algo ring|tree --op all_reduce,broadcast
+/// --iters 10`, f32, 256 KiB segments, mean time per op in microseconds
+/// ("ring" is the chain for broadcast):
 ///
 /// ```text
-///                      4 KiB   16 KiB  64 KiB  256 KiB   1 MiB    4 MiB
+///                      4 KiB   16 KiB  64 KiB  256 KiB   1 MiB    4 MiB   16 MiB
 /// all_reduce  4 ranks
-///             ring        91      485     444     2656   12571    85156
-///             tree        50       59     293      840    2518    60806
+///             ring       277      302     342      344    1031     6226    24935
+///             tree       113      115     289      952    2141     9449    30655
 /// all_reduce  8 ranks
-///             ring       434      439     618     1640   11829   119525
-///             tree        99      149    2674     2721    8078   126174
+///             ring      1077      817     972     1765    4233    17954    78370
+///             tree       177      191     286      567    3059    16733    60522
 /// broadcast   4 ranks
-///             chain      3.2      3.5     392      556    5594    31265
-///             tree       5.7      7.5      76      119    4309    27821
+///             chain       57       63      71      224     878     3346    15366
+///             tree        21       41     100      208     879     3927    18047
 /// broadcast   8 ranks
-///             chain      5.0       44      48     2284   14795    61396
-///             tree       5.6       35     448      926   12985    78421
+///             chain      222      222     291      609    2487     8917    33234
+///             tree        42       50      91      207    1044     6350    31473
 /// ```
 ///
-/// With 2 ranks ring and tree send the same messages. With more ranks than
-/// cores every ring step waits for each rank to be scheduled, so the tree
-/// (log2(n) levels, pipelined) stays ahead up to about 1 MiB; at 4 MiB the
-/// two are even, and above it the ring's lower traffic per link wins. So:
-/// tree for all-reduces up to 1 MiB and broadcasts up to 256 KiB when the
-/// world exceeds 2, ring (chain) above. Reduce-scatter and all-gather always
-/// use the ring: their tree variants move the whole buffer through every
-/// link.
+/// With 2 ranks ring and tree send the same messages. Above 2, the ring
+/// pays 2(n-1) dependent steps per slice (each a wake-up of the next rank
+/// when ranks outnumber cores) against the tree's 2·log2(n) levels, and
+/// wins on bandwidth once messages are large enough to hide that: the
+/// crossover grows with the ring's step count, at about 128 KiB for 4
+/// ranks and a few MiB for 8 on this host. So: the tree up to
+/// 32 KiB·(n-1)² (288 KiB at 4 ranks, 1.5 MiB at 8), never above 4 MiB,
+/// for all-reduces and broadcasts; the ring (chain) above. Reduce-scatter
+/// and all-gather always use the ring: their tree variants move the whole
+/// buffer through every link.
 pub(crate) fn choose(kind: OpKind, bytes: usize, world: usize) -> Algorithm {
-    const ALL_REDUCE_TREE_MAX: usize = 1 << 20;
-    const BROADCAST_TREE_MAX: usize = 256 << 10;
+    let tree_max = (32usize << 10)
+        .saturating_mul((world - 1) * (world - 1))
+        .min(4 << 20);
     match kind {
         OpKind::Barrier => Algorithm::Tree,
-        OpKind::AllReduce if world > 2 && bytes <= ALL_REDUCE_TREE_MAX => Algorithm::Tree,
-        OpKind::Broadcast if world > 2 && bytes <= BROADCAST_TREE_MAX => Algorithm::Tree,
+        OpKind::AllReduce | OpKind::Broadcast if world > 2 && bytes <= tree_max => Algorithm::Tree,
         _ => Algorithm::Ring,
     }
 }
@@ -206,15 +216,7 @@ pub(crate) fn reduce_scatter(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), Co
         // The tree reduces everything everywhere; this rank's shard is part
         // of it.
         Algorithm::Tree => tree::all_reduce(ctx, buf),
-        Algorithm::Ring | Algorithm::Auto => {
-            ring::reduce_scatter(ctx, buf)?;
-            if ctx.red_op == ReduceOp::Avg {
-                let es = ctx.elem();
-                let own = shard_range(buf.len() / es, ctx.world, ctx.rank);
-                reduce::finish_avg(ctx.red_dtype, &mut buf[bytes(&own, es)], ctx.world);
-            }
-            Ok(())
-        }
+        Algorithm::Ring | Algorithm::Auto => ring::reduce_scatter(ctx, buf),
     }
 }
 

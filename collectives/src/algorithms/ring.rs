@@ -22,26 +22,35 @@
 //! step 1:  0: b -> 1    1: c -> 2    2: a -> 0     (1 ends with b, 2 with c, 0 with a)
 //! ```
 //!
-//! Pipelining. A step's chunk goes in segments of at most `seg_elems`
-//! elements. Segment k of the outgoing chunk and segment k of the incoming
-//! one are one exchange (the send and the receive progress together, so
-//! neither neighbour waits on the other); then the received segment is
-//! reduced from the scratch buffer into place. While this rank reduces
-//! segment k, its left neighbour's segment k+1 is already streaming into
-//! the socket buffer, so sending, receiving and reducing overlap. Scratch
-//! is one segment, allocated once per communicator.
-//!
 //! All-gather, n-1 steps. At step s rank r sends chunk (r-s) mod n and
 //! receives chunk (r-s-1) mod n straight into place: what it receives at
-//! step s it forwards at step s+1. There is nothing to compute, so each step
-//! is one exchange of whole chunks.
+//! step s it forwards at step s+1.
 //!
 //! All-reduce = reduce-scatter, then (for `Avg`) the division of the rank's
 //! own chunk, then all-gather.
+//!
+//! Slices, as NCCL's ring. Every chunk is cut into segments of at most
+//! `seg_elems` elements, and slice k is segment k of every chunk. The outer
+//! loop runs over slices; each slice goes through all the steps (for an
+//! all-reduce, the n-1 reduce-scatter steps and then the n-1 all-gather
+//! steps) before the next slice starts. So a segment is forwarded right
+//! after it was received and reduced, while it is still in this core's
+//! cache, instead of a whole chunk later, when a large buffer has pushed it
+//! out to memory: on loopback TCP the kernel's copies dominate, and a copy
+//! from cache is several times cheaper than one from DRAM. Step-major order
+//! (every segment of step s, then step s+1) would have the same messages
+//! and dependencies, just worse locality.
+//!
+//! Each step of a slice is one exchange: the send to the right and the
+//! receive from the left progress together (neither neighbour waits on the
+//! other, whatever the size), then a received reduce-scatter segment is
+//! reduced from the one-segment scratch buffer into place; all-gather
+//! segments land in place directly. Chunks differ in length by at most one
+//! element, so a chunk may have one segment fewer than another; a step
+//! whose outgoing or incoming chunk has no segment k sends or receives
+//! nothing, and its neighbour, computing from the same chunk, agrees.
 
-use super::{
-    Ctx, bytes, recv, recv_if, scratch_bytes, segment, segments, send, send_if, split_pair,
-};
+use super::{Ctx, bytes, recv_if, scratch_bytes, segment, segments, send_if};
 use crate::error::CommError;
 use crate::reduce;
 use crate::types::{ReduceOp, shard_range};
@@ -50,38 +59,94 @@ use crate::types::{ReduceOp, shard_range};
 /// reduce-scatter phase.
 const ALL_GATHER_BASE: u64 = 1 << 62;
 
+/// Which phases of the ring to run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phases {
+    ReduceScatter,
+    AllGather,
+    Both,
+}
+
+impl Phases {
+    fn reduce_scatter(self) -> bool {
+        self != Phases::AllGather
+    }
+
+    fn all_gather(self) -> bool {
+        self != Phases::ReduceScatter
+    }
+}
+
+/// Afterwards this rank's `shard_range` holds the reduced values (`Avg`
+/// divided).
 pub(crate) fn reduce_scatter(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
+    ring(ctx, buf, Phases::ReduceScatter)
+}
+
+/// On entry this rank's `shard_range` holds its part; afterwards every
+/// rank has every part.
+pub(crate) fn all_gather(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
+    ring(ctx, buf, Phases::AllGather)
+}
+
+pub(crate) fn all_reduce(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
+    ring(ctx, buf, Phases::Both)
+}
+
+fn ring(ctx: &mut Ctx<'_>, buf: &mut [u8], phases: Phases) -> Result<(), CommError> {
     let (r, n) = (ctx.rank, ctx.world);
     let es = ctx.elem();
     let count = buf.len() / es;
     let (right, left) = ((r + 1) % n, (r + n - 1) % n);
     let seg = ctx.seg_elems;
-    let scratch_len = seg.min(shard_range(count, n, 0).len()) * es;
+    let chunk = |c: usize| shard_range(count, n, c % n);
+    // Chunk 0 is the longest, so it has the most segments.
+    let slices = segments(chunk(0).len(), seg);
+    let scratch_len = if phases.reduce_scatter() {
+        seg.min(chunk(0).len()) * es
+    } else {
+        0
+    };
     let base = ctx.base;
+    let avg = ctx.red_op == ReduceOp::Avg && phases.reduce_scatter();
     let mut scratch = std::mem::take(ctx.scratch);
     let result = (|| {
         let scratch = scratch_bytes(&mut scratch, scratch_len);
-        for step in 0..n - 1 {
-            let out = shard_range(count, n, (r + 2 * n - 1 - step) % n);
-            let inc = shard_range(count, n, (r + 2 * n - 2 - step) % n);
-            let (n_out, n_in) = (segments(out.len(), seg), segments(inc.len(), seg));
-            for k in 0..n_out.max(n_in) {
-                let chunk = ((step as u64) << 32) | k as u64;
-                let out_seg = bytes(&segment(&out, seg, k), es);
-                let in_seg = bytes(&segment(&inc, seg, k), es);
-                let in_len = if k < n_in { in_seg.len() } else { 0 };
-                let landing = &mut scratch[..in_len];
-                ctx.exchange(&mut [
-                    send_if(k < n_out, &base, right, chunk, &buf[out_seg]),
-                    recv_if(k < n_in, &base, left, chunk, landing),
-                ])?;
-                if k < n_in {
-                    reduce::reduce_into(
-                        ctx.red_dtype,
-                        ctx.red_op,
-                        &mut buf[in_seg],
-                        &scratch[..in_len],
-                    );
+        for k in 0..slices {
+            if phases.reduce_scatter() {
+                for step in 0..n - 1 {
+                    let out = segment(&chunk(r + 2 * n - 1 - step), seg, k);
+                    let inc = segment(&chunk(r + 2 * n - 2 - step), seg, k);
+                    let id = ((step as u64) << 32) | k as u64;
+                    let landing = &mut scratch[..inc.len() * es];
+                    ctx.exchange(&mut [
+                        send_if(!out.is_empty(), &base, right, id, &buf[bytes(&out, es)]),
+                        recv_if(!inc.is_empty(), &base, left, id, landing),
+                    ])?;
+                    if !inc.is_empty() {
+                        reduce::reduce_into(
+                            ctx.red_dtype,
+                            ctx.red_op,
+                            &mut buf[bytes(&inc, es)],
+                            &scratch[..inc.len() * es],
+                        );
+                    }
+                }
+                if avg {
+                    let own = segment(&chunk(r), seg, k);
+                    reduce::finish_avg(ctx.red_dtype, &mut buf[bytes(&own, es)], n);
+                }
+            }
+            if phases.all_gather() {
+                for step in 0..n - 1 {
+                    let out = bytes(&segment(&chunk(r + n - step), seg, k), es);
+                    let inc = bytes(&segment(&chunk(r + 2 * n - step - 1), seg, k), es);
+                    let id = ALL_GATHER_BASE | ((step as u64) << 32) | k as u64;
+                    let (out_data, landing) = super::split_pair(buf, out.clone(), inc.clone());
+                    ctx.exchange(&mut [
+                        send_if(!out.is_empty(), &base, right, id, out_data),
+                        recv_if(!inc.is_empty(), &base, left, id, landing),
+                    ])?;
                 }
             }
         }
@@ -89,33 +154,4 @@ pub(crate) fn reduce_scatter(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), Co
     })();
     *ctx.scratch = scratch;
     result
-}
-
-pub(crate) fn all_gather(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
-    let (r, n) = (ctx.rank, ctx.world);
-    let es = ctx.elem();
-    let count = buf.len() / es;
-    let (right, left) = ((r + 1) % n, (r + n - 1) % n);
-    let base = ctx.base;
-    for step in 0..n - 1 {
-        let out = bytes(&shard_range(count, n, (r + n - step) % n), es);
-        let inc = bytes(&shard_range(count, n, (r + 2 * n - step - 1) % n), es);
-        let chunk = ALL_GATHER_BASE + step as u64;
-        let (out, inc) = split_pair(buf, out, inc);
-        ctx.exchange(&mut [
-            send(&base, right, chunk, out),
-            recv(&base, left, chunk, inc),
-        ])?;
-    }
-    Ok(())
-}
-
-pub(crate) fn all_reduce(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
-    reduce_scatter(ctx, buf)?;
-    if ctx.red_op == ReduceOp::Avg {
-        let es = ctx.elem();
-        let own = shard_range(buf.len() / es, ctx.world, ctx.rank);
-        reduce::finish_avg(ctx.red_dtype, &mut buf[bytes(&own, es)], ctx.world);
-    }
-    all_gather(ctx, buf)
 }
