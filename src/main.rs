@@ -2,7 +2,6 @@
 //! inspect checkpoints. This binary does not link libtorch; training runs in
 //! `cohort-worker`, which `launch` starts for every rank.
 
-mod backend;
 mod cmd;
 
 use std::process::ExitCode;

@@ -85,6 +85,7 @@ fn bad_flags_exit_2_with_a_clear_error() {
         (vec!["--op", "all_to_all"], "all_to_all"),
         (vec!["--min-bytes", "12Q"], "12Q"),
         (vec!["--algo", "mesh"], "mesh"),
+        (vec!["--backend", "gloo"], "gloo"),
     ] {
         let out = cohort()
             .args(["bench", "collectives"])
@@ -108,4 +109,25 @@ fn bad_flags_exit_2_with_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--min-bytes"));
+}
+
+/// Without a usable CUDA driver and NCCL (CI), `--backend nccl` stops before
+/// starting any worker and says what is missing; with more ranks than GPUs
+/// it says NCCL needs one GPU per rank.
+#[test]
+fn the_nccl_backend_explains_what_it_lacks() {
+    let out = cohort()
+        .args(["bench", "collectives", "--backend", "nccl", "--nproc", "64"])
+        .args(["--min-bytes", "1K", "--max-bytes", "1K", "--iters", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--backend nccl")
+            && (stderr.contains("CUDA driver")
+                || stderr.contains("NCCL does not load")
+                || stderr.contains("one rank per GPU")),
+        "{stderr}"
+    );
 }

@@ -90,6 +90,23 @@ pub enum CommError {
     #[error("configuration: {0}")]
     Config(String),
 
+    /// The NCCL backend can't run here (no CUDA driver or device, or NCCL
+    /// does not load); nothing was started.
+    #[error("the nccl backend is not usable: {0}")]
+    Unavailable(String),
+
+    /// NCCL or the CUDA driver failed an operation, or it did not finish in
+    /// time (the watchdog aborted it).
+    #[error(
+        "{op} on rank {rank} (NCCL): {detail}. The communicator is broken: rebuild it \
+         (NCCL_DEBUG=WARN in the environment makes NCCL print its own account)"
+    )]
+    Nccl {
+        rank: usize,
+        op: String,
+        detail: String,
+    },
+
     /// An earlier error broke this communicator.
     #[error(
         "communicator of rank {rank} is broken by an earlier error ({cause}); rebuild it \

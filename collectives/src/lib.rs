@@ -10,7 +10,10 @@
 //! - `transport`: `tcp` (authenticated, poll-driven) and `mem` (threads);
 //! - `wire`: the header checked on every message (desync detection);
 //! - `auth`: the HMAC handshake with the job token;
-//! - `store`: bootstrap key-value stores.
+//! - `store`: bootstrap key-value stores;
+//! - [`nccl`]: the NCCL backend for CUDA device memory (its own
+//!   communicator: NCCL runs its own algorithms on the GPU), loaded at run
+//!   time, and [`backend`]: which of the two a job uses.
 //!
 //! ```
 //! use cohort_collectives::{Communicator, OpOptions, ReduceOp};
@@ -33,14 +36,17 @@
 
 mod algorithms;
 mod auth;
+pub mod backend;
 mod communicator;
 mod error;
+pub mod nccl;
 mod reduce;
 pub mod store;
 mod transport;
 mod types;
 mod wire;
 
+pub use backend::{Backend, BackendRequest};
 pub use communicator::{Communicator, OpOptions, OpRecord};
 pub use error::CommError;
 pub use store::{FileStore, MemStore, PrefixStore, Store, StoreError};

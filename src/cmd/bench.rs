@@ -1,5 +1,6 @@
-//! `cohort bench collectives`: an nccl-tests-style benchmark of the TCP
-//! collectives on one host.
+//! `cohort bench collectives`: an nccl-tests-style benchmark of the
+//! collectives on one host: cohort's TCP backend (host memory), or with
+//! `--backend nccl` the NCCL backend (device memory, one GPU per rank).
 //!
 //! The parent spawns `--nproc` copies of this binary in a hidden worker mode
 //! (`--worker-rank R --store DIR`), which bootstrap through a `FileStore` in a
@@ -17,6 +18,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use cohort_collectives::nccl::{self, DeviceBuffer, NcclCommunicator, Stream};
 use cohort_collectives::{
     Algorithm, Communicator, DType, Element, FileStore, OpKind, OpOptions, PrefixStore, ReduceOp,
     TcpConfig, shard_range,
@@ -32,8 +34,8 @@ pub struct BenchArgs {
 
 #[derive(clap::Subcommand)]
 enum BenchWhat {
-    /// Time all_reduce, reduce_scatter, all_gather and broadcast over TCP
-    /// between local processes, nccl-tests style.
+    /// Time all_reduce, reduce_scatter, all_gather and broadcast between
+    /// local processes, nccl-tests style (TCP, or NCCL with --backend nccl).
     Collectives(CollectivesArgs),
 }
 
@@ -45,7 +47,10 @@ struct CollectivesArgs {
     /// Collectives to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "all_reduce")]
     op: Vec<BenchOp>,
-    /// Algorithm: auto, ring or tree.
+    /// Backend: tcp (host memory) or nccl (CUDA device memory, one GPU per rank).
+    #[arg(long, default_value = "tcp")]
+    backend: BenchBackend,
+    /// Algorithm of the TCP backend: auto, ring or tree (NCCL picks its own).
     #[arg(long, default_value = "auto")]
     algo: Algorithm,
     /// Element type: f32, f64, f16, bf16, i32, i64, u8.
@@ -78,6 +83,21 @@ struct CollectivesArgs {
     /// Worker mode: the FileStore directory.
     #[arg(long, hide = true)]
     store: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchBackend {
+    Tcp,
+    Nccl,
+}
+
+impl BenchBackend {
+    fn name(self) -> &'static str {
+        match self {
+            BenchBackend::Tcp => "tcp",
+            BenchBackend::Nccl => "nccl",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -210,6 +230,16 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let world = usize::from(a.nproc);
+    if a.backend == BenchBackend::Nccl {
+        let ready = nccl::probe().map_err(|why| anyhow::anyhow!("--backend nccl: {why}"))?;
+        if world > ready.driver.devices {
+            bail!(
+                "--backend nccl runs one rank per GPU (NCCL refuses two ranks on one device): \
+                 --nproc {world}, but {} CUDA device(s) are visible",
+                ready.driver.devices
+            );
+        }
+    }
     let dir = TempDir(std::env::temp_dir().join(format!("cohort-bench-{}", random_hex(8)?)));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
     let token = random_hex(32)?;
@@ -265,10 +295,14 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
         }
     });
 
+    let how = match a.backend {
+        BenchBackend::Tcp => format!("127.0.0.1 (TCP), algo {}", a.algo),
+        BenchBackend::Nccl => format!("one GPU each (NCCL {})", nccl_version()),
+    };
     println!(
-        "# cohort bench collectives: {world} processes on 127.0.0.1 (TCP), dtype {}, algo {}, \
+        "# cohort bench collectives: {world} processes on {how}, dtype {}, \
          {} warmup + {} timed iterations",
-        a.dtype, a.algo, a.warmup, a.iters
+        a.dtype, a.warmup, a.iters
     );
     println!(
         "# {:>12} {:>12} {:>6} {:>15} {:>5} {:>11} {:>12} {:>12} {:>7}",
@@ -348,6 +382,7 @@ fn forwarded_args(a: &CollectivesArgs) -> Vec<String> {
     let mut v = vec![
         format!("--nproc={}", a.nproc),
         format!("--op={}", ops.join(",")),
+        format!("--backend={}", a.backend.name()),
         format!("--algo={}", a.algo),
         format!("--dtype={}", a.dtype),
         format!("--min-bytes={}", a.min_bytes),
@@ -411,25 +446,48 @@ fn count_wrong<T: BenchElem>(buf: &[T], range: std::ops::Range<usize>, t: &[T; P
     range.filter(|&i| buf[i] != t[i % PERIOD]).count() as u64
 }
 
+fn nccl_version() -> String {
+    nccl::probe::nccl_library().map_or_else(|_| "?".into(), |n| n.version)
+}
+
 fn worker(a: &CollectivesArgs, rank: usize, store_dir: &Path) -> anyhow::Result<ExitCode> {
     let world = usize::from(a.nproc);
     let cfg = TcpConfig::from_env()?;
     let store = PrefixStore::new("bench", FileStore::new(store_dir)?)?;
+    // TCP carries the data of the tcp backend, and the barriers and the
+    // agreement on results of both.
     let mut comm = Communicator::connect_tcp(&store, rank, world, &cfg)
         .with_context(|| format!("rank {rank}: joining the benchmark group"))?;
     if let Some(s) = a.segment_bytes {
         comm.set_max_segment_bytes(s);
     }
+    let mut gpu = match a.backend {
+        BenchBackend::Tcp => None,
+        BenchBackend::Nccl => {
+            let nccl_store = PrefixStore::new("bench-nccl", FileStore::new(store_dir)?)?;
+            Some(
+                NcclCommunicator::connect(&nccl_store, rank, world, rank, cfg.default_timeout)
+                    .with_context(|| {
+                        format!("rank {rank}: joining the NCCL communicator on GPU {rank}")
+                    })?,
+            )
+        }
+    };
     for &op in &a.op {
         for bytes in sizes(a) {
+            macro_rules! run {
+                ($t:ty) => {
+                    measure::<$t>(&mut comm, gpu.as_mut(), a, op, bytes)
+                };
+            }
             let row = match a.dtype {
-                DType::F32 => measure::<f32>(&mut comm, a, op, bytes),
-                DType::F64 => measure::<f64>(&mut comm, a, op, bytes),
-                DType::F16 => measure::<f16>(&mut comm, a, op, bytes),
-                DType::BF16 => measure::<bf16>(&mut comm, a, op, bytes),
-                DType::I32 => measure::<i32>(&mut comm, a, op, bytes),
-                DType::I64 => measure::<i64>(&mut comm, a, op, bytes),
-                DType::U8 => measure::<u8>(&mut comm, a, op, bytes),
+                DType::F32 => run!(f32),
+                DType::F64 => run!(f64),
+                DType::F16 => run!(f16),
+                DType::BF16 => run!(bf16),
+                DType::I32 => run!(i32),
+                DType::I64 => run!(i64),
+                DType::U8 => run!(u8),
             }
             .with_context(|| format!("rank {rank}: {} of {bytes} bytes", op.name()))?;
             if rank == 0 {
@@ -440,8 +498,35 @@ fn worker(a: &CollectivesArgs, rank: usize, store_dir: &Path) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
+/// The timed op through NCCL on device memory: enqueue, then wait for the
+/// stream (with the watchdog's deadline).
+fn nccl_op(
+    nccl: &mut NcclCommunicator,
+    dev: &DeviceBuffer,
+    op: BenchOp,
+    count: usize,
+    dtype: DType,
+) -> anyhow::Result<()> {
+    let s = Stream::DEFAULT;
+    // SAFETY: `dev` holds `count` elements of `dtype` on this rank's GPU and
+    // lives until the synchronize below.
+    unsafe {
+        match op {
+            BenchOp::AllReduce => nccl.all_reduce(dev.ptr(), count, dtype, ReduceOp::Sum, s)?,
+            BenchOp::ReduceScatter => {
+                nccl.reduce_scatter(dev.ptr(), count, dtype, ReduceOp::Sum, s)?;
+            }
+            BenchOp::AllGather => nccl.all_gather(dev.ptr(), count, dtype, s)?,
+            BenchOp::Broadcast => nccl.broadcast(dev.ptr(), count, dtype, 0, s)?,
+        }
+    }
+    nccl.synchronize(s, None)?;
+    Ok(())
+}
+
 fn measure<T: BenchElem>(
     comm: &mut Communicator,
+    mut gpu: Option<&mut NcclCommunicator>,
     a: &CollectivesArgs,
     op: BenchOp,
     bytes: usize,
@@ -458,27 +543,45 @@ fn measure<T: BenchElem>(
     let owners: Vec<[T; PERIOD]> = (0..world).map(|r| table(|i| value(r, i))).collect();
     let shard = shard_range(count, world, rank);
     let mut buf = vec![T::from_i64(0); count];
+    let mut dev = match &gpu {
+        Some(g) => Some(
+            DeviceBuffer::new(g.device(), bytes)
+                .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?,
+        ),
+        None => None,
+    };
     let mut total = Duration::ZERO;
     let mut wrong = 0u64;
     let quiet = OpOptions::default();
     for it in 0..a.warmup + a.iters {
         fill(&mut buf, &mine);
+        if let Some(dev) = dev.as_mut() {
+            dev.copy_from_host(bytemuck::cast_slice(&buf))
+                .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
+        }
         // Untimed barriers around the timed op: no rank fills or checks
         // (heavy on memory) while another is still being timed, which
         // matters when ranks outnumber cores.
         comm.barrier(&quiet)?;
         let started = Instant::now();
-        match op {
-            BenchOp::AllReduce => comm.all_reduce(&mut buf, ReduceOp::Sum, &opts)?,
-            BenchOp::ReduceScatter => {
-                comm.reduce_scatter(&mut buf, ReduceOp::Sum, &opts)?;
-            }
-            BenchOp::AllGather => comm.all_gather(&mut buf, &opts)?,
-            BenchOp::Broadcast => comm.broadcast(&mut buf, 0, &opts)?,
+        match (gpu.as_deref_mut(), dev.as_ref()) {
+            (Some(nccl), Some(dev)) => nccl_op(nccl, dev, op, count, T::DTYPE)?,
+            _ => match op {
+                BenchOp::AllReduce => comm.all_reduce(&mut buf, ReduceOp::Sum, &opts)?,
+                BenchOp::ReduceScatter => {
+                    comm.reduce_scatter(&mut buf, ReduceOp::Sum, &opts)?;
+                }
+                BenchOp::AllGather => comm.all_gather(&mut buf, &opts)?,
+                BenchOp::Broadcast => comm.broadcast(&mut buf, 0, &opts)?,
+            },
         }
         let took = started.elapsed();
         if it >= a.warmup {
             total += took;
+        }
+        if let Some(dev) = dev.as_ref() {
+            dev.copy_to_host(bytemuck::cast_slice_mut(&mut buf))
+                .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
         }
         comm.barrier(&quiet)?;
         wrong += match op {
@@ -490,12 +593,15 @@ fn measure<T: BenchElem>(
             BenchOp::Broadcast => count_wrong(&buf, 0..count, &root0),
         };
     }
-    let algo = comm
-        .flight_record()
-        .iter()
-        .rev()
-        .find(|r| r.kind != OpKind::Barrier)
-        .map_or_else(|| a.algo.to_string(), |r| r.algorithm.to_string());
+    let algo = if gpu.is_some() {
+        "nccl".to_string()
+    } else {
+        comm.flight_record()
+            .iter()
+            .rev()
+            .find(|r| r.kind != OpKind::Barrier)
+            .map_or_else(|| a.algo.to_string(), |r| r.algorithm.to_string())
+    };
     // The slowest rank's mean and everyone's wrong elements.
     let mut mean_us = [total.as_secs_f64() * 1e6 / f64::from(a.iters)];
     comm.all_reduce(&mut mean_us, ReduceOp::Max, &OpOptions::default())?;

@@ -5,13 +5,13 @@
 //! worker is the binary that links it: when libtorch can't be loaded the child
 //! fails to start, and doctor says so and what to do instead of dying itself.
 
-use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+use cohort_collectives::backend::{self, BackendRequest};
+use cohort_collectives::nccl::probe as nccl_probe;
 use serde::Serialize;
-
-use crate::backend::{self, Backend};
 
 #[derive(clap::Args)]
 pub struct DoctorArgs {
@@ -39,30 +39,69 @@ struct Nccl {
     error: Option<String>,
 }
 
+/// The NVIDIA driver as the nccl backend sees it (loaded at run time).
+#[derive(Debug, Serialize)]
+struct CudaDriver {
+    version: Option<String>,
+    devices: usize,
+    error: Option<String>,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     cohort_version: &'static str,
     libtorch: Option<Libtorch>,
     libtorch_error: Option<String>,
     nccl: Nccl,
+    cuda_driver: CudaDriver,
     cores: usize,
     cores_available: usize,
     memory_total_bytes: Option<u64>,
     memory_available_bytes: Option<u64>,
     shm_total_bytes: Option<u64>,
     shm_free_bytes: Option<u64>,
-    backend: Backend,
+    /// What `parallel.backend = "auto"` picks for a job on `train.device =
+    /// "auto"` here.
+    backend: String,
     backend_reason: String,
 }
 
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let libtorch = probe_libtorch();
-    let nccl = probe_nccl();
-    let cuda_devices = libtorch.as_ref().map_or(0, |l| l.cuda_devices);
-    let (backend, backend_reason) = backend::choose_auto(
-        cuda_devices,
-        nccl.version.as_deref().ok_or(nccl.error.as_deref()),
-    );
+    let nccl = match nccl_probe::nccl_library() {
+        Ok(n) => Nccl {
+            version: Some(n.version),
+            path: n.path,
+            error: None,
+        },
+        Err(e) => Nccl {
+            version: None,
+            path: None,
+            error: Some(e),
+        },
+    };
+    let cuda_driver = match nccl_probe::cuda_driver() {
+        Ok(d) => CudaDriver {
+            version: Some(d.version),
+            devices: d.devices,
+            error: None,
+        },
+        Err(e) => CudaDriver {
+            version: None,
+            devices: 0,
+            error: Some(e),
+        },
+    };
+    // train.device = "auto" trains on CUDA when libtorch sees a device.
+    let cuda_tensors = libtorch.as_ref().is_ok_and(|l| l.cuda_devices > 0);
+    let usable = nccl_probe::probe().map(|r| r.nccl.version);
+    let (backend, backend_reason) = backend::choose(
+        BackendRequest::Auto,
+        cuda_tensors,
+        usable.as_deref().map_err(String::as_str),
+    )
+    .map(|(b, why)| (b.to_string(), why))
+    .unwrap_or_else(|why| ("none".into(), why));
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let shm = statvfs(Path::new("/dev/shm"));
     let (libtorch, libtorch_error) = match libtorch {
@@ -74,6 +113,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
         libtorch,
         libtorch_error,
         nccl,
+        cuda_driver,
         cores: online_cores(),
         cores_available: std::thread::available_parallelism().map_or(1, |n| n.get()),
         memory_total_bytes: meminfo_kib(&meminfo, "MemTotal").map(|k| k * 1024),
@@ -141,6 +181,16 @@ fn print_table(r: &Report) {
             r.nccl.error.as_deref().unwrap_or("unknown error")
         ),
     }
+    match &r.cuda_driver.version {
+        Some(v) => println!(
+            "CUDA driver: supports CUDA {v}, {} device(s)",
+            r.cuda_driver.devices
+        ),
+        None => println!(
+            "CUDA driver: {}",
+            r.cuda_driver.error.as_deref().unwrap_or("unknown error")
+        ),
+    }
     println!(
         "cores: {} online, {} available to this process",
         r.cores, r.cores_available
@@ -193,82 +243,6 @@ fn probe_libtorch() -> Result<Libtorch, String> {
             worker.display()
         )
     })
-}
-
-/// Loads `libnccl.so` the way cudarc's run-time loader does (by that name,
-/// through the normal library search path and this binary's rpath) and asks
-/// it for its version. NCCL's version code is major*10000 + minor*100 + patch.
-fn probe_nccl() -> Nccl {
-    const NAME: &str = "libnccl.so";
-    let cname = CString::new(NAME).expect("no NUL in a literal");
-    // SAFETY: dlopen/dlsym/dlerror are called with valid C strings; the handle
-    // is kept open for the life of the process (NCCL is not unloaded).
-    unsafe {
-        let handle = libc::dlopen(cname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
-        if handle.is_null() {
-            return Nccl {
-                version: None,
-                path: None,
-                error: Some(format!(
-                    "{} (make setup links libnccl.so to the venv's libnccl.so.2)",
-                    dl_error()
-                )),
-            };
-        }
-        let sym = libc::dlsym(handle, c"ncclGetVersion".as_ptr());
-        if sym.is_null() {
-            return Nccl {
-                version: None,
-                path: None,
-                error: Some(format!("{NAME} has no ncclGetVersion: {}", dl_error())),
-            };
-        }
-        let get_version: extern "C" fn(*mut c_int) -> c_int = std::mem::transmute(sym);
-        let mut code: c_int = 0;
-        let rc = get_version(&mut code);
-        let path = library_path_of(sym);
-        if rc != 0 {
-            return Nccl {
-                version: None,
-                path,
-                error: Some(format!("ncclGetVersion failed with code {rc}")),
-            };
-        }
-        Nccl {
-            version: Some(format!(
-                "{}.{}.{}",
-                code / 10000,
-                (code % 10000) / 100,
-                code % 100
-            )),
-            path,
-            error: None,
-        }
-    }
-}
-
-fn dl_error() -> String {
-    // SAFETY: dlerror returns NULL or a valid C string owned by libc.
-    unsafe {
-        let e: *const c_char = libc::dlerror();
-        if e.is_null() {
-            "unknown dlopen error".into()
-        } else {
-            CStr::from_ptr(e).to_string_lossy().into_owned()
-        }
-    }
-}
-
-fn library_path_of(sym: *mut c_void) -> Option<PathBuf> {
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    // SAFETY: `sym` is an address inside a loaded library; dladdr fills `info`.
-    let found = unsafe { libc::dladdr(sym, &mut info) };
-    if found == 0 || info.dli_fname.is_null() {
-        return None;
-    }
-    // SAFETY: dli_fname is a valid C string owned by the loader.
-    let name = unsafe { CStr::from_ptr(info.dli_fname) };
-    std::fs::canonicalize(name.to_string_lossy().as_ref()).ok()
 }
 
 fn online_cores() -> usize {
