@@ -265,22 +265,20 @@ impl NcclCommunicator {
                 }]
             } else {
                 // Uneven shards: one reduce to each shard's owner, grouped.
-                grouped(n, |r| {
-                    let shard = shard_range(count, n, r);
-                    let at = buf + (shard.start * es) as u64;
+                per_shard(buf, count, n, es, |owner, at, len| {
                     // SAFETY: each shard lies inside the caller's buffer.
-                    (!shard.is_empty()).then(|| unsafe {
+                    unsafe {
                         nc::ncclReduce(
                             ptr(at),
                             ptr(at),
-                            shard.len(),
+                            len,
                             nccl_dtype(dtype),
                             nccl_op(op),
-                            r as c_int,
+                            owner as c_int,
                             comm,
                             s,
                         )
-                    })
+                    }
                 })
             }
         })?;
@@ -311,21 +309,19 @@ impl NcclCommunicator {
                     nc::ncclAllGather(ptr(own), ptr(buf), shard, nccl_dtype(dtype), comm, s)
                 }]
             } else {
-                grouped(n, |r| {
-                    let shard = shard_range(count, n, r);
-                    let at = buf + (shard.start * es) as u64;
+                per_shard(buf, count, n, es, |owner, at, len| {
                     // SAFETY: each shard lies inside the caller's buffer.
-                    (!shard.is_empty()).then(|| unsafe {
+                    unsafe {
                         nc::ncclBroadcast(
                             ptr(at),
                             ptr(at),
-                            shard.len(),
+                            len,
                             nccl_dtype(dtype),
-                            r as c_int,
+                            owner as c_int,
                             comm,
                             s,
                         )
-                    })
+                    }
                 })
             }
         })
@@ -526,14 +522,23 @@ fn nccl_op(op: ReduceOp) -> nc::ncclRedOp_t {
     }
 }
 
-/// `ncclGroupStart`, the calls `call(r)` makes for r in 0..n, `ncclGroupEnd`.
-fn grouped(
+/// One NCCL group of `call(owner, address, len)` over the non-empty
+/// `shard_range` shards of the `count` elements of `es` bytes at `buf`.
+fn per_shard(
+    buf: u64,
+    count: usize,
     n: usize,
-    mut call: impl FnMut(usize) -> Option<nc::ncclResult_t>,
+    es: usize,
+    mut call: impl FnMut(usize, u64, usize) -> nc::ncclResult_t,
 ) -> Vec<nc::ncclResult_t> {
     // SAFETY: group calls bracket the enqueues below.
     let mut results = vec![unsafe { nc::ncclGroupStart() }];
-    results.extend((0..n).filter_map(&mut call));
+    for owner in 0..n {
+        let shard = shard_range(count, n, owner);
+        if !shard.is_empty() {
+            results.push(call(owner, buf + (shard.start * es) as u64, shard.len()));
+        }
+    }
     // SAFETY: closes the group opened above.
     results.push(unsafe { nc::ncclGroupEnd() });
     results
