@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 COHORT := target/release/cohort
 
-.PHONY: setup build demo test fmt lint bench-collectives clean
+.PHONY: setup build demo test fmt lint bench-collectives gpu-bundle gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,17 @@ fmt:
 
 bench-collectives: build
 	.venv/bin/python bench/collectives_vs_gloo.py
+
+# The GPU path's checks (scripts/gpu_check.sh) need an NVIDIA GPU. For a GPU
+# machine without Rust, gpu-bundle leaves stripped binaries in target/gpu/
+# to copy there (about 13 MB); gpu-check runs the checks here.
+gpu-bundle: build
+	mkdir -p target/gpu
+	strip -o target/gpu/cohort $(COHORT)
+	strip -o target/gpu/cohort-worker target/release/cohort-worker
+
+gpu-check: build
+	bash scripts/gpu_check.sh
 
 # The coordinator under simulated load: 16,384 and 131,072 ranks (8 per node agent).
 .PHONY: bench-coordinator

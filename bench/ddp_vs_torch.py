@@ -56,52 +56,17 @@ def torch_rank(a):
     import torch
     import torch.distributed as dist
     import torch.nn as nn
-    import torch.nn.functional as F
 
     torch.set_num_threads(a.threads)
     dist.init_process_group("gloo", rank=a.torch_rank, world_size=a.world)
     torch.manual_seed(1337)
 
-    class Block(nn.Module):
-        def __init__(s):
-            super().__init__()
-            e = a.n_embd
-            s.ln_1, s.ln_2 = nn.LayerNorm(e), nn.LayerNorm(e)
-            s.c_attn, s.attn_proj = nn.Linear(e, 3 * e), nn.Linear(e, e)
-            s.c_fc, s.mlp_proj = nn.Linear(e, 4 * e), nn.Linear(4 * e, e)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from torch_gpt import GPT, adamw
 
-        def forward(s, x):
-            b, t, c = x.shape
-            q, k, v = s.c_attn(s.ln_1(x)).split(c, dim=2)
-            h = lambda z: z.view(b, t, a.n_head, c // a.n_head).transpose(1, 2)
-            y = F.scaled_dot_product_attention(h(q), h(k), h(v), is_causal=True)
-            x = x + s.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c))
-            return x + s.mlp_proj(F.gelu(s.c_fc(s.ln_2(x))))
-
-    class GPT(nn.Module):
-        def __init__(s):
-            super().__init__()
-            s.wte = nn.Parameter(torch.randn(256, a.n_embd) * 0.02)
-            s.wpe = nn.Parameter(torch.randn(a.block, a.n_embd) * 0.02)
-            s.h = nn.ModuleList(Block() for _ in range(a.n_layer))
-            s.ln_f = nn.LayerNorm(a.n_embd)
-
-        def forward(s, idx, targets):
-            pos = torch.arange(idx.shape[1])
-            x = F.embedding(idx, s.wte) + F.embedding(pos, s.wpe)
-            for blk in s.h:
-                x = blk(x)
-            logits = s.ln_f(x) @ s.wte.t()
-            return F.cross_entropy(logits.view(-1, 256), targets.reshape(-1))
-
-    model = GPT()
+    model = GPT(a.n_layer, a.n_head, a.n_embd, a.block, 256)
     ddp = nn.parallel.DistributedDataParallel(model)  # 25 MiB buckets, overlapped with backward
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-    )
+    opt = adamw(model, lr=1e-3)
     data = torch.frombuffer(bytearray(open(a.data, "rb").read()), dtype=torch.uint8).long()
     gen = torch.Generator().manual_seed(1337 + a.torch_rank)
     times, losses = [], []

@@ -276,6 +276,31 @@ fn bad_input_is_a_usage_error() {
     let (status, _, err) = run(set_without_config, LIMIT);
     assert_eq!(status.code(), Some(2));
     assert!(err.contains("--set overrides a config file"), "{err}");
+
+    // A GPU job on a host without one (CI) stops before any worker starts.
+    if cohort_collectives::nccl::probe::cuda_driver().is_err() {
+        let config = dir.path().join("gpu.toml");
+        std::fs::write(&config, "[train]\nmax_steps = 1\n").unwrap();
+        for (set, needle) in [
+            (
+                vec!["train.device=cuda"],
+                "train.device = \"cuda\", but this host can't run CUDA",
+            ),
+            (
+                vec!["train.device=auto", "parallel.backend=nccl"],
+                "parallel.backend = \"nccl\", but NCCL can't run here",
+            ),
+        ] {
+            let mut gpu = cohort();
+            gpu.arg("launch").arg(&config);
+            for s in &set {
+                gpu.args(["--set", s]);
+            }
+            let (status, _, err) = run(gpu, LIMIT);
+            assert_eq!(status.code(), Some(2), "{set:?}: {err}");
+            assert!(err.contains(needle), "{set:?}: {err}");
+        }
+    }
 }
 
 #[test]

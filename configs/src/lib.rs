@@ -133,20 +133,39 @@ impl JobConfig {
         }
         match self.parallel.backend.as_str() {
             "auto" | "tcp" => {}
-            "nccl" => {
+            "nccl" if self.train.device == "cpu" => {
                 return err(
                     "parallel.backend",
-                    "nccl is not available in this version of cohort (the NCCL backend is not built yet): \
-                     use auto or tcp; CUDA tensors are staged through host memory"
+                    "nccl reduces CUDA tensors, but train.device = \"cpu\": set train.device = \"cuda\" \
+                     (or \"auto\"), or use backend auto or tcp"
                         .into(),
                 );
             }
+            "nccl" => {}
             other => {
                 return err(
                     "parallel.backend",
-                    format!("unknown backend {other:?}: use auto or tcp"),
+                    format!("unknown backend {other:?}: use auto, tcp or nccl"),
                 );
             }
+        }
+        if !matches!(self.train.device.as_str(), "cpu" | "cuda" | "auto") {
+            return err(
+                "train.device",
+                format!(
+                    "unknown device {:?}: use cpu, cuda or auto",
+                    self.train.device
+                ),
+            );
+        }
+        if !matches!(self.train.precision.as_str(), "fp32" | "bf16") {
+            return err(
+                "train.precision",
+                format!(
+                    "unknown precision {:?}: use fp32 or bf16",
+                    self.train.precision
+                ),
+            );
         }
         if !matches!(self.parallel.algorithm.as_str(), "auto" | "ring" | "tree") {
             return err(
@@ -293,9 +312,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("parallel.backend: nccl is not available"),
+            err.contains("parallel.backend: nccl reduces CUDA tensors, but train.device = \"cpu\""),
             "{err}"
         );
+        let ok = parse("", &["parallel.backend=nccl", "train.device=cuda"]).unwrap();
+        assert_eq!(ok.parallel.backend, "nccl");
+        let err = parse("", &["parallel.backend=gloo"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("use auto, tcp or nccl"), "{err}");
+        let err = parse("", &["train.precision=fp8"]).unwrap_err().to_string();
+        assert!(
+            err.contains("train.precision: unknown precision \"fp8\""),
+            "{err}"
+        );
+        let err = parse("", &["train.device=tpu"]).unwrap_err().to_string();
+        assert!(err.contains("train.device"), "{err}");
         let err = parse("", &["parallel.algorithm=bcube"])
             .unwrap_err()
             .to_string();

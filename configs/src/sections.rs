@@ -40,8 +40,13 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Print a progress line every this many steps on rank 0.
     pub log_every: u64,
-    /// `cpu`, `cuda`, or `auto` (cuda when available).
+    /// `cpu`, `cuda`, or `auto` (cuda when available). With cuda each worker
+    /// takes the GPU `LOCAL_RANK` (modulo the visible devices).
     pub device: String,
+    /// `fp32`, or `bf16`: matrix multiplies and attention in bfloat16 (as
+    /// `torch.autocast(dtype=torch.bfloat16)`), with fp32 master weights,
+    /// LayerNorm, residual stream, loss and optimizer.
+    pub precision: String,
     /// libtorch intra-op threads per worker (0 = leave libtorch's default).
     pub threads: usize,
 }
@@ -57,6 +62,7 @@ impl Default for TrainConfig {
             eval_batches: 4,
             log_every: 10,
             device: "cpu".into(),
+            precision: "fp32".into(),
             threads: 0,
         }
     }
@@ -196,8 +202,10 @@ pub struct ParallelConfig {
     pub zero_stage: u8,
     /// Gradient bucket size in MiB (25, as PyTorch DDP).
     pub bucket_mb: f64,
-    /// `auto` or `tcp` (today `auto` is always tcp; `nccl` is rejected until
-    /// the NCCL backend exists).
+    /// `auto` (nccl for CUDA tensors when NCCL is usable, else tcp), `tcp`
+    /// (host memory; CUDA tensors are staged through it), or `nccl` (CUDA
+    /// tensors only; an error where NCCL can't run). `cohort doctor` shows
+    /// what `auto` picks here and why.
     pub backend: String,
     /// Collective algorithm: `auto`, `ring` or `tree`.
     pub algorithm: String,

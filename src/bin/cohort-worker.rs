@@ -92,7 +92,11 @@ fn train(config: &std::path::Path) -> anyhow::Result<()> {
             "finding the coordinator's store (run under `cohort launch`, or set COHORT_STORE_DIR to a directory shared by every rank)",
         )?),
     };
-    let comm = env.connect(store.as_deref())?;
+    let device = cohort_trainer::train::resolve_device(&job.train.device, env.local_rank)?;
+    let (comm, why) = env.connect_backend(store.as_deref(), &job.parallel.backend, device)?;
+    if env.rank == 0 {
+        println!("collectives: {} ({why})", comm.backend());
+    }
     let resume = Resume::parse(std::env::var("COHORT_RESUME").ok().as_deref());
     let summary = run(&job, &env, comm, &resume).with_context(|| {
         format!(

@@ -138,6 +138,9 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             if let Err(message) = check_checkpoint_dir(&job.checkpoint) {
                 return usage(message);
             }
+            if let Err(message) = check_gpu(&job) {
+                return usage(message);
+            }
             let command = WorkerCommand::Train {
                 worker: super::worker_binary()?,
                 config_toml: job.to_toml_string(),
@@ -208,6 +211,31 @@ fn check_resume(resume: Option<&str>) -> Result<(), String> {
 
 /// A job that saves checkpoints must be able to write them: find out before
 /// any worker starts, not at the first save.
+/// A job that asks for a GPU (`train.device = "cuda"`) or for NCCL
+/// (`parallel.backend = "nccl"`) on a host that can't give it fails here,
+/// before any worker starts, with what is missing (the workers would fail
+/// the same way, once per rank and restart).
+fn check_gpu(job: &cohort_configs::JobConfig) -> Result<(), String> {
+    use cohort_collectives::nccl::probe;
+    if job.train.device == "cuda"
+        && let Err(why) = probe::cuda_driver()
+    {
+        return Err(format!(
+            "train.device = \"cuda\", but this host can't run CUDA: {why}; \
+             use train.device = \"auto\" or \"cpu\" (see `cohort doctor`)"
+        ));
+    }
+    if job.parallel.backend == "nccl"
+        && let Err(why) = probe::probe()
+    {
+        return Err(format!(
+            "parallel.backend = \"nccl\", but NCCL can't run here: {why}; \
+             use backend \"auto\" to fall back to TCP (see `cohort doctor`)"
+        ));
+    }
+    Ok(())
+}
+
 fn check_checkpoint_dir(ckpt: &cohort_configs::CheckpointConfig) -> Result<(), String> {
     let Some(dir) = ckpt.dir.as_deref().filter(|_| ckpt.every > 0) else {
         return Ok(());

@@ -1,13 +1,16 @@
 //! The worker side of the launcher's env contract (see ARCHITECTURE.md):
-//! `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `COHORT_RESTART_COUNT`,
+//! `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `COHORT_RESTART_COUNT`,
 //! `COHORT_LOG_DIR`, `COHORT_STATUS_FILE`. Without them a program runs as a
 //! single process (world 1), so the same binary trains alone or in a job.
 
 use std::path::PathBuf;
 
-use cohort_collectives::{Communicator, Store, TcpConfig};
+use cohort_collectives::backend::{self, Backend, BackendRequest};
+use cohort_collectives::nccl::{self, NcclCommunicator};
+use cohort_collectives::{Communicator, MemStore, Store, TcpConfig, collective_timeout_from_env};
+use tch::Device;
 
-use crate::TrainError;
+use crate::{Collectives, TrainError};
 
 /// Where this worker sits in the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +18,8 @@ pub struct DistEnv {
     pub rank: usize,
     pub local_rank: usize,
     pub world: usize,
+    /// Workers on this node (`LOCAL_WORLD_SIZE`; 1 when unset).
+    pub local_world: usize,
     /// How many times the job has restarted (0 on the first run).
     pub restart_count: u64,
     /// The job's log directory (rank 0 writes `metrics.jsonl` there).
@@ -58,6 +63,7 @@ impl DistEnv {
             rank,
             local_rank: num("LOCAL_RANK", rank as u64)? as usize,
             world,
+            local_world: (num("LOCAL_WORLD_SIZE", 1)? as usize).max(1),
             restart_count: num("COHORT_RESTART_COUNT", 0)?,
             log_dir: path("COHORT_LOG_DIR"),
             status_file: path("COHORT_STATUS_FILE"),
@@ -87,9 +93,96 @@ impl DistEnv {
     }
 }
 
+impl DistEnv {
+    /// The collectives for training on `device` with `parallel.backend` =
+    /// `request` (see `cohort_collectives::backend::choose`), connected; and
+    /// why that backend. NCCL ranks bootstrap through `store` (a world of
+    /// one needs none) and use the op timeout `COHORT_COLLECTIVE_TIMEOUT_S`.
+    pub fn connect_backend(
+        &self,
+        store: Option<&dyn Store>,
+        request: &str,
+        device: Device,
+    ) -> Result<(Collectives, String), TrainError> {
+        let request: BackendRequest = request
+            .parse()
+            .map_err(|e| TrainError::Config(format!("parallel.backend: {e}")))?;
+        let cuda = matches!(device, Device::Cuda(_));
+        let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+        let usable = if !cuda {
+            Err("not needed".into())
+        } else if self.local_world > gpus {
+            Err(format!(
+                "{} workers on this node share {gpus} GPU(s), and NCCL needs one GPU per rank",
+                self.local_world
+            ))
+        } else {
+            nccl::probe().map(|r| r.nccl.version)
+        };
+        let (backend, why) =
+            backend::choose(request, cuda, usable.as_deref().map_err(String::as_str))
+                .map_err(TrainError::Config)?;
+        let comm_err = |op: &'static str| {
+            let rank = self.rank;
+            move |source| TrainError::Comm { op, rank, source }
+        };
+        let comm = match (backend, device) {
+            (Backend::Nccl, Device::Cuda(ordinal)) => {
+                let timeout = collective_timeout_from_env()
+                    .map_err(comm_err("reading the collective timeout"))?;
+                let own;
+                let store = match store {
+                    Some(s) => s,
+                    None if self.world == 1 => {
+                        own = MemStore::new();
+                        &own
+                    }
+                    None => {
+                        return Err(TrainError::Config(format!(
+                            "WORLD_SIZE={} needs a store to find the other ranks: run under `cohort launch`",
+                            self.world
+                        )));
+                    }
+                };
+                NcclCommunicator::connect(store, self.rank, self.world, ordinal, timeout)
+                    .map_err(comm_err("joining the NCCL communicator"))?
+                    .into()
+            }
+            _ => self.connect(store)?.into(),
+        };
+        Ok((comm, why))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On the CPU `auto` and `tcp` connect over TCP (here a world of one,
+    /// in-process); `nccl` is refused with the reason before anything starts.
+    #[test]
+    fn backends_for_cpu_training() {
+        let env = DistEnv::from_lookup(|_| None).unwrap();
+        for request in ["auto", "tcp"] {
+            let (comm, why) = env.connect_backend(None, request, Device::Cpu).unwrap();
+            assert_eq!(comm.backend(), Backend::Tcp, "{why}");
+        }
+        let err = env
+            .connect_backend(None, "nccl", Device::Cpu)
+            .err()
+            .expect("nccl on the CPU is refused")
+            .to_string();
+        assert!(err.contains("needs CUDA tensors"), "{err}");
+        let err = env
+            .connect_backend(None, "gloo", Device::Cpu)
+            .err()
+            .expect("an unknown backend is refused")
+            .to_string();
+        assert!(
+            err.contains("parallel.backend") && err.contains("gloo"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn no_env_is_a_single_process() {

@@ -162,6 +162,51 @@ impl FlatParams {
         }
     }
 
+    /// Makes every parameter a view of `params` (`[total]`, the parameters'
+    /// device and dtype) at its flat offset, after copying its values there:
+    /// from then on the model reads and autograd differentiates the flat
+    /// buffer (as `param.data = flat[offset:offset+numel].view(shape)`).
+    pub fn alias_params(&self, params: &mut Tensor) {
+        tch::no_grad(|| {
+            for slot in &self.slots {
+                let mut view = params
+                    .narrow(0, slot.offset as i64, slot.numel as i64)
+                    .view(slot.tensor.size().as_slice());
+                view.copy_(&slot.tensor);
+                let mut handle = slot.tensor.shallow_clone();
+                handle.set_data(&view);
+            }
+        });
+    }
+
+    /// Makes every parameter's `.grad` a view of `grads` (`[total]`) at its
+    /// flat offset, so backward passes accumulate straight into the flat
+    /// buffer (autograd adds into an existing `.grad` in place), as PyTorch
+    /// DDP's `gradient_as_bucket_view`. Gradients already accumulated are
+    /// kept (copied in); those that don't exist yet are created, as zeros,
+    /// by one backward pass of `Σ 0·param`.
+    pub fn alias_grads(&self, grads: &Tensor) {
+        let missing: Vec<Tensor> = self
+            .slots
+            .iter()
+            .filter(|s| !s.tensor.grad().defined())
+            .map(|s| s.tensor.sum(s.tensor.kind()) * 0.0)
+            .collect();
+        if !missing.is_empty() {
+            Tensor::stack(&missing, 0).sum(Kind::Float).backward();
+        }
+        tch::no_grad(|| {
+            for slot in &self.slots {
+                let mut view = grads
+                    .narrow(0, slot.offset as i64, slot.numel as i64)
+                    .view(slot.tensor.size().as_slice());
+                let mut grad = slot.tensor.grad();
+                view.copy_(&grad);
+                grad.set_data(&view);
+            }
+        });
+    }
+
     /// The weight-decay runs of `range`: `(sub-range relative to range.start, decay)`.
     pub fn decay_runs(&self, range: Range<usize>) -> Vec<(Range<usize>, bool)> {
         let mut runs: Vec<(Range<usize>, bool)> = Vec::new();

@@ -47,16 +47,20 @@
 //! # Ok(()) }
 //! ```
 
+mod backend;
 mod comm;
 pub mod data;
+mod device;
 mod env;
 mod error;
 pub mod flat;
+mod host;
 pub mod model;
 pub mod optim;
 mod parallel;
 pub mod train;
 
+pub use backend::Collectives;
 pub use env::DistEnv;
 pub use error::TrainError;
 pub use parallel::{DataParallel, StepReport, ZeroStage};

@@ -2,10 +2,58 @@
 //! nanoGPT). Both map `[batch, time]` token ids to `[batch, time, vocab]`
 //! logits. Parameters are created in a fixed order from the global torch seed
 //! (set from `train.seed` before building), so every rank builds the same model.
+//!
+//! [`Precision::Bf16`] does what `torch.autocast(dtype=torch.bfloat16)` does
+//! to these models, explicitly: linear layers, attention and the output
+//! projection compute in bfloat16 on bfloat16 copies of the fp32 weights;
+//! embeddings, LayerNorm, the residual stream (fp32 + bf16 adds in fp32)
+//! and the cross-entropy stay fp32, and the parameters and their gradients
+//! are fp32 (the optimizer's master weights).
 
 use cohort_configs::{ModelConfig, ModelKind};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
+
+use crate::TrainError;
+
+/// The forward pass's arithmetic (`train.precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn from_config(s: &str) -> Result<Self, TrainError> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(TrainError::Config(format!(
+                "train.precision = {other:?}: use fp32 or bf16"
+            ))),
+        }
+    }
+
+    /// `x` in the kind matrix multiplies take.
+    fn cast(self, x: &Tensor) -> Tensor {
+        match self {
+            Precision::Fp32 => x.shallow_clone(),
+            Precision::Bf16 => x.to_kind(Kind::BFloat16),
+        }
+    }
+
+    /// `x·Wᵀ + b` in this precision.
+    fn linear(self, l: &nn::Linear, x: &Tensor) -> Tensor {
+        match self {
+            Precision::Fp32 => x.apply(l),
+            Precision::Bf16 => {
+                let bias = l.bs.as_ref().map(|b| self.cast(b));
+                self.cast(x).linear(&self.cast(&l.ws), bias.as_ref())
+            }
+        }
+    }
+}
 
 /// A next-token model.
 pub trait LanguageModel: Send {
@@ -13,9 +61,9 @@ pub trait LanguageModel: Send {
     /// enables dropout.
     fn forward(&self, tokens: &Tensor, train: bool) -> Tensor;
 
-    /// Mean cross-entropy of predicting `targets` from `tokens`.
+    /// Mean cross-entropy (in fp32) of predicting `targets` from `tokens`.
     fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {
-        let logits = self.forward(tokens, train);
+        let logits = self.forward(tokens, train).to_kind(Kind::Float);
         let vocab = *logits.size().last().expect("logits have a vocab dimension");
         logits
             .reshape([-1, vocab])
@@ -23,11 +71,17 @@ pub trait LanguageModel: Send {
     }
 }
 
-/// Builds the model `cfg` describes under `vs` with `vocab_size` tokens.
-pub fn build(vs: &nn::Path, cfg: &ModelConfig, vocab_size: usize) -> Box<dyn LanguageModel> {
+/// Builds the model `cfg` describes under `vs` with `vocab_size` tokens,
+/// computing in `precision`.
+pub fn build(
+    vs: &nn::Path,
+    cfg: &ModelConfig,
+    vocab_size: usize,
+    precision: Precision,
+) -> Box<dyn LanguageModel> {
     match cfg.kind {
-        ModelKind::Mlp => Box::new(Mlp::new(vs, cfg, vocab_size)),
-        ModelKind::Gpt => Box::new(Gpt::new(vs, cfg, vocab_size)),
+        ModelKind::Mlp => Box::new(Mlp::new(vs, cfg, vocab_size, precision)),
+        ModelKind::Gpt => Box::new(Gpt::new(vs, cfg, vocab_size, precision)),
     }
 }
 
@@ -54,10 +108,11 @@ pub struct Mlp {
     wte: nn::Embedding,
     hidden: Vec<nn::Linear>,
     head: nn::Linear,
+    precision: Precision,
 }
 
 impl Mlp {
-    pub fn new(vs: &nn::Path, cfg: &ModelConfig, vocab: usize) -> Self {
+    pub fn new(vs: &nn::Path, cfg: &ModelConfig, vocab: usize, precision: Precision) -> Self {
         let e = cfg.n_embd;
         let wte = nn::embedding(
             vs / "wte",
@@ -72,17 +127,23 @@ impl Mlp {
             .map(|i| linear(vs / "h" / i, e, e, 0.02))
             .collect();
         let head = linear(vs / "head", e, vocab, 0.02);
-        Mlp { wte, hidden, head }
+        Mlp {
+            wte,
+            hidden,
+            head,
+            precision,
+        }
     }
 }
 
 impl LanguageModel for Mlp {
     fn forward(&self, tokens: &Tensor, _train: bool) -> Tensor {
+        let p = self.precision;
         let mut x = tokens.apply(&self.wte);
         for layer in &self.hidden {
-            x = x.apply(layer).gelu("none");
+            x = p.linear(layer, &x).gelu("none");
         }
-        x.apply(&self.head)
+        p.linear(&self.head, &x)
     }
 }
 
@@ -95,10 +156,11 @@ struct Block {
     mlp_proj: nn::Linear,
     n_head: i64,
     dropout: f64,
+    precision: Precision,
 }
 
 impl Block {
-    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &ModelConfig, precision: Precision) -> Self {
         let e = cfg.n_embd;
         // nanoGPT: residual projections get std 0.02 / sqrt(2 * n_layer).
         let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
@@ -113,13 +175,15 @@ impl Block {
             mlp_proj: linear(&mlp / "c_proj", 4 * e, e, proj_std),
             n_head: cfg.n_head as i64,
             dropout: cfg.dropout,
+            precision,
         }
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let (b, t, c) = x.size3().expect("block input is [batch, time, channels]");
         let p = if train { self.dropout } else { 0.0 };
-        let qkv = x.apply(&self.ln_1).apply(&self.c_attn);
+        let pr = self.precision;
+        let qkv = pr.linear(&self.c_attn, &x.apply(&self.ln_1));
         let heads = |part: &Tensor| {
             part.view([b, t, self.n_head, c / self.n_head])
                 .transpose(1, 2)
@@ -130,16 +194,11 @@ impl Block {
             Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, p, true, None, false)
                 .transpose(1, 2)
                 .contiguous()
-                .view([b, t, c])
-                .apply(&self.attn_proj)
-                .dropout(p, train);
+                .view([b, t, c]);
+        let y = pr.linear(&self.attn_proj, &y).dropout(p, train);
         let x = x + y;
-        let m = x
-            .apply(&self.ln_2)
-            .apply(&self.c_fc)
-            .gelu("none")
-            .apply(&self.mlp_proj)
-            .dropout(p, train);
+        let h = pr.linear(&self.c_fc, &x.apply(&self.ln_2)).gelu("none");
+        let m = pr.linear(&self.mlp_proj, &h).dropout(p, train);
         x + m
     }
 }
@@ -153,16 +212,17 @@ pub struct Gpt {
     blocks: Vec<Block>,
     ln_f: nn::LayerNorm,
     dropout: f64,
+    precision: Precision,
 }
 
 impl Gpt {
-    pub fn new(vs: &nn::Path, cfg: &ModelConfig, vocab: usize) -> Self {
+    pub fn new(vs: &nn::Path, cfg: &ModelConfig, vocab: usize, precision: Precision) -> Self {
         let t = vs / "transformer";
         let e = cfg.n_embd as i64;
         let wte = t.var("wte", &[vocab as i64, e], normal(0.02));
         let wpe = t.var("wpe", &[cfg.block_size as i64, e], normal(0.02));
         let blocks = (0..cfg.n_layer)
-            .map(|i| Block::new(&t / "h" / i, cfg))
+            .map(|i| Block::new(&t / "h" / i, cfg, precision))
             .collect();
         let ln_f = nn::layer_norm(&t / "ln_f", vec![e], Default::default());
         Gpt {
@@ -171,6 +231,7 @@ impl Gpt {
             blocks,
             ln_f,
             dropout: cfg.dropout,
+            precision,
         }
     }
 }
@@ -185,6 +246,58 @@ impl LanguageModel for Gpt {
         for block in &self.blocks {
             x = block.forward(&x, train);
         }
-        x.apply(&self.ln_f).matmul(&self.wte.tr())
+        let p = self.precision;
+        p.cast(&x.apply(&self.ln_f)).matmul(&p.cast(&self.wte).tr())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_configs::ModelKind;
+    use tch::{Device, nn::VarStore};
+
+    fn gpt(precision: Precision) -> (VarStore, Box<dyn LanguageModel>) {
+        let cfg = ModelConfig {
+            kind: ModelKind::Gpt,
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 32,
+            block_size: 16,
+            vocab_size: 0,
+            dropout: 0.0,
+        };
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let net = build(&vs.root(), &cfg, 50, precision);
+        (vs, net)
+    }
+
+    /// bf16 computes the fp32 model's function to bf16 accuracy, returns
+    /// bf16 logits, an fp32 loss, and fp32 gradients for the fp32 weights.
+    #[test]
+    fn bf16_is_the_fp32_model_in_bf16_arithmetic() {
+        let (_, exact) = gpt(Precision::Fp32);
+        let (vs, mixed) = gpt(Precision::Bf16);
+        let tokens = Tensor::arange(32, (Kind::Int64, Device::Cpu))
+            .remainder(50)
+            .view([2, 16]);
+        let a = exact.forward(&tokens, false);
+        let b = mixed.forward(&tokens, false);
+        assert_eq!(a.kind(), Kind::Float);
+        assert_eq!(b.kind(), Kind::BFloat16);
+        let diff = (a - b.to_kind(Kind::Float)).abs().max().double_value(&[]);
+        assert!(diff < 0.05, "bf16 logits differ by {diff}");
+        let loss = mixed.loss(&tokens, &tokens, true);
+        assert_eq!(loss.kind(), Kind::Float);
+        loss.backward();
+        for (name, t) in vs.variables() {
+            let g = t.grad();
+            assert_eq!((t.kind(), g.kind()), (Kind::Float, Kind::Float), "{name}");
+            assert!(
+                g.abs().sum(Kind::Double).double_value(&[]) > 0.0,
+                "{name} has no gradient"
+            );
+        }
     }
 }

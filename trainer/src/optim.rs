@@ -2,13 +2,17 @@
 //!
 //! The state of an optimizer is a few vectors as long as the part of the flat
 //! parameter space this rank owns (all of it under DDP, its 1/N shard under
-//! ZeRO). Updates are plain loops over slices zipped together, which the
-//! compiler vectorizes: one pass over memory per step, where a tensor-op
-//! implementation makes one pass per elementary op.
+//! ZeRO). Two implementations of the same updates:
+//! - [`Optimizer`] (the host path): plain loops over slices zipped together,
+//!   which the compiler vectorizes: one pass over memory per step;
+//! - [`TensorOptimizer`] (the device path): the same arithmetic as tensor ops
+//!   on flat tensors of any device, a few elementwise kernels per step over
+//!   one flat buffer (no per-parameter launches), state kept on the device.
 
 use std::ops::Range;
 
 use cohort_configs::{OptimConfig, OptimKind};
+use tch::{Device, Kind, Tensor};
 
 /// Per-step inputs shared by every slice of one step.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +42,7 @@ impl Optimizer {
         }
     }
 
-    fn names_for(cfg: &OptimConfig) -> &'static [&'static str] {
+    pub(crate) fn names_for(cfg: &OptimConfig) -> &'static [&'static str] {
         match cfg.kind {
             OptimKind::Adamw => &["exp_avg", "exp_avg_sq"],
             OptimKind::Sgd if cfg.momentum != 0.0 => &["momentum"],
@@ -180,6 +184,183 @@ fn sgd(
     }
 }
 
+/// Which elements of a tensor optimizer's range take weight decay.
+enum DecayMask {
+    None,
+    All,
+    /// `true` where decay applies.
+    Some(Tensor),
+}
+
+/// [`Optimizer`]'s updates as tensor ops on flat tensors of any device.
+pub struct TensorOptimizer {
+    cfg: OptimConfig,
+    /// As [`Optimizer`]'s states, one tensor each.
+    states: Vec<Tensor>,
+    decay: DecayMask,
+}
+
+impl TensorOptimizer {
+    /// An optimizer over `len` elements on `device`, state zeroed; `decay`
+    /// gives the weight-decay runs of the range (relative offsets, as
+    /// `FlatParams::decay_runs`).
+    pub fn new(
+        cfg: &OptimConfig,
+        len: usize,
+        device: Device,
+        decay: &[(Range<usize>, bool)],
+    ) -> Self {
+        let n = Optimizer::names_for(cfg).len();
+        let decay = if decay.iter().all(|(_, d)| *d) {
+            DecayMask::All
+        } else if decay.iter().all(|(_, d)| !*d) {
+            DecayMask::None
+        } else {
+            let mut mask = vec![0u8; len];
+            for (run, d) in decay {
+                mask[run.clone()].fill(u8::from(*d));
+            }
+            DecayMask::Some(
+                Tensor::from_slice(&mask)
+                    .to_kind(Kind::Bool)
+                    .to_device(device),
+            )
+        };
+        TensorOptimizer {
+            cfg: cfg.clone(),
+            states: (0..n)
+                .map(|_| Tensor::zeros([len as i64], (Kind::Float, device)))
+                .collect(),
+            decay,
+        }
+    }
+
+    pub fn state_names(&self) -> &'static [&'static str] {
+        Optimizer::names_for(&self.cfg)
+    }
+
+    pub fn states(&self) -> &[Tensor] {
+        &self.states
+    }
+
+    /// Replaces the state (from a checkpoint): as many tensors as now, each
+    /// as long.
+    pub fn set_states(&mut self, states: Vec<Tensor>) -> Result<(), String> {
+        if states.len() != self.states.len()
+            || states
+                .iter()
+                .zip(&self.states)
+                .any(|(a, b)| a.numel() != b.numel())
+        {
+            return Err(format!(
+                "optimizer state has {} vectors of lengths {:?}; this {:?} optimizer needs {} of length {}",
+                states.len(),
+                states.iter().map(Tensor::numel).collect::<Vec<_>>(),
+                self.cfg.kind,
+                self.states.len(),
+                self.states.first().map_or(0, Tensor::numel)
+            ));
+        }
+        self.states = states;
+        Ok(())
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        self.states.iter().map(|s| s.numel() * 4).sum()
+    }
+
+    /// `p *= 1 - f` on the elements that take weight decay.
+    fn decay(&self, p: &mut Tensor, f: f64) {
+        match &self.decay {
+            DecayMask::None => {}
+            DecayMask::All => {
+                let _ = p.g_mul_scalar_(1.0 - f);
+            }
+            DecayMask::Some(mask) => {
+                let _ = p.g_mul_(&Tensor::where_scalar(mask, 1.0 - f, 1.0));
+            }
+        }
+    }
+
+    /// `p·wd` on the elements that take weight decay, 0 elsewhere.
+    fn l2(&self, p: &Tensor, wd: f64) -> Option<Tensor> {
+        match &self.decay {
+            DecayMask::None => None,
+            DecayMask::All => Some(p * wd),
+            DecayMask::Some(mask) => Some(p * Tensor::where_scalar(mask, wd, 0.0)),
+        }
+    }
+
+    /// Updates `p` (this optimizer's whole range) from `g`.
+    pub fn update(&mut self, p: &mut Tensor, g: &Tensor, sp: StepParams) {
+        tch::no_grad(|| self.update_inner(p, g, sp));
+    }
+
+    fn update_inner(&mut self, p: &mut Tensor, g: &Tensor, sp: StepParams) {
+        let c = self.cfg.clone();
+        let lr = f64::from(sp.lr);
+        let scaled;
+        let g = if sp.grad_scale == 1.0 {
+            g
+        } else {
+            scaled = g * f64::from(sp.grad_scale);
+            &scaled
+        };
+        match c.kind {
+            OptimKind::Adamw => {
+                let t = (sp.step + 1) as i32;
+                let step_size = lr / (1.0 - c.beta1.powi(t));
+                let inv_bc2_sqrt = 1.0 / (1.0 - c.beta2.powi(t)).sqrt();
+                let (m, v) = self.states.split_at_mut(1);
+                let (m, v) = (&mut m[0], &mut v[0]);
+                // m = b1·m + (1-b1)·g, v = b2·v + (1-b2)·g²
+                let _ = m.lerp_(g, 1.0 - c.beta1);
+                let _ = v.lerp_(&g.square(), 1.0 - c.beta2);
+                // denom = sqrt(v)/sqrt(1-b2^t) + eps, scaled so that
+                // p += m / denom is p -= step_size · m / (sqrt(v̂) + eps).
+                let mut denom = v.sqrt();
+                let _ = denom.g_mul_scalar_(inv_bc2_sqrt);
+                let _ = denom.g_add_scalar_(c.eps);
+                let _ = denom.g_mul_scalar_(-1.0 / step_size);
+                self.decay(p, lr * c.weight_decay);
+                let _ = p.addcdiv_(&self.states[0], &denom);
+            }
+            OptimKind::Sgd => {
+                let l2 = if c.weight_decay == 0.0 {
+                    None
+                } else {
+                    self.l2(p, c.weight_decay)
+                };
+                match self.states.first_mut() {
+                    None => {
+                        // p -= lr·(g + wd·p)
+                        let mut d = g * -lr;
+                        if let Some(l2) = l2 {
+                            let _ = d.g_add_(&(l2 * -lr));
+                        }
+                        let _ = p.g_add_(&d);
+                    }
+                    Some(buf) => {
+                        let g = match l2 {
+                            Some(l2) => g + l2,
+                            None => g.shallow_clone(),
+                        };
+                        // buf = momentum·buf + g; d = g + momentum·buf (nesterov) or buf
+                        let _ = buf.g_mul_scalar_(c.momentum);
+                        let _ = buf.g_add_(&g);
+                        let d = if c.nesterov {
+                            &g + &*buf * c.momentum
+                        } else {
+                            buf.shallow_clone()
+                        };
+                        let _ = p.g_add_(&(d * -lr));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Linear warmup to `optim.lr` over `warmup_steps`, then cosine decay to
 /// `min_lr` at `decay_steps` (or `max_steps` when 0), as nanoGPT's `get_lr`.
 /// A pure function of the step, so resuming needs only the step.
@@ -275,6 +456,66 @@ mod tests {
         // buf = 1.9, d = 1 + 0.9 * 1.9 = 2.71
         assert!((p[0] - (0.81 - 0.271)).abs() < 1e-6);
         assert_eq!(opt.state_bytes(), 4);
+    }
+
+    /// The tensor optimizer is the host optimizer's arithmetic: same inputs,
+    /// same outputs (up to float rounding), for every kind, with clipping,
+    /// partial weight decay and several steps.
+    #[test]
+    fn tensor_optimizer_matches_the_host_one() {
+        let n = 37;
+        let runs = vec![(0..10, true), (10..25, false), (25..37, true)];
+        let sgd = |momentum: f64, nesterov: bool| OptimConfig {
+            kind: OptimKind::Sgd,
+            momentum,
+            nesterov,
+            weight_decay: 0.05,
+            ..OptimConfig::default()
+        };
+        for cfg in [
+            OptimConfig::default(),
+            sgd(0.0, false),
+            sgd(0.9, false),
+            sgd(0.9, true),
+        ] {
+            let mut host = Optimizer::new(&cfg, n);
+            let mut dev = TensorOptimizer::new(&cfg, n, Device::Cpu, &runs);
+            let mut p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut pt = Tensor::from_slice(&p);
+            for step in 0..4u64 {
+                let g: Vec<f32> = (0..n)
+                    .map(|i| ((i + 3 * step as usize) as f32 * 0.91).cos())
+                    .collect();
+                let sp = StepParams {
+                    step,
+                    lr: 0.01,
+                    grad_scale: if step == 2 { 0.5 } else { 1.0 },
+                };
+                for (run, decay) in &runs {
+                    host.update(
+                        run.clone(),
+                        &mut p[run.clone()],
+                        &g[run.clone()],
+                        *decay,
+                        sp,
+                    );
+                }
+                dev.update(&mut pt, &Tensor::from_slice(&g), sp);
+            }
+            let mut got = vec![0f32; n];
+            pt.copy_data(&mut got, n);
+            for i in 0..n {
+                assert!(
+                    (got[i] - p[i]).abs() < 1e-6,
+                    "{:?} element {i}: {} vs {}",
+                    cfg.kind,
+                    got[i],
+                    p[i]
+                );
+            }
+            assert_eq!(dev.state_bytes(), host.state_bytes());
+            assert_eq!(dev.state_names(), host.state_names());
+        }
     }
 
     #[test]

@@ -15,15 +15,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cohort_checkpoint::{FaultPoint, FaultSpec, Meta, ParamLayout, Saver, SaverOptions, Shard};
-use cohort_collectives::Communicator;
+use cohort_checkpoint::{FaultPoint, FaultSpec, Meta, ParamLayout, Saver, SaverOptions};
 use cohort_configs::JobConfig;
 use serde_json::json;
-use tch::{Device, nn::VarStore};
+use tch::{Device, Kind, Tensor, nn::VarStore};
 
 use crate::data::{Dataset, Loader};
 use crate::optim::LrSchedule;
-use crate::{DataParallel, DistEnv, StepReport, TrainError, model};
+use crate::{Collectives, DataParallel, DistEnv, StepReport, TrainError, model};
 
 /// Where to resume from (`COHORT_RESUME`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,15 +64,18 @@ pub struct Summary {
 pub fn run(
     job: &JobConfig,
     env: &DistEnv,
-    comm: Communicator,
+    comm: impl Into<Collectives>,
     resume: &Resume,
 ) -> Result<Summary, TrainError> {
+    let comm = comm.into();
     let (rank, world) = (comm.rank(), comm.world_size());
     let t = &job.train;
     if t.threads > 0 {
         tch::set_num_threads(t.threads as i32);
     }
-    let device = parse_device(&t.device, env.local_rank)?;
+    let device = resolve_device(&t.device, env.local_rank)?;
+    let precision = model::Precision::from_config(&t.precision)?;
+    let backend = comm.backend();
 
     let data = Arc::new(Dataset::open(
         &job.data,
@@ -83,7 +85,7 @@ pub fn run(
     )?);
     tch::manual_seed(t.seed as i64);
     let vs = VarStore::new(device);
-    let net = model::build(&vs.root(), &job.model, data.vocab_size());
+    let net = model::build(&vs.root(), &job.model, data.vocab_size(), precision);
     let mut dp = DataParallel::new(&vs, comm, &job.optim, &job.parallel)?;
     dp.set_schedule(LrSchedule::new(&job.optim, t.max_steps));
     let mut loader = Loader::new(data.clone(), t.seed, rank, world, t.batch_size);
@@ -125,9 +127,10 @@ pub fn run(
     let tokens_per_step = (world * t.batch_size * t.grad_accum_steps * job.model.block_size) as f64;
     if rank == 0 {
         println!(
-            "training {:?} ({} parameters) on {}, world {world}, zero stage {}, {} tokens/step{}",
+            "training {:?} ({} parameters, {}) on {}, world {world}, {backend} collectives, zero stage {}, {} tokens/step{}",
             job.model.kind,
             dp.flat().total(),
+            t.precision,
             describe_device(device),
             job.parallel.zero_stage,
             tokens_per_step,
@@ -157,7 +160,9 @@ pub fn run(
 
         // Micro-batches: each loss is divided by their number so the summed
         // gradients are those of the mean over the whole per-rank batch.
-        let mut loss_sum = 0.0;
+        // The loss is summed on the device and read once per step: reading
+        // it per micro-batch would make the host wait for the GPU each time.
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
         for _ in 0..t.grad_accum_steps {
             let batch = loader.next_batch(device);
             let loss = net.loss(&batch.inputs, &batch.targets, true) / t.grad_accum_steps as f64;
@@ -165,8 +170,9 @@ pub fn run(
                 context: format!("backward pass of step {step}"),
                 source,
             })?;
-            loss_sum += loss.double_value(&[]);
+            loss_sum += loss.detach().to_kind(Kind::Double);
         }
+        let loss_sum = loss_sum.double_value(&[]);
         let compute_s = start.elapsed().as_secs_f64();
         let report = dp.step_with_loss(loss_sum)?;
         let step_s = start.elapsed().as_secs_f64();
@@ -191,7 +197,7 @@ pub fn run(
         if let Some(saver) = saver.as_mut()
             && (report.step % job.checkpoint.every == 0 || report.step == t.max_steps)
         {
-            let (range, params, states) = dp.checkpoint_shard();
+            let shard = dp.checkpoint_shard()?;
             let meta = Meta {
                 step: report.step,
                 world,
@@ -211,14 +217,7 @@ pub fn run(
                 }),
                 config_toml: job.to_toml_string(),
             };
-            saver.save(
-                meta,
-                Shard {
-                    range,
-                    params,
-                    states,
-                },
-            )?;
+            saver.save(meta, shard)?;
             ckpt_stall_s = Some(save_start.elapsed().as_secs_f64());
         }
         if let Some(out) = metrics.as_mut() {
@@ -344,7 +343,10 @@ fn step_seed(seed: u64, step: u64, rank: usize) -> i64 {
     (rng.next_u64() >> 1) as i64
 }
 
-fn parse_device(name: &str, local_rank: usize) -> Result<Device, TrainError> {
+/// The device `train.device` names for the worker with `local_rank`: `cpu`;
+/// `cuda` (an error without one), the GPU `local_rank` modulo the visible
+/// devices; `auto`, that GPU when libtorch sees one, else the CPU.
+pub fn resolve_device(name: &str, local_rank: usize) -> Result<Device, TrainError> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" | "auto" if tch::Cuda::is_available() => {

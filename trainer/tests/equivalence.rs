@@ -1,8 +1,9 @@
 //! Data parallelism must not change the result: N ranks with per-rank batch
 //! B train the same model as one process with batch N·B (up to float
-//! summation order), ZeRO-1/2 match DDP, and gradient accumulation over
-//! micro-batches matches one big batch. Ranks are threads over the
-//! in-process transport.
+//! summation order), ZeRO-1/2 match DDP, gradient accumulation over
+//! micro-batches matches one big batch, and the device path (flat buffers,
+//! tensor optimizer: what CUDA runs) matches the host path, checkpoints
+//! included. Ranks are threads over the in-process transport.
 
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +25,8 @@ struct Setup {
     steps: usize,
     optim: OptimConfig,
     model: ModelConfig,
+    /// Run the device path (on CPU tensors) instead of the host path.
+    device_path: bool,
 }
 
 impl Setup {
@@ -48,6 +51,7 @@ impl Setup {
                 vocab_size: 0,
                 dropout: 0.0,
             },
+            device_path: false,
         }
     }
 }
@@ -59,6 +63,39 @@ struct Outcome {
     state_bytes: Vec<usize>,
 }
 
+/// One rank's model (built from the shared seed, one build at a time) and
+/// its `DataParallel` on the path and stage `s` asks for, with buckets of a
+/// few KiB so the pipeline and the bucket layout are exercised.
+fn rank_setup(
+    s: &Setup,
+    data: &Dataset,
+    comm: Communicator,
+) -> (VarStore, Box<dyn model::LanguageModel>, DataParallel) {
+    let (vs, net) = {
+        let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(7);
+        let vs = VarStore::new(Device::Cpu);
+        let net = model::build(
+            &vs.root(),
+            &s.model,
+            data.vocab_size(),
+            model::Precision::Fp32,
+        );
+        (vs, net)
+    };
+    let parallel = ParallelConfig {
+        zero_stage: s.stage,
+        bucket_mb: 0.01,
+        ..ParallelConfig::default()
+    };
+    let dp = if s.device_path {
+        DataParallel::new_device_path(&vs, comm, &s.optim, &parallel).unwrap()
+    } else {
+        DataParallel::new(&vs, comm, &s.optim, &parallel).unwrap()
+    };
+    (vs, net, dp)
+}
+
 fn train(s: &Setup) -> Outcome {
     tch::set_num_threads(1);
     let data = Arc::new(Dataset::open(&DataConfig::default(), s.model.block_size, 0, 7).unwrap());
@@ -68,21 +105,7 @@ fn train(s: &Setup) -> Outcome {
             let (s, data) = (s.clone(), data.clone());
             std::thread::spawn(move || {
                 let rank = comm.rank();
-                let (vs, net) = {
-                    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-                    tch::manual_seed(7);
-                    let vs = VarStore::new(Device::Cpu);
-                    let net = model::build(&vs.root(), &s.model, data.vocab_size());
-                    (vs, net)
-                };
-                let parallel = ParallelConfig {
-                    zero_stage: s.stage,
-                    // A few KiB: many buckets, so the pipeline and the bucket
-                    // layout are exercised.
-                    bucket_mb: 0.01,
-                    ..ParallelConfig::default()
-                };
-                let mut dp = DataParallel::new(&vs, comm, &s.optim, &parallel).unwrap();
+                let (_vs, net, mut dp) = rank_setup(&s, &data, comm);
                 let mut loader = Loader::new(data, 7, rank, s.world, s.batch);
                 let mut losses = Vec::new();
                 for _ in 0..s.steps {
@@ -231,4 +254,104 @@ fn zero1_keeps_a_world_th_of_the_optimizer_state() {
         );
     }
     assert_eq!(zero.state_bytes.iter().sum::<usize>(), full);
+}
+
+#[test]
+fn the_device_path_equals_the_host_path() {
+    for (world, stage, sgd_on) in [
+        (1, 0, false),
+        (2, 0, false),
+        (3, 1, false),
+        (2, 2, true),
+        (3, 0, true),
+    ] {
+        let mut s = Setup::new(world, 2);
+        s.stage = stage;
+        if sgd_on {
+            s = sgd(s);
+        }
+        let host = train(&s);
+        let device = train(&Setup {
+            device_path: true,
+            ..s.clone()
+        });
+        assert_close(
+            &format!("device path, world {world}, stage {stage}, sgd {sgd_on}"),
+            &device,
+            &host,
+        );
+        assert_eq!(device.state_bytes, host.state_bytes);
+    }
+    // Accumulation on the device path: gradients add up in the flat buffer.
+    let whole = train(&Setup {
+        device_path: true,
+        ..Setup::new(2, 8)
+    });
+    let accum = train(&Setup {
+        device_path: true,
+        accum: 4,
+        ..Setup::new(2, 2)
+    });
+    assert_close("device path accumulation", &accum, &whole);
+}
+
+/// A checkpoint shard written by one path restores on the other to the same
+/// parameters and optimizer state (what lets a job resume on a GPU from a
+/// CPU run, or the reverse).
+#[test]
+fn checkpoints_move_between_the_paths() {
+    use cohort_checkpoint::Shard;
+    // Trains 3 steps on `world` ranks (or restores `from` and trains none);
+    // returns every rank's params and checkpoint shard.
+    fn run(device_path: bool, stage: u8, from: Option<Vec<Shard>>) -> (Vec<Vec<f32>>, Vec<Shard>) {
+        let world = 2;
+        let data = Arc::new(Dataset::open(&DataConfig::default(), 8, 0, 7).unwrap());
+        let s = Setup::new(world, 2);
+        let handles: Vec<_> = Communicator::mem_group(world)
+            .into_iter()
+            .map(|comm| {
+                let (s, data, from) = (s.clone(), data.clone(), from.clone());
+                std::thread::spawn(move || {
+                    let rank = comm.rank();
+                    let s = Setup {
+                        stage,
+                        device_path,
+                        ..s
+                    };
+                    let (_vs, net, mut dp) = rank_setup(&s, &data, comm);
+                    match from {
+                        Some(shards) => {
+                            let Shard { params, states, .. } = shards[rank].clone();
+                            dp.restore(3, params, states).unwrap();
+                        }
+                        None => {
+                            let mut loader = Loader::new(data, 7, rank, world, 2);
+                            for _ in 0..3 {
+                                let b = loader.next_batch(Device::Cpu);
+                                let loss = net.loss(&b.inputs, &b.targets, true);
+                                loss.backward();
+                                dp.step_with_loss(loss.double_value(&[])).unwrap();
+                            }
+                        }
+                    }
+                    let total = dp.flat().total();
+                    let mut params = vec![0.0; total];
+                    dp.flat().read_params(0..total, &mut params);
+                    (params, dp.checkpoint_shard().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).unzip()
+    }
+    for (src_device, src_stage, dst_stage) in [(true, 1, 0), (false, 0, 2), (true, 2, 1)] {
+        let (params, shards) = run(src_device, src_stage, None);
+        let (restored, reshards) = run(!src_device, dst_stage, Some(shards.clone()));
+        let what = format!("device path {src_device} stage {src_stage} -> stage {dst_stage}");
+        assert_eq!(restored, params, "{what}: parameters");
+        for (a, b) in reshards.iter().zip(&shards) {
+            assert_eq!(a.range, b.range, "{what}: shard ranges");
+            assert_eq!(a.params, b.params, "{what}: shard parameters");
+            assert_eq!(a.states, b.states, "{what}: optimizer state");
+        }
+    }
 }

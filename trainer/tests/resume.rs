@@ -52,6 +52,7 @@ fn run_world(job: &JobConfig, world: usize, resume: &Resume) -> Summary {
                     rank: comm.rank(),
                     local_rank: comm.rank(),
                     world,
+                    local_world: world,
                     restart_count: 0,
                     log_dir: None,
                     status_file: None,

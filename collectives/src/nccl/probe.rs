@@ -97,7 +97,7 @@ fn load_driver() -> Result<CudaDriver, String> {
     // cudarc's loader tries these names too ("libcuda.so" first, ".1" last).
     dlopen_first(&["libcuda.so.1", "libcuda.so"]).map_err(|e| {
         format!(
-            "no CUDA driver: libcuda.so.1 does not load ({e}); NCCL needs an NVIDIA GPU and its driver"
+            "no CUDA driver: libcuda.so.1 does not load ({e}); CUDA needs an NVIDIA GPU and its driver"
         )
     })?;
     cu::init().map_err(|e| format!("the CUDA driver failed to initialise: {}", driver_error(e)))?;

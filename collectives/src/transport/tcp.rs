@@ -95,22 +95,7 @@ impl TcpConfig {
             Ok(host) if !host.is_empty() => (String::from("0.0.0.0"), host),
             _ => (String::from("127.0.0.1"), String::from("127.0.0.1")),
         };
-        let timeout = match std::env::var("COHORT_COLLECTIVE_TIMEOUT_S") {
-            Ok(s) => {
-                let secs: f64 = s
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|v: &f64| *v > 0.0 && v.is_finite())
-                    .ok_or_else(|| {
-                        CommError::Config(format!(
-                            "COHORT_COLLECTIVE_TIMEOUT_S={s:?} is not a positive number of seconds"
-                        ))
-                    })?;
-                Duration::from_secs_f64(secs)
-            }
-            Err(_) => Duration::from_secs(300),
-        };
+        let timeout = collective_timeout_from_env()?;
         Ok(TcpConfig {
             token: token.into_encoded_bytes(),
             bind_host,
@@ -118,6 +103,25 @@ impl TcpConfig {
             connect_timeout: timeout,
             default_timeout: timeout,
         })
+    }
+}
+
+/// `COHORT_COLLECTIVE_TIMEOUT_S`: the default op timeout (and bootstrap
+/// timeout) of every backend, 300 s when unset.
+pub fn collective_timeout_from_env() -> Result<Duration, CommError> {
+    match std::env::var("COHORT_COLLECTIVE_TIMEOUT_S") {
+        Ok(s) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| *v > 0.0 && v.is_finite())
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| {
+                CommError::Config(format!(
+                    "COHORT_COLLECTIVE_TIMEOUT_S={s:?} is not a positive number of seconds"
+                ))
+            }),
+        Err(_) => Ok(Duration::from_secs(300)),
     }
 }
 

@@ -1,0 +1,203 @@
+//! The collectives a trainer rank runs on, and their operations on tensors.
+//!
+//! - [`Collectives::Host`]: cohort's own communicator (TCP between
+//!   processes, in-process for tests). It works on host memory: a CPU
+//!   tensor is reduced in place; a CUDA tensor is staged through host
+//!   memory (copied out, reduced, copied back), the fallback for GPUs
+//!   without NCCL.
+//! - [`Collectives::Nccl`]: NCCL on CUDA tensors, in place through their
+//!   device addresses, enqueued on the default stream after the kernels
+//!   that produced them (see `cohort_collectives::nccl`). Nothing waits for
+//!   the GPU until a result is read on the host, and that read goes through
+//!   the watchdog, so a dead peer is an error, not a hang.
+
+use std::time::Duration;
+
+use cohort_collectives::nccl::{NcclCommunicator, Stream};
+use cohort_collectives::{Backend, CommError, Communicator, DType, OpOptions, ReduceOp};
+use tch::{Device, Kind, Tensor};
+
+/// A rank's collectives: cohort's host communicator or NCCL.
+pub enum Collectives {
+    Host(Communicator),
+    Nccl(NcclCommunicator),
+}
+
+impl From<Communicator> for Collectives {
+    fn from(c: Communicator) -> Self {
+        Collectives::Host(c)
+    }
+}
+
+impl From<NcclCommunicator> for Collectives {
+    fn from(c: NcclCommunicator) -> Self {
+        Collectives::Nccl(c)
+    }
+}
+
+/// A collective on a flat tensor, in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TensorOp {
+    /// All-reduce, average.
+    AllReduceAvg,
+    /// Reduce-scatter, average: this rank's `shard_range` holds the result.
+    ReduceScatterAvg,
+    /// All-gather: each rank's `shard_range` holds its part on entry.
+    AllGather,
+    /// Broadcast from rank 0.
+    Broadcast,
+}
+
+impl Collectives {
+    pub fn rank(&self) -> usize {
+        match self {
+            Collectives::Host(c) => c.rank(),
+            Collectives::Nccl(c) => c.rank(),
+        }
+    }
+
+    pub fn world_size(&self) -> usize {
+        match self {
+            Collectives::Host(c) => c.world_size(),
+            Collectives::Nccl(c) => c.world_size(),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Collectives::Host(_) => Backend::Tcp,
+            Collectives::Nccl(_) => Backend::Nccl,
+        }
+    }
+
+    /// Runs `op` in place on `t`: a contiguous 1-D f32 tensor, the same
+    /// length on every rank. Under NCCL the op is enqueued, not waited for.
+    pub(crate) fn tensor_op(
+        &mut self,
+        op: TensorOp,
+        t: &mut Tensor,
+        opts: &OpOptions,
+    ) -> Result<(), CommError> {
+        check_flat(t, Kind::Float, op)?;
+        let count = t.numel();
+        match self {
+            Collectives::Host(comm) => with_host_f32(t, |buf| match op {
+                TensorOp::AllReduceAvg => comm.all_reduce(buf, ReduceOp::Avg, opts),
+                TensorOp::ReduceScatterAvg => {
+                    comm.reduce_scatter(buf, ReduceOp::Avg, opts).map(drop)
+                }
+                TensorOp::AllGather => comm.all_gather(buf, opts),
+                TensorOp::Broadcast => comm.broadcast(buf, 0, opts),
+            }),
+            Collectives::Nccl(nccl) => {
+                let addr = device_addr(nccl, t)?;
+                let s = Stream::DEFAULT;
+                // SAFETY: `t` is a contiguous f32 tensor of `count` elements on
+                // the communicator's device; the caller keeps it alive, and
+                // every later use of it is ordered after the op on the
+                // default stream.
+                unsafe {
+                    match op {
+                        TensorOp::AllReduceAvg => {
+                            nccl.all_reduce(addr, count, DType::F32, ReduceOp::Avg, s)
+                        }
+                        TensorOp::ReduceScatterAvg => nccl
+                            .reduce_scatter(addr, count, DType::F32, ReduceOp::Avg, s)
+                            .map(drop),
+                        TensorOp::AllGather => nccl.all_gather(addr, count, DType::F32, s),
+                        TensorOp::Broadcast => nccl.broadcast(addr, count, DType::F32, 0, s),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sums `values` over the ranks (small host scalars: loss, norms).
+    pub(crate) fn sum_f64(
+        &mut self,
+        values: &mut [f64],
+        device: Device,
+        opts: &OpOptions,
+    ) -> Result<(), CommError> {
+        match self {
+            Collectives::Host(comm) => comm.all_reduce(values, ReduceOp::Sum, opts),
+            Collectives::Nccl(nccl) => {
+                let t = Tensor::from_slice(values).to_device(device);
+                let addr = device_addr(nccl, &t)?;
+                // SAFETY: `t` lives until after the synchronize below.
+                unsafe {
+                    nccl.all_reduce(
+                        addr,
+                        values.len(),
+                        DType::F64,
+                        ReduceOp::Sum,
+                        Stream::DEFAULT,
+                    )?
+                };
+                nccl.synchronize(Stream::DEFAULT, opts.timeout)?;
+                t.to_device(Device::Cpu).copy_data(values, values.len());
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for every enqueued collective (NCCL; the host communicator is
+    /// synchronous), with the watchdog's deadline.
+    pub(crate) fn synchronize(&mut self, timeout: Option<Duration>) -> Result<(), CommError> {
+        match self {
+            Collectives::Host(_) => Ok(()),
+            Collectives::Nccl(nccl) => nccl.synchronize(Stream::DEFAULT, timeout),
+        }
+    }
+}
+
+fn check_flat(t: &Tensor, kind: Kind, op: TensorOp) -> Result<(), CommError> {
+    if t.kind() != kind || t.dim() != 1 || !t.is_contiguous() {
+        return Err(CommError::InvalidArgument {
+            op: "tensor collective",
+            reason: format!(
+                "{op:?} needs a contiguous 1-D {kind:?} tensor, got {:?} of shape {:?}",
+                t.kind(),
+                t.size()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The device address of `t`, which must be on the communicator's GPU.
+fn device_addr(nccl: &NcclCommunicator, t: &Tensor) -> Result<u64, CommError> {
+    match t.device() {
+        Device::Cuda(i) if i == nccl.device() => Ok(t.data_ptr() as u64),
+        other => Err(CommError::InvalidArgument {
+            op: "nccl tensor collective",
+            reason: format!(
+                "the tensor is on {other:?}, but this rank's NCCL communicator is on cuda:{}",
+                nccl.device()
+            ),
+        }),
+    }
+}
+
+/// Runs `f` on `t`'s f32 elements in host memory: in place for a CPU
+/// tensor, through a host copy for any other device.
+fn with_host_f32(
+    t: &mut Tensor,
+    f: impl FnOnce(&mut [f32]) -> Result<(), CommError>,
+) -> Result<(), CommError> {
+    let n = t.numel();
+    if n == 0 {
+        return f(&mut []);
+    }
+    if t.device() == Device::Cpu {
+        // SAFETY: `t` is a contiguous f32 CPU tensor of `n` elements,
+        // borrowed mutably for the duration of `f`.
+        let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) };
+        return f(buf);
+    }
+    let mut host = vec![0f32; n];
+    t.to_device(Device::Cpu).copy_data(&mut host, n);
+    f(&mut host)?;
+    t.copy_(&Tensor::from_slice(&host).to_device(t.device()));
+    Ok(())
+}

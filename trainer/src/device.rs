@@ -1,0 +1,384 @@
+//! The device path of data parallelism (CUDA tensors): DDP and ZeRO-1/2 with
+//! the parameters, gradients and optimizer state in device memory.
+//!
+//! Layout. At start the model's parameters become views of one flat fp32
+//! buffer (`params`, in `FlatParams` order) and their `.grad`s views of
+//! another (`grads`): autograd accumulates straight into the flat gradient
+//! (as PyTorch DDP's `gradient_as_bucket_view`), and the optimizer's updates
+//! to the flat parameters are the model's. Nothing is copied per parameter.
+//!
+//! One step, in order:
+//! 1. **Reduce gradients.** DDP: each bucket is a range of `grads`,
+//!    all-reduced (average) in place. ZeRO: bucket *k* is packed from `grads`
+//!    (a copy per rank's chunk, as the host path lays buckets out), reduced
+//!    and scattered, and this rank's part is copied back into `grads` at its
+//!    own range. Under NCCL these are enqueued on the default stream after
+//!    the backward kernels; staged over TCP they run synchronously.
+//! 2. **Global norm.** The watchdog waits for the collectives (a dead peer
+//!    fails here, within the timeout), then the squared norm of the owned
+//!    gradient and the loss go through one small all-reduce.
+//! 3. **Clip and step.** [`TensorOptimizer`] on the owned ranges of `params`
+//!    and `grads`, the clip factor folded into its gradient read.
+//! 4. **Parameters.** ZeRO all-gathers each bucket's parameters back into
+//!    `params`. Then `grads` is zeroed for the next step.
+//!
+//! Memory per rank (P parameters, S optimizer state vectors): P params +
+//! P grads + S·P state (DDP) or S·P/N (ZeRO) + one bucket (ZeRO). ZeRO-2
+//! keeps the full flat gradient too: autograd writes every parameter's
+//! gradient, as on the host path.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use cohort_collectives::{CommError, OpOptions, shard_range};
+use cohort_configs::{OptimConfig, ParallelConfig};
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+use cohort_checkpoint::Shard;
+
+use crate::TrainError;
+use crate::backend::{Collectives, TensorOp};
+use crate::flat::FlatParams;
+use crate::optim::{StepParams, TensorOptimizer};
+use crate::parallel::{Bucket, Core, Plan, StepReport, ZeroStage};
+
+/// Data-parallel training of one `VarStore` whose tensors live on a device.
+pub(crate) struct DeviceParallel {
+    pub(crate) core: Core,
+    device: Device,
+    owned: Range<usize>,
+    /// Every trainable parameter, end to end; the model's are views of it.
+    params: Tensor,
+    /// Their gradients, end to end; the model's `.grad`s are views of it.
+    grads: Tensor,
+    buckets: Vec<Bucket>,
+    /// ZeRO: the buffer buckets are packed into (as long as the longest).
+    bucket_buf: Tensor,
+    optimizer: TensorOptimizer,
+    comm: Collectives,
+    opts: OpOptions,
+}
+
+impl DeviceParallel {
+    pub fn new(
+        vs: &VarStore,
+        comm: Collectives,
+        optim: &OptimConfig,
+        parallel: &ParallelConfig,
+    ) -> Result<Self, TrainError> {
+        let flat = FlatParams::new(vs)?;
+        let device = vs.device();
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let total = flat.total();
+        let Plan {
+            stage,
+            opts,
+            owned,
+            buckets,
+            schedule,
+        } = Plan::new(total, rank, world, optim, parallel)?;
+        let zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
+        let mut params = zeros(total);
+        flat.alias_params(&mut params);
+        let grads = zeros(total);
+        flat.alias_grads(&grads);
+        let longest = match stage {
+            ZeroStage::Ddp => 0,
+            _ => buckets.iter().map(|b| b.len).max().unwrap_or(0),
+        };
+        let decay = flat.decay_runs(owned.clone());
+        let mut dp = DeviceParallel {
+            core: Core {
+                flat,
+                stage,
+                rank,
+                world,
+                schedule,
+                grad_clip: optim.grad_clip,
+                step: 0,
+            },
+            optimizer: TensorOptimizer::new(optim, owned.len(), device, &decay),
+            bucket_buf: zeros(longest),
+            device,
+            owned,
+            params,
+            grads,
+            buckets,
+            comm,
+            opts,
+        };
+        // Every rank starts from rank 0's parameters, with no gradient.
+        dp.collective(
+            TensorOp::Broadcast,
+            None,
+            "broadcast of the initial parameters",
+        )?;
+        let _ = dp.grads.zero_();
+        Ok(dp)
+    }
+
+    pub fn optimizer_state_bytes(&self) -> usize {
+        self.optimizer.state_bytes()
+    }
+
+    pub fn optimizer_state_names(&self) -> &'static [&'static str] {
+        self.optimizer.state_names()
+    }
+
+    /// Runs `op` in place on `params` (`bucket: None`) or on a range of
+    /// `grads`/`bucket_buf`, naming `what` in an error.
+    fn collective(
+        &mut self,
+        op: TensorOp,
+        bucket: Option<(&Tensor, Range<usize>)>,
+        what: &'static str,
+    ) -> Result<(), TrainError> {
+        let mut t = match bucket {
+            None => self.params.shallow_clone(),
+            Some((base, r)) => base.narrow(0, r.start as i64, r.len() as i64),
+        };
+        self.comm
+            .tensor_op(op, &mut t, &self.opts)
+            .map_err(comm_error(self.core.rank, what))
+    }
+
+    pub(crate) fn step_inner(&mut self, local_loss: Option<f64>) -> Result<StepReport, TrainError> {
+        let start = Instant::now();
+        let mut comm = Duration::ZERO;
+
+        // 1. Gradients.
+        let t = Instant::now();
+        for k in 0..self.buckets.len() {
+            let (segs, len, own_at, own) = {
+                let b = &self.buckets[k];
+                (b.segs.clone(), b.len, b.own_at, b.own.clone())
+            };
+            match self.core.stage {
+                ZeroStage::Ddp => {
+                    let grads = self.grads.shallow_clone();
+                    self.collective(
+                        TensorOp::AllReduceAvg,
+                        Some((&grads, own)),
+                        "all_reduce of a gradient bucket",
+                    )?;
+                }
+                ZeroStage::Zero1 | ZeroStage::Zero2 => {
+                    let buf = self.bucket_buf.shallow_clone();
+                    tch::no_grad(|| {
+                        let mut at = 0;
+                        for seg in &segs {
+                            copy_range(&buf, at, &self.grads, seg.start, seg.len());
+                            at += seg.len();
+                        }
+                    });
+                    self.collective(
+                        TensorOp::ReduceScatterAvg,
+                        Some((&buf, 0..len)),
+                        "reduce_scatter of a gradient bucket",
+                    )?;
+                    tch::no_grad(|| copy_range(&self.grads, own.start, &buf, own_at, own.len()));
+                }
+            }
+        }
+        comm += t.elapsed();
+
+        // 2. Global norm and mean loss, once the reduced gradient is final.
+        let t = Instant::now();
+        self.comm
+            .synchronize(self.opts.timeout)
+            .map_err(comm_error(
+                self.core.rank,
+                "waiting for the gradient collectives",
+            ))?;
+        let wait = t.elapsed();
+        let owned_grads = self.owned_view(&self.grads);
+        let sq = match self.core.stage {
+            // Every rank holds the whole reduced gradient: count it once.
+            ZeroStage::Ddp if self.core.rank != 0 => 0.0,
+            _ => owned_grads.square().sum(Kind::Double).double_value(&[]),
+        };
+        let mut scalars = [sq, local_loss.unwrap_or(0.0)];
+        let t = Instant::now();
+        self.comm
+            .sum_f64(&mut scalars, self.device, &self.opts)
+            .map_err(comm_error(
+                self.core.rank,
+                "all_reduce of the step's scalars",
+            ))?;
+        comm += t.elapsed();
+        let grad_norm = scalars[0].sqrt();
+        let loss = local_loss.map(|_| scalars[1] / self.core.world as f64);
+
+        // 3. Clip (as torch.nn.utils.clip_grad_norm_) and step.
+        let grad_scale = if self.core.grad_clip > 0.0 {
+            (self.core.grad_clip / (grad_norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        let lr = self.core.schedule.at(self.core.step);
+        let t = Instant::now();
+        let mut owned_params = self.owned_view(&self.params);
+        self.optimizer.update(
+            &mut owned_params,
+            &owned_grads,
+            StepParams {
+                step: self.core.step,
+                lr: lr as f32,
+                grad_scale: grad_scale as f32,
+            },
+        );
+        let optimizer = t.elapsed();
+
+        // 4. ZeRO: every rank's updated shard, bucket by bucket.
+        let t = Instant::now();
+        if self.core.stage != ZeroStage::Ddp {
+            for k in 0..self.buckets.len() {
+                let (segs, len, own_at, own) = {
+                    let b = &self.buckets[k];
+                    (b.segs.clone(), b.len, b.own_at, b.own.clone())
+                };
+                let buf = self.bucket_buf.shallow_clone();
+                tch::no_grad(|| copy_range(&buf, own_at, &self.params, own.start, own.len()));
+                self.collective(
+                    TensorOp::AllGather,
+                    Some((&buf, 0..len)),
+                    "all_gather of a parameter bucket",
+                )?;
+                tch::no_grad(|| {
+                    let mut at = 0;
+                    for (r, seg) in segs.iter().enumerate() {
+                        if r != self.core.rank {
+                            copy_range(&self.params, seg.start, &buf, at, seg.len());
+                        }
+                        at += seg.len();
+                    }
+                });
+            }
+        }
+        comm += t.elapsed();
+        let _ = self.grads.zero_();
+        self.core.step += 1;
+        Ok(StepReport {
+            step: self.core.step,
+            lr,
+            grad_norm,
+            loss,
+            comm_s: comm.as_secs_f64(),
+            comm_wait_s: (comm + wait).as_secs_f64(),
+            optimizer_s: optimizer.as_secs_f64(),
+            pack_s: 0.0,
+            total_s: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The owned range of a flat tensor.
+    fn owned_view(&self, t: &Tensor) -> Tensor {
+        t.narrow(0, self.owned.start as i64, self.owned.len() as i64)
+    }
+
+    pub fn mean_over_ranks(&mut self, values: &[f64]) -> Result<Vec<f64>, TrainError> {
+        let mut sums = values.to_vec();
+        self.comm
+            .sum_f64(&mut sums, self.device, &self.opts)
+            .map_err(comm_error(
+                self.core.rank,
+                "all_reduce of the step's scalars",
+            ))?;
+        Ok(sums.iter().map(|s| s / self.core.world as f64).collect())
+    }
+
+    pub fn checkpoint_shard(&mut self) -> Result<Shard, TrainError> {
+        self.comm
+            .synchronize(self.opts.timeout)
+            .map_err(comm_error(
+                self.core.rank,
+                "waiting for the parameter collectives",
+            ))?;
+        let shard = shard_range(self.core.flat.total(), self.core.world, self.core.rank);
+        let local = shard.start - self.owned.start..shard.end - self.owned.start;
+        let params = to_host(&self.params, shard.clone());
+        let states = self
+            .optimizer
+            .states()
+            .iter()
+            .map(|s| to_host(s, local.clone()))
+            .collect();
+        Ok(Shard {
+            range: shard,
+            params,
+            states,
+        })
+    }
+
+    /// See [`crate::DataParallel::restore`] (which has checked the lengths).
+    pub fn restore(
+        &mut self,
+        steps_done: u64,
+        params: Vec<f32>,
+        states: Vec<Vec<f32>>,
+    ) -> Result<(), TrainError> {
+        let total = self.core.flat.total();
+        let shard = shard_range(total, self.core.world, self.core.rank);
+        // A full-length vector with this rank's shard in place, gathered.
+        let gather = |dp: &mut Self, part: &[f32]| -> Result<Tensor, TrainError> {
+            let full = Tensor::zeros([total as i64], (Kind::Float, dp.device));
+            tch::no_grad(|| {
+                copy_range(
+                    &full,
+                    shard.start,
+                    &Tensor::from_slice(part).to_device(dp.device),
+                    0,
+                    part.len(),
+                )
+            });
+            dp.collective(
+                TensorOp::AllGather,
+                Some((&full, 0..total)),
+                "all_gather of a restored checkpoint",
+            )?;
+            Ok(full)
+        };
+        let full = gather(self, &params)?;
+        let states = match self.core.stage {
+            ZeroStage::Ddp => states
+                .iter()
+                .map(|s| gather(self, s))
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => states
+                .iter()
+                .map(|s| Tensor::from_slice(s).to_device(self.device))
+                .collect(),
+        };
+        self.optimizer
+            .set_states(states)
+            .map_err(|e| TrainError::Config(format!("checkpoint optimizer state: {e}")))?;
+        tch::no_grad(|| self.params.copy_(&full));
+        self.core.step = steps_done;
+        Ok(())
+    }
+}
+
+/// The trainer's error for a failed collective `op` of `rank`.
+fn comm_error(rank: usize, op: &'static str) -> impl Fn(CommError) -> TrainError {
+    move |source| TrainError::Comm { op, rank, source }
+}
+
+/// `dst[dst_at..dst_at+len] = src[src_at..src_at+len]` for flat tensors.
+fn copy_range(dst: &Tensor, dst_at: usize, src: &Tensor, src_at: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let mut d = dst.narrow(0, dst_at as i64, len as i64);
+    d.copy_(&src.narrow(0, src_at as i64, len as i64));
+}
+
+/// Elements `r` of a flat f32 tensor, in host memory.
+fn to_host(t: &Tensor, r: Range<usize>) -> Vec<f32> {
+    let mut out = vec![0f32; r.len()];
+    if !r.is_empty() {
+        t.narrow(0, r.start as i64, r.len() as i64)
+            .to_device(Device::Cpu)
+            .copy_data(&mut out, r.len());
+    }
+    out
+}
