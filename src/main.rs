@@ -30,13 +30,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Die quietly on a closed stdout (`cohort doctor | head`), as command-line
-    // tools do, instead of panicking in println!. Sockets are unaffected: std
-    // and tokio send with MSG_NOSIGNAL.
-    // SAFETY: setting a signal disposition to SIG_DFL before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     cmd::init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -47,6 +40,21 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    // The commands that only print die quietly on a closed stdout (`cohort
+    // doctor | head`), as command-line tools do, instead of panicking in
+    // println!. `launch` and `coordinator` keep SIGPIPE ignored (Rust's
+    // default): they talk gRPC, and a vectored write (writev, which hyper
+    // uses) to a connection the other side has closed raises SIGPIPE, which
+    // would kill them; they write their own output ignoring errors.
+    if matches!(
+        cli.command,
+        Command::Doctor(_) | Command::Ckpt(_) | Command::Bench(_)
+    ) {
+        // SAFETY: setting a signal disposition to SIG_DFL before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Launch(args) => cmd::launch::run(args),
         Command::Coordinator(args) => cmd::coordinator::run(args),

@@ -237,6 +237,63 @@ fn sigint_stops_every_worker_and_their_children() {
     );
 }
 
+/// A worker that exits 0 while a program it started still runs: that
+/// program is killed with the worker's process group (while the exited
+/// worker still holds the group id), and the job succeeds.
+#[test]
+fn programs_a_finished_worker_left_behind_are_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    std::fs::create_dir(&pids).unwrap();
+    let body = format!(
+        "sleep 1000 > /dev/null 2>&1 &\necho $! > {p}/child_$RANK.tmp\nmv {p}/child_$RANK.tmp {p}/child_$RANK\nexit 0\n",
+        p = pids.display()
+    );
+    let s = script(dir.path(), "leaves.sh", &body);
+    let logs = dir.path().join("logs");
+    let (status, _, err) = run(
+        launch(
+            &logs,
+            &["--nproc-per-node", "2"],
+            &["sh", s.to_str().unwrap()],
+        ),
+        LIMIT,
+    );
+    assert!(status.success(), "{status}: {err}");
+    let children: Vec<i32> = (0..2)
+        .map(|r| {
+            std::fs::read_to_string(pids.join(format!("child_{r}")))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(5), || children
+            .iter()
+            .all(|&pid| !alive(pid))),
+        "left running: {:?}",
+        children
+            .iter()
+            .filter(|&&pid| alive(pid))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The launcher ignores SIGPIPE: a gRPC write (writev) to a connection its
+/// peer just closed raises one, and a launcher killed by it after its job
+/// succeeded reads as a failed job. A worker sends its parent one here.
+#[test]
+fn a_sigpipe_does_not_kill_the_launcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = script(dir.path(), "pipe.sh", "kill -PIPE $PPID\nexit 0\n");
+    let logs = dir.path().join("logs");
+    let (status, _, err) = run(launch(&logs, &[], &["sh", s.to_str().unwrap()]), LIMIT);
+    assert!(status.success(), "{status}: {err}");
+    assert!(err.contains("job succeeded"), "{err}");
+}
+
 #[test]
 fn bad_input_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();

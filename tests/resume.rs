@@ -66,7 +66,7 @@ impl Job {
             cmd.env(k, v);
         }
         let (status, out, err) = run(cmd, DEADLINE);
-        (status.success(), format!("{out}{err}"))
+        (status.success(), format!("{status}\n{out}{err}"))
     }
 
     /// The consolidated weights of `ckpt`'s latest checkpoint, as the bytes

@@ -1,6 +1,7 @@
 //! `cohort launch` and `cohort coordinator` as library calls: option
 //! structs, then one blocking function each that returns the process exit code.
 
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -316,15 +317,27 @@ pub fn serve(options: CoordinatorOptions) -> Result<i32, LauncherError> {
             tick: (options.timing.heartbeat_interval / 4).max(Duration::from_millis(10)),
         };
         let running = RunningCoordinator::start(&options.bind, config).await?;
-        println!("cohort coordinator listening on {}", running.addr());
+        // Lines for a person (or a script): a closed stdout must not stop the
+        // coordinator, so write errors are ignored (SIGPIPE is ignored here).
+        let say = |line: &str| {
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        };
+        say(&format!(
+            "cohort coordinator listening on {}",
+            running.addr()
+        ));
         if generated {
-            println!("job token: {token} (pass it to every node with --token or COHORT_TOKEN)");
+            say(&format!(
+                "job token: {token} (pass it to every node with --token or COHORT_TOKEN)"
+            ));
         }
         let mut events = running.coordinator().subscribe();
         tokio::spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(e) if e.kind != EventKind::Progress as i32 => println!("{}", e.message),
+                    Ok(e) if e.kind != EventKind::Progress as i32 => {
+                        let _ = writeln!(std::io::stdout().lock(), "{}", e.message);
+                    }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }

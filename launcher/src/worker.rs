@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -19,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cohort_proto::v1::{WorkerState, WorkerStatus};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Interest};
 use tokio::sync::mpsc;
 
 use crate::LauncherError;
@@ -249,8 +251,9 @@ impl WorkerGroup {
     }
 
     /// `signal` to every running worker, up to `grace` for them to exit,
-    /// then SIGKILL to every worker's group (also reaching the programs a
-    /// worker left behind).
+    /// then SIGKILL to the group of every worker still running (with the
+    /// programs it started; those of workers that exited were killed at
+    /// their exit).
     pub async fn stop(&mut self, signal: i32, grace: Duration) {
         self.signal(signal);
         let deadline = tokio::time::Instant::now() + grace;
@@ -268,8 +271,10 @@ impl WorkerGroup {
         }
     }
 
+    /// SIGKILL to the process group of every worker not known to have
+    /// exited (a running worker holds its group id, so it can't be stale).
     fn kill_groups(&self) {
-        for w in &self.workers {
+        for w in self.workers.iter().filter(|w| w.exit.is_none()) {
             // SAFETY: killpg has no memory-safety preconditions.
             unsafe {
                 libc::killpg(w.pgid, libc::SIGKILL);
@@ -299,6 +304,25 @@ impl Worker {
     }
 }
 
+/// Waits for the process `pid` to exit without reaping it (a pidfd turns
+/// readable at exit; the zombie stays until `wait`). `false` when that can't
+/// be done (a kernel before 5.3): the caller then learns of the exit only
+/// from `wait`.
+async fn wait_unreaped(pid: i32) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a file descriptor just returned to us, owned from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns the fd, which nothing else closes or replaces.
+    match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+        Ok(afd) => afd.readable().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
 fn spawn_one(
     index: usize,
     spec: WorkerSpec,
@@ -321,7 +345,19 @@ fn spawn_one(
             program: spec.program.to_string_lossy().into_owned(),
             source,
         })?;
-    let pgid = child.id().map_or(0, |id| id as i32);
+    // The worker leads its own group (process_group(0)): its pid is the group
+    // id. A freshly spawned child always has one; never 0, which killpg
+    // would take for the launcher's own group.
+    let pgid = match child.id().and_then(|id| i32::try_from(id).ok()) {
+        Some(id) if id > 0 => id,
+        _ => {
+            let _ = child.start_kill();
+            return Err(LauncherError::Spawn {
+                program: spec.program.to_string_lossy().into_owned(),
+                source: std::io::Error::other("the new worker has no process id"),
+            });
+        }
+    };
     let log = Arc::new(Mutex::new(log));
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
     let mut copies = Vec::new();
@@ -346,6 +382,18 @@ fn spawn_one(
         )));
     }
     tokio::spawn(async move {
+        // Programs the worker left in its process group die with it. They are
+        // killed while the exited worker is a zombie, before it is reaped: its
+        // pid, and so its group id, cannot be reused until then, so the
+        // signal reaches only that group (after the reap the number may go to
+        // an unrelated process of another job; this host reuses pids quickly
+        // when busy).
+        if wait_unreaped(pgid).await {
+            // SAFETY: killpg has no memory-safety preconditions.
+            unsafe {
+                libc::killpg(pgid, libc::SIGKILL);
+            }
+        }
         let status = match child.wait().await {
             Ok(status) => status,
             Err(_) => ExitStatus::from_raw(libc::SIGKILL),

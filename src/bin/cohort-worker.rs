@@ -37,10 +37,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: setting a signal disposition to SIG_DFL before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): the worker talks gRPC to the
+    // coordinator's store, and a vectored write (writev) to a connection
+    // the coordinator has closed would otherwise kill it with SIGPIPE. If
+    // its launcher is gone, its next println! fails and it exits.
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
