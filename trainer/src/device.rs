@@ -30,7 +30,7 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use cohort_collectives::{CommError, OpOptions, shard_range};
+use cohort_collectives::OpOptions;
 use cohort_configs::{OptimConfig, ParallelConfig};
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
@@ -66,37 +66,29 @@ impl DeviceParallel {
         optim: &OptimConfig,
         parallel: &ParallelConfig,
     ) -> Result<Self, TrainError> {
-        let flat = FlatParams::new(vs)?;
         let device = vs.device();
         let (rank, world) = (comm.rank(), comm.world_size());
-        let total = flat.total();
-        let Plan {
-            stage,
-            opts,
-            owned,
-            buckets,
-            schedule,
-        } = Plan::new(total, rank, world, optim, parallel)?;
+        let (
+            core,
+            Plan {
+                opts,
+                owned,
+                buckets,
+            },
+        ) = Plan::new(FlatParams::new(vs)?, rank, world, optim, parallel)?;
+        let total = core.flat.total();
         let zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
         let mut params = zeros(total);
-        flat.alias_params(&mut params);
+        core.flat.alias_params(&mut params);
         let grads = zeros(total);
-        flat.alias_grads(&grads);
-        let longest = match stage {
+        core.flat.alias_grads(&grads);
+        let longest = match core.stage {
             ZeroStage::Ddp => 0,
             _ => buckets.iter().map(|b| b.len).max().unwrap_or(0),
         };
-        let decay = flat.decay_runs(owned.clone());
+        let decay = core.flat.decay_runs(owned.clone());
         let mut dp = DeviceParallel {
-            core: Core {
-                flat,
-                stage,
-                rank,
-                world,
-                schedule,
-                grad_clip: optim.grad_clip,
-                step: 0,
-            },
+            core,
             optimizer: TensorOptimizer::new(optim, owned.len(), device, &decay),
             bucket_buf: zeros(longest),
             device,
@@ -108,9 +100,10 @@ impl DeviceParallel {
             opts,
         };
         // Every rank starts from rank 0's parameters, with no gradient.
+        let params = dp.params.shallow_clone();
         dp.collective(
             TensorOp::Broadcast,
-            None,
+            &params,
             "broadcast of the initial parameters",
         )?;
         let _ = dp.grads.zero_();
@@ -125,68 +118,64 @@ impl DeviceParallel {
         self.optimizer.state_names()
     }
 
-    /// Runs `op` in place on `params` (`bucket: None`) or on a range of
-    /// `grads`/`bucket_buf`, naming `what` in an error.
+    /// Runs `op` in place on all of `params` (at start and restore).
     fn collective(
         &mut self,
         op: TensorOp,
-        bucket: Option<(&Tensor, Range<usize>)>,
+        t: &Tensor,
         what: &'static str,
     ) -> Result<(), TrainError> {
-        let mut t = match bucket {
-            None => self.params.shallow_clone(),
-            Some((base, r)) => base.narrow(0, r.start as i64, r.len() as i64),
-        };
-        self.comm
-            .tensor_op(op, &mut t, &self.opts)
-            .map_err(comm_error(self.core.rank, what))
+        let all = 0..t.numel();
+        run_op(&mut self.comm, &self.opts, self.core.rank, op, t, all, what)
     }
 
     pub(crate) fn step_inner(&mut self, local_loss: Option<f64>) -> Result<StepReport, TrainError> {
         let start = Instant::now();
-        let mut comm = Duration::ZERO;
+        let mut comm_time = Duration::ZERO;
 
         // 1. Gradients.
         let t = Instant::now();
-        for k in 0..self.buckets.len() {
-            let (segs, len, own_at, own) = {
-                let b = &self.buckets[k];
-                (b.segs.clone(), b.len, b.own_at, b.own.clone())
-            };
+        let (comm, opts, rank) = (&mut self.comm, &self.opts, self.core.rank);
+        let (grads, buf) = (&self.grads, &self.bucket_buf);
+        for b in &self.buckets {
             match self.core.stage {
-                ZeroStage::Ddp => {
-                    let grads = self.grads.shallow_clone();
-                    self.collective(
-                        TensorOp::AllReduceAvg,
-                        Some((&grads, own)),
-                        "all_reduce of a gradient bucket",
-                    )?;
-                }
+                ZeroStage::Ddp => run_op(
+                    comm,
+                    opts,
+                    rank,
+                    TensorOp::AllReduceAvg,
+                    grads,
+                    b.own.clone(),
+                    "all_reduce of a gradient bucket",
+                )?,
                 ZeroStage::Zero1 | ZeroStage::Zero2 => {
-                    let buf = self.bucket_buf.shallow_clone();
                     tch::no_grad(|| {
                         let mut at = 0;
-                        for seg in &segs {
-                            copy_range(&buf, at, &self.grads, seg.start, seg.len());
+                        for seg in &b.segs {
+                            copy_range(buf, at, grads, seg.start, seg.len());
                             at += seg.len();
                         }
                     });
-                    self.collective(
+                    run_op(
+                        comm,
+                        opts,
+                        rank,
                         TensorOp::ReduceScatterAvg,
-                        Some((&buf, 0..len)),
+                        buf,
+                        0..b.len,
                         "reduce_scatter of a gradient bucket",
                     )?;
-                    tch::no_grad(|| copy_range(&self.grads, own.start, &buf, own_at, own.len()));
+                    tch::no_grad(|| copy_range(grads, b.own.start, buf, b.own_at, b.own.len()));
                 }
             }
         }
-        comm += t.elapsed();
+        comm_time += t.elapsed();
 
         // 2. Global norm and mean loss, once the reduced gradient is final.
         let t = Instant::now();
         self.comm
             .synchronize(self.opts.timeout)
-            .map_err(comm_error(
+            .map_err(TrainError::comm(
                 self.core.rank,
                 "waiting for the gradient collectives",
             ))?;
@@ -201,11 +190,11 @@ impl DeviceParallel {
         let t = Instant::now();
         self.comm
             .sum_f64(&mut scalars, self.device, &self.opts)
-            .map_err(comm_error(
+            .map_err(TrainError::comm(
                 self.core.rank,
                 "all_reduce of the step's scalars",
             ))?;
-        comm += t.elapsed();
+        comm_time += t.elapsed();
         let grad_norm = scalars[0].sqrt();
         let loss = local_loss.map(|_| scalars[1] / self.core.world as f64);
 
@@ -232,30 +221,31 @@ impl DeviceParallel {
         // 4. ZeRO: every rank's updated shard, bucket by bucket.
         let t = Instant::now();
         if self.core.stage != ZeroStage::Ddp {
-            for k in 0..self.buckets.len() {
-                let (segs, len, own_at, own) = {
-                    let b = &self.buckets[k];
-                    (b.segs.clone(), b.len, b.own_at, b.own.clone())
-                };
-                let buf = self.bucket_buf.shallow_clone();
-                tch::no_grad(|| copy_range(&buf, own_at, &self.params, own.start, own.len()));
-                self.collective(
+            let (comm, opts, rank) = (&mut self.comm, &self.opts, self.core.rank);
+            let (params, buf) = (&self.params, &self.bucket_buf);
+            for b in &self.buckets {
+                tch::no_grad(|| copy_range(buf, b.own_at, params, b.own.start, b.own.len()));
+                run_op(
+                    comm,
+                    opts,
+                    rank,
                     TensorOp::AllGather,
-                    Some((&buf, 0..len)),
+                    buf,
+                    0..b.len,
                     "all_gather of a parameter bucket",
                 )?;
                 tch::no_grad(|| {
                     let mut at = 0;
-                    for (r, seg) in segs.iter().enumerate() {
-                        if r != self.core.rank {
-                            copy_range(&self.params, seg.start, &buf, at, seg.len());
+                    for (r, seg) in b.segs.iter().enumerate() {
+                        if r != rank {
+                            copy_range(params, seg.start, buf, at, seg.len());
                         }
                         at += seg.len();
                     }
                 });
             }
         }
-        comm += t.elapsed();
+        comm_time += t.elapsed();
         let _ = self.grads.zero_();
         self.core.step += 1;
         Ok(StepReport {
@@ -263,8 +253,8 @@ impl DeviceParallel {
             lr,
             grad_norm,
             loss,
-            comm_s: comm.as_secs_f64(),
-            comm_wait_s: (comm + wait).as_secs_f64(),
+            comm_s: comm_time.as_secs_f64(),
+            comm_wait_s: (comm_time + wait).as_secs_f64(),
             optimizer_s: optimizer.as_secs_f64(),
             pack_s: 0.0,
             total_s: start.elapsed().as_secs_f64(),
@@ -276,25 +266,24 @@ impl DeviceParallel {
         t.narrow(0, self.owned.start as i64, self.owned.len() as i64)
     }
 
-    pub fn mean_over_ranks(&mut self, values: &[f64]) -> Result<Vec<f64>, TrainError> {
-        let mut sums = values.to_vec();
+    /// Sums `values` over the ranks, in place (every rank must call it).
+    pub fn sum_over_ranks(&mut self, values: &mut [f64]) -> Result<(), TrainError> {
         self.comm
-            .sum_f64(&mut sums, self.device, &self.opts)
-            .map_err(comm_error(
+            .sum_f64(values, self.device, &self.opts)
+            .map_err(TrainError::comm(
                 self.core.rank,
                 "all_reduce of the step's scalars",
-            ))?;
-        Ok(sums.iter().map(|s| s / self.core.world as f64).collect())
+            ))
     }
 
     pub fn checkpoint_shard(&mut self) -> Result<Shard, TrainError> {
         self.comm
             .synchronize(self.opts.timeout)
-            .map_err(comm_error(
+            .map_err(TrainError::comm(
                 self.core.rank,
                 "waiting for the parameter collectives",
             ))?;
-        let shard = shard_range(self.core.flat.total(), self.core.world, self.core.rank);
+        let shard = self.core.shard();
         let local = shard.start - self.owned.start..shard.end - self.owned.start;
         let params = to_host(&self.params, shard.clone());
         let states = self
@@ -318,7 +307,7 @@ impl DeviceParallel {
         states: Vec<Vec<f32>>,
     ) -> Result<(), TrainError> {
         let total = self.core.flat.total();
-        let shard = shard_range(total, self.core.world, self.core.rank);
+        let shard = self.core.shard();
         // A full-length vector with this rank's shard in place, gathered.
         let gather = |dp: &mut Self, part: &[f32]| -> Result<Tensor, TrainError> {
             let full = Tensor::zeros([total as i64], (Kind::Float, dp.device));
@@ -333,7 +322,7 @@ impl DeviceParallel {
             });
             dp.collective(
                 TensorOp::AllGather,
-                Some((&full, 0..total)),
+                &full,
                 "all_gather of a restored checkpoint",
             )?;
             Ok(full)
@@ -358,9 +347,20 @@ impl DeviceParallel {
     }
 }
 
-/// The trainer's error for a failed collective `op` of `rank`.
-fn comm_error(rank: usize, op: &'static str) -> impl Fn(CommError) -> TrainError {
-    move |source| TrainError::Comm { op, rank, source }
+/// Runs `op` in place on elements `r` of the flat tensor `t`, naming `what`
+/// in an error.
+fn run_op(
+    comm: &mut Collectives,
+    opts: &OpOptions,
+    rank: usize,
+    op: TensorOp,
+    t: &Tensor,
+    r: Range<usize>,
+    what: &'static str,
+) -> Result<(), TrainError> {
+    let mut part = t.narrow(0, r.start as i64, r.len() as i64);
+    comm.tensor_op(op, &mut part, opts)
+        .map_err(TrainError::comm(rank, what))
 }
 
 /// `dst[dst_at..dst_at+len] = src[src_at..src_at+len]` for flat tensors.

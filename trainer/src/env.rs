@@ -77,23 +77,23 @@ impl DistEnv {
         if self.world == 1 {
             return Ok(Communicator::mem_group(1).remove(0));
         }
-        let store = store.ok_or_else(|| {
-            TrainError::Config(format!(
-                "WORLD_SIZE={} needs a store to find the other ranks: run under `cohort launch`",
-                self.world
-            ))
-        })?;
-        let comm_err = |op: &'static str| {
-            let rank = self.rank;
-            move |source| TrainError::Comm { op, rank, source }
-        };
-        let cfg = TcpConfig::from_env().map_err(comm_err("reading the TCP transport settings"))?;
+        let store = store.ok_or_else(|| self.no_store())?;
+        let cfg = TcpConfig::from_env().map_err(TrainError::comm(
+            self.rank,
+            "reading the TCP transport settings",
+        ))?;
         Communicator::connect_tcp(store, self.rank, self.world, &cfg)
-            .map_err(comm_err("connecting to the other ranks"))
+            .map_err(TrainError::comm(self.rank, "connecting to the other ranks"))
     }
-}
 
-impl DistEnv {
+    /// Why a world of more than one rank can't connect without a store.
+    fn no_store(&self) -> TrainError {
+        TrainError::Config(format!(
+            "WORLD_SIZE={} needs a store to find the other ranks: run under `cohort launch`",
+            self.world
+        ))
+    }
+
     /// The collectives for training on `device` with `parallel.backend` =
     /// `request` (see `cohort_collectives::backend::choose`), connected; and
     /// why that backend. NCCL ranks bootstrap through `store` (a world of
@@ -122,14 +122,12 @@ impl DistEnv {
         let (backend, why) =
             backend::choose(request, cuda, usable.as_deref().map_err(String::as_str))
                 .map_err(TrainError::Config)?;
-        let comm_err = |op: &'static str| {
-            let rank = self.rank;
-            move |source| TrainError::Comm { op, rank, source }
-        };
         let comm = match (backend, device) {
             (Backend::Nccl, Device::Cuda(ordinal)) => {
-                let timeout = collective_timeout_from_env()
-                    .map_err(comm_err("reading the collective timeout"))?;
+                let timeout = collective_timeout_from_env().map_err(TrainError::comm(
+                    self.rank,
+                    "reading the collective timeout",
+                ))?;
                 let own;
                 let store = match store {
                     Some(s) => s,
@@ -137,15 +135,10 @@ impl DistEnv {
                         own = MemStore::new();
                         &own
                     }
-                    None => {
-                        return Err(TrainError::Config(format!(
-                            "WORLD_SIZE={} needs a store to find the other ranks: run under `cohort launch`",
-                            self.world
-                        )));
-                    }
+                    None => return Err(self.no_store()),
                 };
                 NcclCommunicator::connect(store, self.rank, self.world, ordinal, timeout)
-                    .map_err(comm_err("joining the NCCL communicator"))?
+                    .map_err(TrainError::comm(self.rank, "joining the NCCL communicator"))?
                     .into()
             }
             _ => self.connect(store)?.into(),

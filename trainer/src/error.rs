@@ -55,3 +55,11 @@ pub enum TrainError {
         source: std::io::Error,
     },
 }
+
+impl TrainError {
+    /// The error for `rank`'s collective `op`, from the communicator's: for
+    /// `map_err`.
+    pub(crate) fn comm(rank: usize, op: &'static str) -> impl Fn(CommError) -> TrainError {
+        move |source| TrainError::Comm { op, rank, source }
+    }
+}

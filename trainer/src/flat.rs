@@ -23,6 +23,14 @@ pub struct Slot {
     tensor: Tensor,
 }
 
+impl Slot {
+    /// This variable's place in a flat `[total]` tensor, shaped like it.
+    fn view_in(&self, flat: &Tensor) -> Tensor {
+        flat.narrow(0, self.offset as i64, self.numel as i64)
+            .view(self.tensor.size().as_slice())
+    }
+}
+
 /// The flat view of a `VarStore`'s trainable variables.
 pub struct FlatParams {
     slots: Vec<Slot>,
@@ -169,9 +177,7 @@ impl FlatParams {
     pub fn alias_params(&self, params: &mut Tensor) {
         tch::no_grad(|| {
             for slot in &self.slots {
-                let mut view = params
-                    .narrow(0, slot.offset as i64, slot.numel as i64)
-                    .view(slot.tensor.size().as_slice());
+                let mut view = slot.view_in(params);
                 view.copy_(&slot.tensor);
                 let mut handle = slot.tensor.shallow_clone();
                 handle.set_data(&view);
@@ -197,9 +203,7 @@ impl FlatParams {
         }
         tch::no_grad(|| {
             for slot in &self.slots {
-                let mut view = grads
-                    .narrow(0, slot.offset as i64, slot.numel as i64)
-                    .view(slot.tensor.size().as_slice());
+                let mut view = slot.view_in(grads);
                 let mut grad = slot.tensor.grad();
                 view.copy_(&grad);
                 grad.set_data(&view);

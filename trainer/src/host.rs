@@ -36,7 +36,7 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use cohort_collectives::{Communicator, shard_range};
+use cohort_collectives::Communicator;
 use cohort_configs::{OptimConfig, ParallelConfig};
 use tch::nn::VarStore;
 
@@ -90,34 +90,27 @@ impl HostParallel {
         optim: &OptimConfig,
         parallel: &ParallelConfig,
     ) -> Result<Self, TrainError> {
-        let flat = FlatParams::new(vs)?;
         let (rank, world) = (comm.rank(), comm.world_size());
-        let total = flat.total();
-        let Plan {
-            stage,
-            opts,
-            owned,
-            buckets,
-            schedule,
-        } = Plan::new(total, rank, world, optim, parallel)?;
-        let decay = flat.decay_runs(owned.clone());
-        let mut dp = HostParallel {
-            core: Core {
-                flat,
-                stage,
-                rank,
-                world,
-                schedule,
-                grad_clip: optim.grad_clip,
-                step: 0,
+        let (
+            core,
+            Plan {
+                opts,
+                owned,
+                buckets,
             },
+        ) = Plan::new(FlatParams::new(vs)?, rank, world, optim, parallel)?;
+        let total = core.flat.total();
+        let decay = core.flat.decay_runs(owned.clone());
+        let kept = match core.stage {
+            ZeroStage::Zero1 => buckets.iter().map(|b| vec![0.0; b.len]).collect(),
+            _ => Vec::new(),
+        };
+        let mut dp = HostParallel {
+            core,
             optimizer: Optimizer::new(optim, owned.len()),
             params: vec![0.0; owned.len()],
             grads: vec![0.0; owned.len()],
-            kept: match stage {
-                ZeroStage::Zero1 => buckets.iter().map(|b| vec![0.0; b.len]).collect(),
-                _ => Vec::new(),
-            },
+            kept,
             owned,
             decay,
             buckets,
@@ -299,11 +292,7 @@ impl HostParallel {
             result,
             ..
         } = done;
-        result.map_err(|source| TrainError::Comm {
-            op: op.name(),
-            rank: self.core.rank,
-            source,
-        })?;
+        result.map_err(TrainError::comm(self.core.rank, op.name()))?;
         let Buf::F32(buf) = buf else {
             unreachable!("bucket collectives carry f32 buffers")
         };
@@ -342,11 +331,8 @@ impl HostParallel {
     fn collective_f32(&mut self, op: Op, buf: Vec<f32>) -> Result<Vec<f32>, TrainError> {
         self.comm.submit(op, usize::MAX, Buf::F32(buf));
         let done = self.wait();
-        done.result.map_err(|source| TrainError::Comm {
-            op: op.name(),
-            rank: self.core.rank,
-            source,
-        })?;
+        done.result
+            .map_err(TrainError::comm(self.core.rank, op.name()))?;
         match done.buf {
             Buf::F32(b) => Ok(b),
             Buf::F64(_) => unreachable!("an f32 op returns its f32 buffer"),
@@ -356,26 +342,24 @@ impl HostParallel {
     fn collective_f64(&mut self, buf: Vec<f64>) -> Result<Vec<f64>, TrainError> {
         self.comm.submit(Op::SumScalars, usize::MAX, Buf::F64(buf));
         let done = self.wait();
-        done.result.map_err(|source| TrainError::Comm {
-            op: Op::SumScalars.name(),
-            rank: self.core.rank,
-            source,
-        })?;
+        done.result
+            .map_err(TrainError::comm(self.core.rank, Op::SumScalars.name()))?;
         match done.buf {
             Buf::F64(b) => Ok(b),
             Buf::F32(_) => unreachable!("an f64 op returns its f64 buffer"),
         }
     }
 
-    /// The mean over the ranks of each of `values` (every rank must call it).
-    pub fn mean_over_ranks(&mut self, values: &[f64]) -> Result<Vec<f64>, TrainError> {
+    /// Sums `values` over the ranks, in place (every rank must call it).
+    pub fn sum_over_ranks(&mut self, values: &mut [f64]) -> Result<(), TrainError> {
         let sums = self.collective_f64(values.to_vec())?;
-        Ok(sums.iter().map(|s| s / self.core.world as f64).collect())
+        values.copy_from_slice(&sums);
+        Ok(())
     }
 
     /// See [`crate::DataParallel::checkpoint_shard`].
     pub fn checkpoint_shard(&mut self) -> Result<Shard, TrainError> {
-        let shard = shard_range(self.core.flat.total(), self.core.world, self.core.rank);
+        let shard = self.core.shard();
         let local = shard.start - self.owned.start..shard.end - self.owned.start;
         let params = self.params[local.clone()].to_vec();
         let states = self
@@ -399,7 +383,7 @@ impl HostParallel {
         states: Vec<Vec<f32>>,
     ) -> Result<(), TrainError> {
         let total = self.core.flat.total();
-        let shard = shard_range(total, self.core.world, self.core.rank);
+        let shard = self.core.shard();
         let gather = |dp: &mut Self, part: &[f32]| -> Result<Vec<f32>, TrainError> {
             let mut full = vec![0.0; total];
             full[shard.clone()].copy_from_slice(part);

@@ -62,21 +62,11 @@ impl Optimizer {
     /// Replaces the state (from a checkpoint). Each vector must be as long as
     /// the current ones.
     pub fn set_states(&mut self, states: Vec<Vec<f32>>) -> Result<(), String> {
-        if states.len() != self.states.len()
-            || states
-                .iter()
-                .zip(&self.states)
-                .any(|(a, b)| a.len() != b.len())
-        {
-            return Err(format!(
-                "optimizer state has {} vectors of lengths {:?}; this {:?} optimizer needs {} of length {}",
-                states.len(),
-                states.iter().map(Vec::len).collect::<Vec<_>>(),
-                self.cfg.kind,
-                self.states.len(),
-                self.states.first().map_or(0, Vec::len)
-            ));
-        }
+        check_state_lengths(
+            self.cfg.kind,
+            &self.states.iter().map(Vec::len).collect::<Vec<_>>(),
+            &states.iter().map(Vec::len).collect::<Vec<_>>(),
+        )?;
         self.states = states;
         Ok(())
     }
@@ -128,6 +118,20 @@ impl Optimizer {
             }
         }
     }
+}
+
+/// Whether restored optimizer state (vectors of lengths `got`) fits an
+/// optimizer whose state vectors have lengths `have`.
+fn check_state_lengths(kind: OptimKind, have: &[usize], got: &[usize]) -> Result<(), String> {
+    if got == have {
+        return Ok(());
+    }
+    Err(format!(
+        "optimizer state has {} vectors of lengths {got:?}; this {kind:?} optimizer needs {} of length {}",
+        got.len(),
+        have.len(),
+        have.first().copied().unwrap_or(0)
+    ))
 }
 
 struct AdamCoeffs {
@@ -246,21 +250,11 @@ impl TensorOptimizer {
     /// Replaces the state (from a checkpoint): as many tensors as now, each
     /// as long.
     pub fn set_states(&mut self, states: Vec<Tensor>) -> Result<(), String> {
-        if states.len() != self.states.len()
-            || states
-                .iter()
-                .zip(&self.states)
-                .any(|(a, b)| a.numel() != b.numel())
-        {
-            return Err(format!(
-                "optimizer state has {} vectors of lengths {:?}; this {:?} optimizer needs {} of length {}",
-                states.len(),
-                states.iter().map(Tensor::numel).collect::<Vec<_>>(),
-                self.cfg.kind,
-                self.states.len(),
-                self.states.first().map_or(0, Tensor::numel)
-            ));
-        }
+        check_state_lengths(
+            self.cfg.kind,
+            &self.states.iter().map(Tensor::numel).collect::<Vec<_>>(),
+            &states.iter().map(Tensor::numel).collect::<Vec<_>>(),
+        )?;
         self.states = states;
         Ok(())
     }

@@ -110,25 +110,23 @@ pub(crate) struct Bucket {
     pub own: Range<usize>,
 }
 
-/// What both paths derive from the config and the world: the stage, the
-/// collectives' options, the part of the flat space this rank steps, the
-/// bucket layout and the learning-rate schedule.
+/// What a path needs besides its [`Core`]: the collectives' options, the
+/// part of the flat space this rank steps and the bucket layout.
 pub(crate) struct Plan {
-    pub stage: ZeroStage,
     pub opts: OpOptions,
     pub owned: Range<usize>,
     pub buckets: Vec<Bucket>,
-    pub schedule: LrSchedule,
 }
 
 impl Plan {
+    /// The core and plan of `rank` of `world` over `flat`, from the config.
     pub fn new(
-        total: usize,
+        flat: FlatParams,
         rank: usize,
         world: usize,
         optim: &OptimConfig,
         parallel: &ParallelConfig,
-    ) -> Result<Plan, TrainError> {
+    ) -> Result<(Core, Plan), TrainError> {
         let stage = ZeroStage::from_config(parallel.zero_stage)?;
         let algorithm: Algorithm = parallel
             .algorithm
@@ -139,6 +137,7 @@ impl Plan {
                 "parallel.bucket_mb must be greater than 0".into(),
             ));
         }
+        let total = flat.total();
         let owned = match stage {
             ZeroStage::Ddp => 0..total,
             _ => shard_range(total, world, rank),
@@ -149,16 +148,24 @@ impl Plan {
         } else {
             optim.decay_steps
         };
-        Ok(Plan {
+        let core = Core {
+            flat,
             stage,
+            rank,
+            world,
+            schedule: LrSchedule::new(optim, decay_steps),
+            grad_clip: optim.grad_clip,
+            step: 0,
+        };
+        let plan = Plan {
             opts: OpOptions {
                 algorithm,
                 ..OpOptions::default()
             },
             owned,
             buckets: make_buckets(total, world, rank, stage, bucket_elems),
-            schedule: LrSchedule::new(optim, decay_steps),
-        })
+        };
+        Ok((core, plan))
     }
 }
 
@@ -174,6 +181,14 @@ pub(crate) struct Core {
     pub grad_clip: f64,
     /// Optimizer steps completed.
     pub step: u64,
+}
+
+impl Core {
+    /// This rank's checkpoint shard of the flat space: the same under DDP
+    /// and ZeRO, on either path.
+    pub fn shard(&self) -> Range<usize> {
+        shard_range(self.flat.total(), self.world, self.rank)
+    }
 }
 
 enum Path {
@@ -339,7 +354,10 @@ impl DataParallel {
 
     /// The mean over the ranks of each of `values` (every rank must call it).
     pub fn mean_over_ranks(&mut self, values: &[f64]) -> Result<Vec<f64>, TrainError> {
-        forward!(mut self.mean_over_ranks(values))
+        let mut sums = values.to_vec();
+        forward!(mut self.sum_over_ranks(&mut sums))?;
+        let world = self.core().world as f64;
+        Ok(sums.iter().map(|s| s / world).collect())
     }
 
     /// This rank's checkpoint shard: `shard_range(total, world, rank)` of the
@@ -362,7 +380,7 @@ impl DataParallel {
     ) -> Result<(), TrainError> {
         let core = self.core();
         let total = core.flat.total();
-        let shard = shard_range(total, core.world, core.rank);
+        let shard = core.shard();
         if params.len() != shard.len() || states.iter().any(|s| s.len() != shard.len()) {
             return Err(TrainError::Config(format!(
                 "checkpoint shard for rank {} holds {} parameters (states {:?}), expected {} (elements {:?} of {total})",

@@ -16,7 +16,6 @@ use std::ops::Range;
 use std::time::Instant;
 
 use crate::error::CommError;
-
 use crate::transport::{Transport, Xfer};
 use crate::types::{Algorithm, DType, OpKind, ReduceOp, shard_range};
 use crate::wire::Header;

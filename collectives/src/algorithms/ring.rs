@@ -50,7 +50,7 @@
 //! whose outgoing or incoming chunk has no segment k sends or receives
 //! nothing, and its neighbour, computing from the same chunk, agrees.
 
-use super::{Ctx, bytes, recv_if, scratch_bytes, segment, segments, send_if};
+use super::{Ctx, bytes, recv_if, scratch_bytes, segment, segments, send_if, split_pair};
 use crate::error::CommError;
 use crate::reduce;
 use crate::types::{ReduceOp, shard_range};
@@ -142,7 +142,7 @@ fn ring(ctx: &mut Ctx<'_>, buf: &mut [u8], phases: Phases) -> Result<(), CommErr
                     let out = bytes(&segment(&chunk(r + n - step), seg, k), es);
                     let inc = bytes(&segment(&chunk(r + 2 * n - step - 1), seg, k), es);
                     let id = ALL_GATHER_BASE | ((step as u64) << 32) | k as u64;
-                    let (out_data, landing) = super::split_pair(buf, out.clone(), inc.clone());
+                    let (out_data, landing) = split_pair(buf, out.clone(), inc.clone());
                     ctx.exchange(&mut [
                         send_if(!out.is_empty(), &base, right, id, out_data),
                         recv_if(!inc.is_empty(), &base, left, id, landing),

@@ -30,6 +30,18 @@ impl Stream {
     }
 }
 
+/// Makes `device`'s primary context (the one libtorch and the CUDA runtime
+/// use) current on this thread and returns it.
+pub(super) fn primary_context(device: usize) -> Result<cusys::CUcontext, String> {
+    let dev = cu::device::get(device as i32).map_err(driver_error)?;
+    // SAFETY: `dev` is a valid device; the retained context is kept for the
+    // life of the process (libtorch holds it too).
+    let ctx = unsafe { cu::primary_ctx::retain(dev) }.map_err(driver_error)?;
+    // SAFETY: a context just retained.
+    unsafe { cu::ctx::set_current(ctx) }.map_err(driver_error)?;
+    Ok(ctx)
+}
+
 /// Device memory on one CUDA device, freed on drop.
 pub struct DeviceBuffer {
     ptr: cusys::CUdeviceptr,
@@ -45,12 +57,9 @@ impl DeviceBuffer {
     /// `bytes` bytes (at least 1) of uninitialised memory on `device`.
     pub fn new(device: usize, bytes: usize) -> Result<DeviceBuffer, String> {
         probe::cuda_driver()?;
-        let dev = cu::device::get(device as i32).map_err(driver_error)?;
-        // SAFETY: a valid device; the primary context is kept retained.
-        let ctx = unsafe { cu::primary_ctx::retain(dev) }.map_err(driver_error)?;
-        // SAFETY: a context just retained; a plain allocation.
+        let ctx = primary_context(device)?;
+        // SAFETY: a plain allocation in the context just made current.
         let ptr = unsafe {
-            cu::ctx::set_current(ctx).map_err(driver_error)?;
             cu::malloc_sync(bytes.max(1)).map_err(|e| {
                 format!(
                     "allocating {bytes} bytes on CUDA device {device}: {}",

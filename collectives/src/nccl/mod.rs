@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{result as cu, sys as cusys};
 use cudarc::nccl::sys as nc;
 
+use device::primary_context;
 pub use device::{DeviceBuffer, Stream};
 pub use probe::{CudaDriver, NcclLibrary, NcclReady, probe};
 
@@ -113,16 +114,13 @@ impl NcclCommunicator {
                 ready.driver.devices
             )));
         }
-        let ctx = primary_context(device).map_err(|detail| CommError::Nccl {
-            rank,
-            op: format!("making CUDA device {device} current"),
-            detail,
-        })?;
         let fail = |op: &str, detail: String| CommError::Nccl {
             rank,
             op: op.into(),
             detail,
         };
+        let ctx = primary_context(device)
+            .map_err(|e| fail(&format!("making CUDA device {device} current"), e))?;
         let id = if rank == 0 {
             let mut id = nc::ncclUniqueId { internal: [0; 128] };
             // SAFETY: a valid out-pointer.
@@ -626,18 +624,6 @@ fn config_initializer() -> nc::ncclConfig_t {
         nChannelsPerNetPeer: UNDEF,
         nvlinkCentricSched: UNDEF,
     }
-}
-
-/// Makes `device`'s primary context (the one libtorch and the CUDA runtime
-/// use) current on this thread and returns it.
-fn primary_context(device: usize) -> Result<cusys::CUcontext, String> {
-    let dev = cu::device::get(device as c_int).map_err(probe::driver_error)?;
-    // SAFETY: `dev` is a valid device; the retained context is kept for the
-    // life of the process (libtorch holds it too).
-    let ctx = unsafe { cu::primary_ctx::retain(dev) }.map_err(probe::driver_error)?;
-    // SAFETY: a context just retained.
-    unsafe { cu::ctx::set_current(ctx) }.map_err(probe::driver_error)?;
-    Ok(ctx)
 }
 
 fn id_bytes(id: &nc::ncclUniqueId) -> Vec<u8> {
