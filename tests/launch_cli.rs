@@ -10,6 +10,32 @@ use launch_util::{FAST, Proc, alive, cohort, eventually, run, script};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// The pids written one per file, as `files` in `dir`; `None` until all are there.
+fn read_pids(dir: &Path, files: &[&str]) -> Option<Vec<i32>> {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(dir.join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Fails with `what` and the survivors unless every one of `pids` is gone
+/// within 5 s.
+fn assert_gone(pids: &[i32], what: &str) {
+    assert!(
+        eventually(Duration::from_secs(5), || pids
+            .iter()
+            .all(|&pid| !alive(pid))),
+        "{what}: {:?}",
+        pids.iter().filter(|&&pid| alive(pid)).collect::<Vec<_>>()
+    );
+}
+
 fn launch(log_dir: &Path, extra: &[&str], program: &[&str]) -> std::process::Command {
     let mut cmd = cohort();
     cmd.arg("launch")
@@ -199,23 +225,12 @@ fn sigint_stops_every_worker_and_their_children() {
         &["sh", s.to_str().unwrap()],
     ));
     let files = ["child_0", "child_1", "worker_0", "worker_1"];
-    let read_pids = || -> Option<Vec<i32>> {
-        files
-            .iter()
-            .map(|f| {
-                std::fs::read_to_string(pids.join(f))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .collect()
-    };
     assert!(
-        eventually(Duration::from_secs(30), || read_pids().is_some()),
+        eventually(Duration::from_secs(30), || read_pids(&pids, &files)
+            .is_some()),
         "workers did not start"
     );
-    let all = read_pids().unwrap();
+    let all = read_pids(&pids, &files).unwrap();
     assert!(all.iter().all(|&pid| alive(pid)));
     // SAFETY: kill has no memory-safety preconditions.
     unsafe {
@@ -228,13 +243,7 @@ fn sigint_stops_every_worker_and_their_children() {
         "{}",
         p.err
     );
-    assert!(
-        eventually(Duration::from_secs(5), || all
-            .iter()
-            .all(|&pid| !alive(pid))),
-        "orphans left: {:?}",
-        all.iter().filter(|&&pid| alive(pid)).collect::<Vec<_>>()
-    );
+    assert_gone(&all, "orphans left");
 }
 
 /// A worker that exits 0 while a program it started still runs: that
@@ -260,25 +269,8 @@ fn programs_a_finished_worker_left_behind_are_stopped() {
         LIMIT,
     );
     assert!(status.success(), "{status}: {err}");
-    let children: Vec<i32> = (0..2)
-        .map(|r| {
-            std::fs::read_to_string(pids.join(format!("child_{r}")))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        })
-        .collect();
-    assert!(
-        eventually(Duration::from_secs(5), || children
-            .iter()
-            .all(|&pid| !alive(pid))),
-        "left running: {:?}",
-        children
-            .iter()
-            .filter(|&&pid| alive(pid))
-            .collect::<Vec<_>>()
-    );
+    let children = read_pids(&pids, &["child_0", "child_1"]).expect("both workers wrote a pid");
+    assert_gone(&children, "left running");
 }
 
 /// The launcher ignores SIGPIPE: a gRPC write (writev) to a connection its

@@ -289,6 +289,13 @@ fn local_dial_address(addr: SocketAddr) -> String {
     }
 }
 
+/// Prints a line for a person (or a script) on stdout. A closed stdout must
+/// not stop the coordinator, so write errors are ignored (SIGPIPE is ignored
+/// in this process).
+fn say(line: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 /// What `cohort coordinator` was asked to do.
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {
@@ -317,11 +324,6 @@ pub fn serve(options: CoordinatorOptions) -> Result<i32, LauncherError> {
             tick: (options.timing.heartbeat_interval / 4).max(Duration::from_millis(10)),
         };
         let running = RunningCoordinator::start(&options.bind, config).await?;
-        // Lines for a person (or a script): a closed stdout must not stop the
-        // coordinator, so write errors are ignored (SIGPIPE is ignored here).
-        let say = |line: &str| {
-            let _ = writeln!(std::io::stdout().lock(), "{line}");
-        };
         say(&format!(
             "cohort coordinator listening on {}",
             running.addr()
@@ -336,7 +338,7 @@ pub fn serve(options: CoordinatorOptions) -> Result<i32, LauncherError> {
             loop {
                 match events.recv().await {
                     Ok(e) if e.kind != EventKind::Progress as i32 => {
-                        let _ = writeln!(std::io::stdout().lock(), "{}", e.message);
+                        say(&e.message);
                     }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

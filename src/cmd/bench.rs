@@ -526,7 +526,7 @@ fn nccl_op(
 
 fn measure<T: BenchElem>(
     comm: &mut Communicator,
-    mut gpu: Option<&mut NcclCommunicator>,
+    gpu: Option<&mut NcclCommunicator>,
     a: &CollectivesArgs,
     op: BenchOp,
     bytes: usize,
@@ -543,11 +543,13 @@ fn measure<T: BenchElem>(
     let owners: Vec<[T; PERIOD]> = (0..world).map(|r| table(|i| value(r, i))).collect();
     let shard = shard_range(count, world, rank);
     let mut buf = vec![T::from_i64(0); count];
-    let mut dev = match &gpu {
-        Some(g) => Some(
-            DeviceBuffer::new(g.device(), bytes)
-                .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?,
-        ),
+    // The NCCL backend's communicator and this size's device buffer.
+    let mut gpu = match gpu {
+        Some(nccl) => {
+            let dev = DeviceBuffer::new(nccl.device(), bytes)
+                .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
+            Some((nccl, dev))
+        }
         None => None,
     };
     let mut total = Duration::ZERO;
@@ -555,7 +557,7 @@ fn measure<T: BenchElem>(
     let quiet = OpOptions::default();
     for it in 0..a.warmup + a.iters {
         fill(&mut buf, &mine);
-        if let Some(dev) = dev.as_mut() {
+        if let Some((_, dev)) = gpu.as_mut() {
             dev.copy_from_host(bytemuck::cast_slice(&buf))
                 .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
         }
@@ -564,9 +566,9 @@ fn measure<T: BenchElem>(
         // matters when ranks outnumber cores.
         comm.barrier(&quiet)?;
         let started = Instant::now();
-        match (gpu.as_deref_mut(), dev.as_ref()) {
-            (Some(nccl), Some(dev)) => nccl_op(nccl, dev, op, count, T::DTYPE)?,
-            _ => match op {
+        match gpu.as_mut() {
+            Some((nccl, dev)) => nccl_op(nccl, dev, op, count, T::DTYPE)?,
+            None => match op {
                 BenchOp::AllReduce => comm.all_reduce(&mut buf, ReduceOp::Sum, &opts)?,
                 BenchOp::ReduceScatter => {
                     comm.reduce_scatter(&mut buf, ReduceOp::Sum, &opts)?;
@@ -579,7 +581,7 @@ fn measure<T: BenchElem>(
         if it >= a.warmup {
             total += took;
         }
-        if let Some(dev) = dev.as_ref() {
+        if let Some((_, dev)) = gpu.as_ref() {
             dev.copy_to_host(bytemuck::cast_slice_mut(&mut buf))
                 .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
         }
