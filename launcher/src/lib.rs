@@ -3,7 +3,7 @@
 //! `cohort launch` and `cohort coordinator`.
 //!
 //! - [`decision`]: the coordinator's and agent's decisions as pure functions.
-//! - [`coordinator`]: the job state machine and its tonic service.
+//! - [`coordinator`]: the job state machine, its tonic service and server.
 //! - [`agent`] and [`worker`]: a node's workers, heartbeats, hang detection.
 //! - [`store`]: the coordinator's key-value store as a collectives `Store`
 //!   for workers ([`store_from_env`]).

@@ -1,0 +1,755 @@
+//! The job's state machine, without sockets or locks: every input (a join, a
+//! heartbeat, a report, a clock tick) is a method taking the time, every
+//! decision is one of [`crate::decision`]'s pure functions, and what the
+//! outside must do afterwards (publish an event, wake waiting `Join`s, drop
+//! the store of old generations) is collected in [`Effects`] for the caller.
+//!
+//! The state moves Forming -> Running -> (Forming of the next generation |
+//! Finished).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use cohort_proto::v1::{
+    Action, Assignment, Directive, EventKind, FailureInfo, HeartbeatRequest, JobEvent, JobOutcome,
+    JoinRequest, JoinResponse, Progress, ReportDoneRequest, ReportFailureRequest, WorkerState,
+    WorkerStatus, join_response,
+};
+
+use super::{CoordinatorConfig, generate_job_id};
+use crate::decision::{
+    Formation, MemberLiveness, NodeRange, Recovery, decide_formation, decide_recovery,
+    find_lost_nodes,
+};
+
+/// A request the state machine refuses, before any state changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request is for another job.
+    #[error(
+        "this coordinator runs job {runs:?}, not {asked:?}: pass --job-id {runs} or no --job-id"
+    )]
+    WrongJob { runs: String, asked: String },
+}
+
+/// What the caller must do after a transition.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Events for watchers, in order (their `time` still to be stamped).
+    pub events: Vec<JobEvent>,
+    /// A generation formed or the job finished: wake the waiting `Join`s.
+    pub changed: bool,
+    /// A generation formed: the store of every earlier generation can go.
+    pub formed: Option<u64>,
+}
+
+struct Pending {
+    node_id: String,
+    host: String,
+    nproc: u32,
+    master_port: u32,
+    joined_at: Instant,
+}
+
+struct Member {
+    node_rank: u32,
+    host: String,
+    last_heartbeat: Instant,
+    done: bool,
+    workers: Vec<WorkerStatus>,
+}
+
+enum Phase {
+    Forming,
+    Running,
+    Finished(JobOutcome),
+}
+
+/// One job's state: its shape, the generation being formed or running, and
+/// its members.
+pub struct JobState {
+    heartbeat_timeout: Duration,
+    last_call: Duration,
+    job_id: Option<String>,
+    range: Option<NodeRange>,
+    max_restarts: Option<u32>,
+    generation: u64,
+    restart_count: u32,
+    phase: Phase,
+    pending: Vec<Pending>,
+    /// The ids in `pending` (a rejoin replaces the node's earlier entry).
+    pending_ids: HashSet<String>,
+    /// The place of every member of the running generation.
+    assignments: HashMap<String, Assignment>,
+    members: HashMap<String, Member>,
+    /// Why the last generation ended, for agents that ask late.
+    last_restart_reason: String,
+    /// Nodes that said goodbye after the job finished.
+    left: HashSet<String>,
+    last_progress: Option<Progress>,
+    last_progress_at: Instant,
+    effects: Effects,
+}
+
+fn directive(action: Action, reason: impl Into<String>) -> Directive {
+    Directive {
+        action: action as i32,
+        reason: reason.into(),
+        outcome: None,
+    }
+}
+
+impl JobState {
+    /// A job with no nodes yet, shaped by `config` where it says.
+    pub fn new(config: &CoordinatorConfig, now: Instant) -> Self {
+        Self {
+            heartbeat_timeout: config.heartbeat_timeout,
+            last_call: config.last_call,
+            job_id: config.job_id.clone(),
+            range: config.nnodes,
+            max_restarts: config.max_restarts,
+            generation: 0,
+            restart_count: 0,
+            phase: Phase::Forming,
+            pending: Vec::new(),
+            pending_ids: HashSet::new(),
+            assignments: HashMap::new(),
+            members: HashMap::new(),
+            last_restart_reason: String::new(),
+            left: HashSet::new(),
+            last_progress: None,
+            last_progress_at: now,
+            effects: Effects::default(),
+        }
+    }
+
+    /// What the transitions since the last call asked the caller to do.
+    pub fn take_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.effects)
+    }
+
+    fn emit(&mut self, kind: EventKind, message: String) {
+        let outcome = match &self.phase {
+            Phase::Finished(o) => Some(o.clone()),
+            _ => None,
+        };
+        self.effects.events.push(JobEvent {
+            time: 0.0,
+            generation: self.generation,
+            kind: kind as i32,
+            message,
+            progress: self.last_progress,
+            outcome,
+        });
+    }
+
+    /// The job's outcome once it is over.
+    pub fn outcome(&self) -> Option<&JobOutcome> {
+        match &self.phase {
+            Phase::Finished(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Every node of the last generation said goodbye.
+    pub fn all_left(&self) -> bool {
+        self.assignments.keys().all(|n| self.left.contains(n))
+    }
+
+    /// The job's id once known. A request naming no job is for this one; the
+    /// first request names the job if the coordinator was not told its id.
+    pub fn check_job(&mut self, job_id: &str) -> Result<String, Refusal> {
+        match &self.job_id {
+            Some(id) if job_id.is_empty() || job_id == id => Ok(id.clone()),
+            Some(id) => Err(Refusal::WrongJob {
+                runs: id.clone(),
+                asked: job_id.to_owned(),
+            }),
+            None => {
+                let id = if job_id.is_empty() {
+                    generate_job_id()
+                } else {
+                    job_id.to_owned()
+                };
+                self.job_id = Some(id.clone());
+                Ok(id)
+            }
+        }
+    }
+
+    /// A node asks to join the generation being formed.
+    pub fn register(&mut self, now: Instant, req: &JoinRequest) -> Result<(), Refusal> {
+        if req.node_id.is_empty() || req.nproc == 0 {
+            return Err(Refusal::InvalidArgument(
+                "join needs a node id and at least one worker".to_owned(),
+            ));
+        }
+        self.check_job(&req.job_id)?;
+        if let Some(opts) = &req.options {
+            if self.range.is_none() && opts.min_nodes >= 1 && opts.min_nodes <= opts.max_nodes {
+                self.range = Some(NodeRange {
+                    min: opts.min_nodes,
+                    max: opts.max_nodes,
+                });
+            }
+            if self.max_restarts.is_none() {
+                self.max_restarts = Some(opts.max_restarts);
+            }
+        }
+        if matches!(self.phase, Phase::Finished(_)) {
+            return Ok(());
+        }
+        if !self.pending_ids.insert(req.node_id.clone()) {
+            self.pending.retain(|p| p.node_id != req.node_id);
+        }
+        self.pending.push(Pending {
+            node_id: req.node_id.clone(),
+            host: req.host.clone(),
+            nproc: req.nproc,
+            master_port: req.master_port,
+            joined_at: now,
+        });
+        let message = format!(
+            "node {} ({}, {} workers) joined generation {}",
+            req.node_id, req.host, req.nproc, self.generation
+        );
+        self.emit(EventKind::NodeJoined, message);
+        self.try_form(now);
+        Ok(())
+    }
+
+    /// A node's `Join` went away before its generation formed.
+    pub fn unregister_pending(&mut self, node_id: &str) {
+        if self.pending_ids.remove(node_id) {
+            self.pending.retain(|p| p.node_id != node_id);
+            tracing::info!("node {node_id} left the rendezvous before its generation formed");
+        }
+    }
+
+    /// The answer to a waiting `Join` of `node_id`, once there is one.
+    pub fn poll_join(&self, node_id: &str) -> Option<JoinResponse> {
+        let outcome = match &self.phase {
+            Phase::Finished(o) => join_response::Outcome::Finished(o.clone()),
+            Phase::Running => {
+                join_response::Outcome::Assignment(self.assignments.get(node_id)?.clone())
+            }
+            Phase::Forming => return None,
+        };
+        Some(JoinResponse {
+            outcome: Some(outcome),
+        })
+    }
+
+    fn try_form(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Forming) {
+            return;
+        }
+        let Some(range) = self.range else { return };
+        let min_joined_at = self
+            .pending
+            .get(range.min as usize - 1)
+            .map(|p| p.joined_at);
+        let (decision, reason) = decide_formation(
+            now,
+            self.pending.len(),
+            min_joined_at,
+            range,
+            self.last_call,
+        );
+        let Formation::Form { nodes } = decision else {
+            return;
+        };
+        let chosen: Vec<Pending> = self.pending.drain(..nodes).collect();
+        for p in &chosen {
+            self.pending_ids.remove(&p.node_id);
+        }
+        let world_size: u32 = chosen.iter().map(|p| p.nproc).sum();
+        let (master_addr, master_port) = (chosen[0].host.clone(), chosen[0].master_port);
+        let job_id = self.job_id.clone().unwrap_or_default();
+        self.assignments.clear();
+        self.members.clear();
+        self.left.clear();
+        let mut offset = 0;
+        for (node_rank, p) in chosen.into_iter().enumerate() {
+            self.assignments.insert(
+                p.node_id.clone(),
+                Assignment {
+                    job_id: job_id.clone(),
+                    generation: self.generation,
+                    restart_count: self.restart_count,
+                    node_rank: node_rank as u32,
+                    nnodes: nodes as u32,
+                    world_size,
+                    rank_offset: offset,
+                    master_addr: master_addr.clone(),
+                    master_port,
+                },
+            );
+            self.members.insert(
+                p.node_id,
+                Member {
+                    node_rank: node_rank as u32,
+                    host: p.host,
+                    last_heartbeat: now,
+                    done: false,
+                    workers: Vec::new(),
+                },
+            );
+            offset += p.nproc;
+        }
+        self.phase = Phase::Running;
+        self.last_progress = Some(Progress {
+            world_size,
+            ..Progress::default()
+        });
+        self.effects.formed = Some(self.generation);
+        let message = format!(
+            "generation {} formed: {nodes} node(s), {world_size} ranks ({reason})",
+            self.generation
+        );
+        self.emit(EventKind::GenerationFormed, message);
+        self.effects.changed = true;
+    }
+
+    /// Ends the running generation with `failure`: restart or give up.
+    fn end_generation(&mut self, failure: FailureInfo, fatal: bool, lost: &[String]) {
+        if !matches!(self.phase, Phase::Running) || failure.generation != self.generation {
+            return;
+        }
+        let node = format!("node {} ({})", failure.node_id, failure.host);
+        let what = match failure.rank {
+            Some(rank) => format!("rank {rank} on {node} {}", failure.reason),
+            None => format!("{node} {}", failure.reason),
+        };
+        self.emit(EventKind::Failure, what.clone());
+        let live = self.members.len() - lost.len();
+        let range = self.range.unwrap_or(NodeRange::exactly(1));
+        let (decision, reason) = decide_recovery(
+            self.restart_count,
+            self.max_restarts.unwrap_or(0),
+            live,
+            range,
+            fatal,
+        );
+        match decision {
+            Recovery::Restart => {
+                self.generation += 1;
+                self.restart_count += 1;
+                self.phase = Phase::Forming;
+                self.members.clear();
+                self.assignments.clear();
+                self.last_restart_reason = format!("{what}; {reason}");
+                let message = format!("generation {} ended: {what}; {reason}", self.generation - 1);
+                self.emit(EventKind::Restarting, message);
+            }
+            Recovery::GiveUp => {
+                let outcome = JobOutcome {
+                    success: false,
+                    summary: format!("job failed: {what}; {reason}"),
+                    root_cause: Some(failure),
+                };
+                let message = outcome.summary.clone();
+                self.phase = Phase::Finished(outcome);
+                self.emit(EventKind::Finished, message);
+            }
+        }
+        self.effects.changed = true;
+    }
+
+    /// The directive for a node that reports on `generation`.
+    fn directive_for(&self, node_id: &str, generation: u64) -> Directive {
+        match &self.phase {
+            Phase::Finished(outcome) => Directive {
+                action: Action::Finished as i32,
+                reason: outcome.summary.clone(),
+                outcome: Some(outcome.clone()),
+            },
+            Phase::Running
+                if generation == self.generation && self.members.contains_key(node_id) =>
+            {
+                directive(Action::Continue, "")
+            }
+            _ if generation < self.generation => {
+                directive(Action::Restart, self.last_restart_reason.clone())
+            }
+            _ => directive(
+                Action::Restart,
+                format!(
+                    "node {node_id} is not a member of generation {}",
+                    self.generation
+                ),
+            ),
+        }
+    }
+
+    /// A node is alive, with its workers' state.
+    pub fn heartbeat(&mut self, now: Instant, req: HeartbeatRequest) -> Directive {
+        if matches!(self.phase, Phase::Running) && req.generation == self.generation {
+            if let Some(m) = self.members.get_mut(&req.node_id) {
+                m.last_heartbeat = now;
+                m.workers = req.workers;
+            }
+        }
+        self.directive_for(&req.node_id, req.generation)
+    }
+
+    /// A worker of a node failed, or the node is stopping.
+    pub fn report_failure(&mut self, req: ReportFailureRequest) -> Directive {
+        if let Some(mut failure) = req.failure {
+            failure.generation = req.generation;
+            failure.node_id.clone_from(&req.node_id);
+            if let Some(m) = self.members.get(&req.node_id) {
+                failure.node_rank = m.node_rank;
+                failure.host.clone_from(&m.host);
+            }
+            self.end_generation(failure, req.fatal, &[]);
+        }
+        self.directive_for(&req.node_id, req.generation)
+    }
+
+    /// Every worker of a node exited 0.
+    pub fn report_done(&mut self, req: ReportDoneRequest) -> Directive {
+        if matches!(self.phase, Phase::Running) && req.generation == self.generation {
+            if let Some(m) = self.members.get_mut(&req.node_id) {
+                m.done = true;
+            }
+            if self.members.values().all(|m| m.done) {
+                let world: u32 = self
+                    .assignments
+                    .values()
+                    .map(|a| a.world_size)
+                    .max()
+                    .unwrap_or(0);
+                let outcome = JobOutcome {
+                    success: true,
+                    summary: format!(
+                        "job succeeded: all {world} ranks of generation {} exited 0 ({} restart(s))",
+                        self.generation, self.restart_count
+                    ),
+                    root_cause: None,
+                };
+                let message = outcome.summary.clone();
+                self.phase = Phase::Finished(outcome);
+                self.emit(EventKind::Finished, message);
+                self.effects.changed = true;
+            }
+        }
+        self.directive_for(&req.node_id, req.generation)
+    }
+
+    /// A node agent is exiting after the job is over.
+    pub fn leave(&mut self, node_id: &str) {
+        self.left.insert(node_id.to_owned());
+        self.effects.changed = true;
+    }
+
+    /// The clock-driven decisions: last calls and lost nodes; and, when
+    /// `watched`, the progress summary for watchers.
+    pub fn tick(&mut self, now: Instant, watched: bool) {
+        match self.phase {
+            Phase::Forming => self.try_form(now),
+            Phase::Running => {
+                let members: Vec<MemberLiveness<'_>> = self
+                    .members
+                    .iter()
+                    .map(|(id, m)| MemberLiveness {
+                        node_id: id,
+                        last_heartbeat: m.last_heartbeat,
+                    })
+                    .collect();
+                let lost = find_lost_nodes(now, &members, self.heartbeat_timeout);
+                if let Some((node_id, reason)) = lost.first() {
+                    let m = &self.members[node_id];
+                    let failure = FailureInfo {
+                        node_id: node_id.clone(),
+                        host: m.host.clone(),
+                        node_rank: m.node_rank,
+                        reason: reason.clone(),
+                        generation: self.generation,
+                        ..FailureInfo::default()
+                    };
+                    let lost: Vec<String> = lost.into_iter().map(|(id, _)| id).collect();
+                    self.end_generation(failure, false, &lost);
+                } else if watched
+                    && now.duration_since(self.last_progress_at) >= Duration::from_millis(500)
+                {
+                    self.last_progress_at = now;
+                    let progress = summarize(self.members.values().flat_map(|m| &m.workers));
+                    if self.last_progress != Some(progress) {
+                        self.last_progress = Some(progress);
+                        self.emit(EventKind::Progress, String::new());
+                    }
+                }
+            }
+            Phase::Finished(_) => {}
+        }
+    }
+
+    /// An event describing the job as it is now (the first event a watcher
+    /// gets; its `time` still to be stamped).
+    pub fn snapshot(&self) -> JobEvent {
+        let (kind, message, outcome) = match &self.phase {
+            // The joins that follow say it all.
+            Phase::Forming => (EventKind::NodeJoined, String::new(), None),
+            Phase::Running => (
+                EventKind::GenerationFormed,
+                format!(
+                    "generation {} running on {} node(s)",
+                    self.generation,
+                    self.members.len()
+                ),
+                None,
+            ),
+            Phase::Finished(o) => (EventKind::Finished, o.summary.clone(), Some(o.clone())),
+        };
+        JobEvent {
+            time: 0.0,
+            generation: self.generation,
+            kind: kind as i32,
+            message,
+            progress: self.last_progress,
+            outcome,
+        }
+    }
+}
+
+/// The progress line of the job from its workers' last heartbeats.
+fn summarize<'a>(workers: impl Iterator<Item = &'a WorkerStatus>) -> Progress {
+    let mut p = Progress::default();
+    let mut min_step: Option<u64> = None;
+    for w in workers {
+        p.world_size += 1;
+        if w.state == WorkerState::Running as i32 {
+            p.ranks_up += 1;
+        }
+        if !w.reports_progress {
+            continue;
+        }
+        min_step = Some(min_step.map_or(w.step, |s| s.min(w.step)));
+        p.max_steps = p.max_steps.max(w.max_steps);
+        if w.rank == 0 {
+            p.loss = w.loss;
+            p.tokens_per_s = w.tokens_per_s;
+        }
+    }
+    p.step = min_step.unwrap_or(0);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_proto::v1::JobOptions;
+
+    fn job(range: NodeRange, max_restarts: u32) -> JobState {
+        let mut config = CoordinatorConfig::new("t".into());
+        config.job_id = Some("job".into());
+        config.nnodes = Some(range);
+        config.max_restarts = Some(max_restarts);
+        config.heartbeat_timeout = Duration::from_secs(5);
+        JobState::new(&config, Instant::now())
+    }
+
+    fn join(j: &mut JobState, now: Instant, node: &str) {
+        j.register(
+            now,
+            &JoinRequest {
+                job_id: "job".into(),
+                node_id: node.into(),
+                host: format!("host-{node}"),
+                nproc: 2,
+                master_port: 1000,
+                options: Some(JobOptions::default()),
+            },
+        )
+        .unwrap();
+    }
+
+    fn assignment(j: &JobState, node: &str) -> Assignment {
+        match j.poll_join(node).and_then(|r| r.outcome) {
+            Some(join_response::Outcome::Assignment(a)) => a,
+            other => panic!("no assignment for {node}: {other:?}"),
+        }
+    }
+
+    fn failure(rank: u32, generation: u64) -> ReportFailureRequest {
+        ReportFailureRequest {
+            job_id: "job".into(),
+            node_id: "a".into(),
+            generation,
+            failure: Some(FailureInfo {
+                rank: Some(rank),
+                reason: "exited with code 3".into(),
+                ..FailureInfo::default()
+            }),
+            fatal: false,
+        }
+    }
+
+    fn heartbeat(node: &str) -> HeartbeatRequest {
+        HeartbeatRequest {
+            job_id: "job".into(),
+            node_id: node.into(),
+            generation: 0,
+            workers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn ranks_are_laid_out_in_join_order() {
+        let mut j = job(NodeRange::exactly(2), 0);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        assert!(j.poll_join("a").is_none());
+        join(&mut j, t0, "b");
+        let (a, b) = (assignment(&j, "a"), assignment(&j, "b"));
+        assert_eq!((a.node_rank, a.rank_offset, a.world_size), (0, 0, 4));
+        assert_eq!((b.node_rank, b.rank_offset, b.world_size), (1, 2, 4));
+        assert_eq!((b.master_addr.as_str(), b.master_port), ("host-a", 1000));
+        let effects = j.take_effects();
+        assert!(effects.changed);
+        assert_eq!(effects.formed, Some(0));
+        let kinds: Vec<i32> = effects.events.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::NodeJoined as i32,
+                EventKind::NodeJoined as i32,
+                EventKind::GenerationFormed as i32
+            ]
+        );
+    }
+
+    #[test]
+    fn failure_restarts_then_gives_up_with_root_cause() {
+        let mut j = job(NodeRange::exactly(1), 1);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        let d = j.report_failure(failure(1, 0));
+        assert_eq!(d.action, Action::Restart as i32);
+        assert_eq!(
+            d.reason,
+            "rank 1 on node a (host-a) exited with code 3; restart 1 of --max-restarts 1 with 1 node(s)"
+        );
+        join(&mut j, t0, "a");
+        assert_eq!(assignment(&j, "a").generation, 1);
+        // A stale report of generation 0 changes nothing.
+        assert_eq!(
+            j.report_failure(failure(0, 0)).action,
+            Action::Restart as i32
+        );
+        let d = j.report_failure(failure(0, 1));
+        assert_eq!(d.action, Action::Finished as i32);
+        let outcome = d.outcome.unwrap();
+        assert!(!outcome.success);
+        assert_eq!(
+            outcome.summary,
+            "job failed: rank 0 on node a (host-a) exited with code 3; no restarts left (1 of --max-restarts 1 used)"
+        );
+        assert_eq!(outcome.root_cause.unwrap().rank, Some(0));
+    }
+
+    #[test]
+    fn silent_node_is_lost_and_elastic_job_goes_on() {
+        let mut j = job(NodeRange { min: 1, max: 2 }, 3);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        j.heartbeat(t0 + Duration::from_secs(4), heartbeat("a"));
+        j.tick(t0 + Duration::from_secs(6), false);
+        let d = j.heartbeat(t0 + Duration::from_secs(6), heartbeat("a"));
+        assert_eq!(d.action, Action::Restart as i32);
+        assert_eq!(
+            d.reason,
+            "node b (host-b) sent no heartbeat for 6.0s (limit 5s); \
+             restart 1 of --max-restarts 3 with 1 node(s)"
+        );
+    }
+
+    #[test]
+    fn all_nodes_done_is_success() {
+        let mut j = job(NodeRange::exactly(2), 0);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        let done = |node: &str| ReportDoneRequest {
+            job_id: "job".into(),
+            node_id: node.into(),
+            generation: 0,
+        };
+        assert_eq!(j.report_done(done("a")).action, Action::Continue as i32);
+        let d = j.report_done(done("b"));
+        assert_eq!(d.action, Action::Finished as i32);
+        assert_eq!(
+            d.reason,
+            "job succeeded: all 4 ranks of generation 0 exited 0 (0 restart(s))"
+        );
+        assert!(!j.all_left());
+        j.leave("a");
+        j.leave("b");
+        assert!(j.all_left());
+    }
+
+    #[test]
+    fn progress_is_the_slowest_step_with_rank_0_metrics() {
+        let w = |rank: u32, step: u64, state: WorkerState| WorkerStatus {
+            rank,
+            state: state as i32,
+            reports_progress: true,
+            step,
+            max_steps: 10,
+            loss: Some(f64::from(rank)),
+            tokens_per_s: Some(100.0 + f64::from(rank)),
+            ..WorkerStatus::default()
+        };
+        let silent = WorkerStatus {
+            rank: 3,
+            state: WorkerState::Running as i32,
+            ..WorkerStatus::default()
+        };
+        let workers = [
+            w(1, 3, WorkerState::Running),
+            w(0, 5, WorkerState::Running),
+            w(2, 9, WorkerState::Succeeded),
+            silent,
+        ];
+        assert_eq!(
+            summarize(workers.iter()),
+            Progress {
+                ranks_up: 3,
+                world_size: 4,
+                step: 3,
+                max_steps: 10,
+                loss: Some(0.0),
+                tokens_per_s: Some(100.0),
+            }
+        );
+    }
+
+    #[test]
+    fn job_id_mismatch_is_refused() {
+        let mut j = job(NodeRange::exactly(1), 0);
+        let err = j
+            .register(
+                Instant::now(),
+                &JoinRequest {
+                    job_id: "other".into(),
+                    node_id: "a".into(),
+                    nproc: 1,
+                    ..JoinRequest::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Refusal::WrongJob {
+                runs: "job".into(),
+                asked: "other".into()
+            }
+        );
+        assert!(err.to_string().contains("runs job \"job\""));
+    }
+}
