@@ -1,0 +1,45 @@
+//! cohort's worker contract: what the launcher and the processes it starts
+//! agree on, in one place, with nothing heavier than serde below it.
+//!
+//! - [`var`]: the name of every environment variable of the contract;
+//! - [`WorkerEnv`]: the worker environment as one typed value, written by
+//!   the node agent ([`WorkerEnv::vars`]) and read by the worker
+//!   ([`WorkerEnv::from_env`]), with errors that name the variable and its
+//!   bad value; [`CommEnv`] is its collectives' part;
+//! - [`WorkerProgress`]: the status file a worker replaces with its progress
+//!   and its agent reads to detect hangs;
+//! - [`FaultSpec`]: `COHORT_INJECT_FAULT`, the recovery drills;
+//! - [`shard_range`]: which elements of a flat buffer each rank owns.
+//!
+//! Only the worker binary (and a user's own program) reads the process
+//! environment, through [`WorkerEnv::from_env`]; the libraries below it take
+//! the values they need.
+//!
+//! ```
+//! use cohort_contract::{WorkerEnv, var};
+//!
+//! // What a node agent gives rank 1 of a job of two...
+//! let written = WorkerEnv { rank: 1, local_rank: 1, world: 2, local_world: 2, ..WorkerEnv::default() };
+//! let vars = written.vars();
+//! // ...is what that worker reads back.
+//! let get = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+//! let read = WorkerEnv::from_lookup(get)?;
+//! assert_eq!(read, written);
+//! assert!(vars.iter().any(|(k, v)| *k == var::WORLD_SIZE && v == "2"));
+//! # Ok::<(), cohort_contract::ContractError>(())
+//! ```
+
+mod env;
+mod error;
+mod fault;
+mod shard;
+mod status;
+pub mod var;
+
+pub use env::{
+    CommEnv, CoordinatorJob, DEFAULT_COLLECTIVE_TIMEOUT, Resume, WorkerEnv, omp_num_threads_for,
+};
+pub use error::ContractError;
+pub use fault::{FaultPoint, FaultSpec};
+pub use shard::shard_range;
+pub use status::WorkerProgress;
