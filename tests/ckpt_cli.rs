@@ -46,6 +46,7 @@ fn write_checkpoint(root: &Path) {
                         keep_last: 3,
                         async_save: false,
                         commit_timeout: Duration::from_secs(60),
+                        ..SaverOptions::default()
                     };
                     let mut saver = Saver::new(root, rank, 2, opts).unwrap();
                     let range = shard_range(total, 2, rank);

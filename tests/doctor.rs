@@ -1,9 +1,12 @@
 //! `cohort doctor` as a user runs it.
 
+mod worker_bin;
+
 use std::process::Command;
 
 #[test]
 fn doctor_reports_libtorch_nccl_and_backend() {
+    worker_bin::ensure();
     let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
         .arg("doctor")
         .output()
@@ -26,6 +29,7 @@ fn doctor_reports_libtorch_nccl_and_backend() {
 
 #[test]
 fn doctor_json_is_machine_readable() {
+    worker_bin::ensure();
     let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
         .args(["doctor", "--json"])
         .output()

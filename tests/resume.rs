@@ -4,6 +4,7 @@
 //! back exactly where a run without the accident would be.
 
 mod launch_util;
+mod worker_bin;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +21,7 @@ struct Job {
 
 impl Job {
     fn new() -> Self {
+        worker_bin::ensure();
         Self {
             dir: tempfile::tempdir().unwrap(),
         }

@@ -17,7 +17,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use cohort_checkpoint::{Meta, ParamLayout, Saver, SaverOptions, Shard};
-use cohort_collectives::shard_range;
+use cohort_contract::shard_range;
 
 struct Args {
     dir: PathBuf,
@@ -117,6 +117,7 @@ fn timed_save(
         keep_last: 1,
         async_save,
         commit_timeout: Duration::from_secs(600),
+        ..SaverOptions::default()
     };
     let times: Vec<(f64, f64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)

@@ -86,12 +86,6 @@ pub enum CkptError {
         timeout: Duration,
     },
 
-    /// `COHORT_INJECT_FAULT` could not be parsed.
-    #[error(
-        "bad COHORT_INJECT_FAULT {spec:?}: {detail}; expected \"rank=R,step=S\" or \"rank=R,step=S,at=commit\""
-    )]
-    FaultSpec { spec: String, detail: String },
-
     /// The background writer thread panicked.
     #[error("the background checkpoint writer thread died; the save in flight did not complete")]
     WriterDied,

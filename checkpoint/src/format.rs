@@ -181,7 +181,7 @@ impl Manifest {
             ));
         }
         for (rank, shard) in self.shards.iter().enumerate() {
-            let want = cohort_collectives::shard_range(self.total, self.world, rank);
+            let want = cohort_contract::shard_range(self.total, self.world, rank);
             if shard.rank != rank || shard.range() != want || shard.file != shard_file_name(rank) {
                 return Err(format!(
                     "shard entry {rank} is rank {} file {:?} range {:?}, expected rank {rank} file {:?} range {want:?}",

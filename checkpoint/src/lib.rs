@@ -22,7 +22,6 @@
 //! Lustre), as with PyTorch's distributed checkpoint.
 
 mod error;
-mod fault;
 pub mod format;
 mod load;
 mod save;
@@ -32,7 +31,6 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 pub use error::CkptError;
-pub use fault::{FaultPoint, FaultSpec};
 pub use format::Manifest;
 pub use load::{
     ExportSummary, VerifyReport, export, find_resumable, load, read_manifest, resolve, verify,

@@ -206,7 +206,7 @@ pub fn load(path: &Path, rank: usize, world: usize) -> Result<(Meta, Shard), Ckp
         )));
     }
     let (dir, manifest) = read_manifest(path)?;
-    let range = cohort_collectives::shard_range(manifest.total, world, rank);
+    let range = cohort_contract::shard_range(manifest.total, world, rank);
     let shard = read_range(&dir, &manifest, range, true)?;
     Ok((meta_of(manifest), shard))
 }

@@ -25,7 +25,6 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::fault::{FaultPoint, FaultSpec};
 use crate::format::{
     self, DoneRecord, FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, LayoutEntry, MANIFEST_FILE,
     Manifest, PARAMS_TENSOR, ShardEntry,
@@ -44,6 +43,14 @@ pub struct SaverOptions {
     /// How long rank 0 waits for the other ranks' shards before giving up on
     /// committing a step.
     pub commit_timeout: Duration,
+    /// Names this attempt of the job, the same on every rank of it (the
+    /// worker env's `attempt()`), so a shard record that a crashed earlier
+    /// attempt left for the same step is not taken for this one's.
+    pub attempt: String,
+    /// A recovery drill (`COHORT_INJECT_FAULT=rank=R,step=S,at=commit`):
+    /// abort the process after writing this rank's shard of this step,
+    /// before the step is committed.
+    pub abort_before_commit: Option<u64>,
 }
 
 impl Default for SaverOptions {
@@ -52,6 +59,8 @@ impl Default for SaverOptions {
             keep_last: 3,
             async_save: true,
             commit_timeout: Duration::from_secs(600),
+            attempt: String::new(),
+            abort_before_commit: None,
         }
     }
 }
@@ -83,9 +92,6 @@ struct Writer {
     rank: usize,
     world: usize,
     opts: SaverOptions,
-    /// A `COHORT_INJECT_FAULT` at=commit for this rank.
-    fault_step: Option<u64>,
-    attempt: String,
 }
 
 impl Saver {
@@ -106,19 +112,11 @@ impl Saver {
             return Err(CkptError::Invalid("commit_timeout must be positive".into()));
         }
         check_writable(root, rank)?;
-        let fault_step = FaultSpec::from_env()?
-            .filter(|f| f.at == FaultPoint::Commit && f.rank == rank)
-            .map(|f| f.step);
-        let attempt = ["COHORT_JOB_ID", "COHORT_GENERATION", "COHORT_RESTART_COUNT"]
-            .map(|k| std::env::var(k).unwrap_or_default())
-            .join("/");
         let writer = Writer {
             root: root.to_path_buf(),
             rank,
             world,
             opts,
-            fault_step,
-            attempt,
         };
         let worker = if writer.opts.async_save {
             let (jobs, rx) = mpsc::channel::<Job>();
@@ -214,7 +212,7 @@ impl Writer {
                 meta.world, self.world
             ));
         }
-        let want = cohort_collectives::shard_range(meta.total, self.world, self.rank);
+        let want = cohort_contract::shard_range(meta.total, self.world, self.rank);
         if shard.range != want {
             return invalid(format!(
                 "rank {} of {} owns elements {want:?} of {}, the shard covers {:?}",
@@ -299,9 +297,9 @@ impl Writer {
         let written = format::write_safetensors(&shard_path, &tensors, Some(header_meta))?;
         drop(shard);
 
-        if self.fault_step == Some(meta.step) {
+        if self.opts.abort_before_commit == Some(meta.step) {
             eprintln!(
-                "COHORT_INJECT_FAULT: rank {} aborting after writing its shard of step {}, before the commit",
+                "injected fault: rank {} aborting after writing its shard of step {}, before the commit",
                 self.rank, meta.step
             );
             std::process::abort();
@@ -315,7 +313,7 @@ impl Writer {
             end: meta_range(&meta, self.rank).end,
             bytes: written.bytes,
             crc32c: written.crc32c,
-            attempt: self.attempt.clone(),
+            attempt: self.opts.attempt.clone(),
         };
         let json = serde_json::to_vec(&record).expect("a DoneRecord always serializes");
         format::write_file_atomic(&done_path, &json)?;
@@ -447,7 +445,7 @@ impl Writer {
         };
         let record: DoneRecord = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("unreadable done-record: {e}")))?;
-        if record.attempt != self.attempt {
+        if record.attempt != self.opts.attempt {
             // Left by an earlier attempt that crashed; this rank has not
             // finished yet in this attempt.
             return Ok(None);
@@ -509,5 +507,5 @@ fn remove_dir(dir: &Path) -> Result<(), CkptError> {
 }
 
 fn meta_range(meta: &Meta, rank: usize) -> std::ops::Range<usize> {
-    cohort_collectives::shard_range(meta.total, meta.world, rank)
+    cohort_contract::shard_range(meta.total, meta.world, rank)
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cohort_checkpoint::{
     CkptError, Meta, ParamLayout, Saver, SaverOptions, Shard, find_resumable, load, verify,
 };
-use cohort_collectives::shard_range;
+use cohort_contract::{FaultPoint, FaultSpec, shard_range};
 
 const STATES: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 
@@ -78,14 +78,25 @@ fn opts(keep_last: usize, async_save: bool) -> SaverOptions {
         keep_last,
         async_save,
         commit_timeout: Duration::from_secs(60),
+        ..SaverOptions::default()
     }
 }
 
 /// Saves `steps` with `world` ranks, one thread and one Saver per rank.
 fn save_steps(root: &Path, world: usize, steps: &[u64], opts: SaverOptions) {
+    save_steps_with(root, world, steps, &|_| opts.clone());
+}
+
+/// As `save_steps`, with each rank's options from `opts(rank)`.
+fn save_steps_with(
+    root: &Path,
+    world: usize,
+    steps: &[u64],
+    opts: &(dyn Fn(usize) -> SaverOptions + Sync),
+) {
     std::thread::scope(|s| {
         for rank in 0..world {
-            let opts = opts.clone();
+            let opts = opts(rank);
             s.spawn(move || {
                 let mut saver = Saver::new(root, rank, world, opts).unwrap();
                 for &step in steps {
@@ -409,10 +420,16 @@ const CHILD_ROOT_ENV: &str = "COHORT_CKPT_TEST_CHILD_ROOT";
 fn kill_during_save_leaves_the_previous_checkpoint() {
     if let Ok(root) = std::env::var(CHILD_ROOT_ENV) {
         let async_save = std::env::var("COHORT_CKPT_TEST_ASYNC").is_ok();
+        // The worker parses the fault and hands each rank's saver its step.
+        let fault = FaultSpec::parse(&std::env::var("COHORT_INJECT_FAULT").unwrap()).unwrap();
+        let opts = |rank| SaverOptions {
+            abort_before_commit: fault.step_for(rank, FaultPoint::Commit),
+            ..opts(3, async_save)
+        };
         // Step 10 is committed before any rank starts step 20, as training
         // steps (with their collectives) would separate them.
-        save_steps(Path::new(&root), 2, &[10], opts(3, async_save));
-        save_steps(Path::new(&root), 2, &[20], opts(3, async_save));
+        save_steps_with(Path::new(&root), 2, &[10], &opts);
+        save_steps_with(Path::new(&root), 2, &[20], &opts);
         panic!("the injected fault should have aborted this process");
     }
     for (rank, async_save) in [(1, false), (0, true)] {
@@ -429,8 +446,7 @@ fn kill_during_save_leaves_the_previous_checkpoint() {
         .env(
             "COHORT_INJECT_FAULT",
             format!("rank={rank},step=20,at=commit"),
-        )
-        .env_remove("COHORT_RESTART_COUNT");
+        );
         if async_save {
             cmd.env("COHORT_CKPT_TEST_ASYNC", "1");
         }

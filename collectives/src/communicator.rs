@@ -32,7 +32,7 @@ pub struct OpOptions {
     /// Which algorithm; `Auto` picks from the size and world.
     pub algorithm: Algorithm,
     /// How long the op may take; `None` uses the communicator's default
-    /// (`COHORT_COLLECTIVE_TIMEOUT_S` for TCP, 300 s if unset).
+    /// (`TcpConfig::default_timeout` for TCP).
     pub timeout: Option<Duration>,
 }
 

@@ -86,7 +86,7 @@ pub enum CommError {
     #[error("bootstrap store: {0}")]
     Store(#[from] StoreError),
 
-    /// The environment (COHORT_*) is missing or malformed.
+    /// Settings that can't work (a bad address, an unusable device).
     #[error("configuration: {0}")]
     Config(String),
 

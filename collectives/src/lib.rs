@@ -50,5 +50,5 @@ pub use backend::{Backend, BackendRequest};
 pub use communicator::{Communicator, OpOptions, OpRecord};
 pub use error::CommError;
 pub use store::{FileStore, MemStore, PrefixStore, Store, StoreError};
-pub use transport::tcp::{TcpConfig, collective_timeout_from_env};
+pub use transport::tcp::TcpConfig;
 pub use types::{Algorithm, DType, Element, OpKind, ParseError, ReduceOp, shard_range};

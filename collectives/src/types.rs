@@ -270,46 +270,14 @@ impl fmt::Display for OpKind {
     }
 }
 
-/// Elements `shard_range(len, world, rank)` of a buffer of `len` elements are
-/// rank `rank`'s shard: a balanced contiguous partition where the first
-/// `len % world` ranks get one extra element. `reduce_scatter` leaves each
-/// rank's result there, and `all_gather` expects each rank's part there.
-///
-/// # Panics
-/// If `world == 0` or `rank >= world`.
-pub fn shard_range(len: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
-    assert!(
-        rank < world,
-        "shard_range: rank {rank} out of range for world {world}"
-    );
-    let base = len / world;
-    let extra = len % world;
-    let start = rank * base + rank.min(extra);
-    let size = base + usize::from(rank < extra);
-    start..start + size
-}
+/// Rank `rank`'s shard of a buffer of `len` elements: where
+/// `reduce_scatter` leaves each rank's result and `all_gather` expects each
+/// rank's part. The rule is the worker contract's, shared with checkpoints.
+pub use cohort_contract::shard_range;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shard_range_partitions() {
-        for len in [0, 1, 7, 10, 1000] {
-            for world in 1..9 {
-                let mut next = 0;
-                for rank in 0..world {
-                    let r = shard_range(len, world, rank);
-                    assert_eq!(r.start, next);
-                    assert!(r.len() == len / world || r.len() == len / world + 1);
-                    next = r.end;
-                }
-                assert_eq!(next, len);
-            }
-        }
-        assert_eq!(shard_range(7, 3, 0), 0..3);
-        assert_eq!(shard_range(7, 3, 2), 5..7);
-    }
 
     #[test]
     fn names_round_trip() {

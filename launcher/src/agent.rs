@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cohort_contract::{CommEnv, Resume, WorkerEnv, omp_num_threads_for};
 use cohort_proto::v1::{
     Action, Assignment, Directive, FailureInfo, HeartbeatRequest, JobOptions, JobOutcome,
     JoinRequest, LeaveRequest, ReportDoneRequest, ReportFailureRequest, join_response,
@@ -67,6 +68,9 @@ pub struct AgentConfig {
     pub rendezvous_timeout: Duration,
     pub log_dir: PathBuf,
     pub command: WorkerCommand,
+    /// The launcher's own environment sets `OMP_NUM_THREADS` (the workers
+    /// inherit it; otherwise several workers per node get 1).
+    pub launcher_sets_omp: bool,
 }
 
 /// How the agent ended.
@@ -227,58 +231,66 @@ impl Agent {
             }
         };
         let nproc = self.config.nproc;
-        let omp = std::env::var_os("OMP_NUM_THREADS").is_none() && nproc > 1;
+        let resume = match &self.config.command {
+            WorkerCommand::Train {
+                resume: Some(_), ..
+            } if a.restart_count > 0 => Some(Resume::Auto),
+            WorkerCommand::Train {
+                resume: Some(resume),
+                ..
+            } => Some(Resume::parse(resume)),
+            _ => None,
+        };
+        let master_port = u16::try_from(a.master_port).map_err(|_| LauncherError::Spawn {
+            program: program.to_string_lossy().into_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the coordinator assigned MASTER_PORT {}, which is not a TCP port",
+                    a.master_port
+                ),
+            ),
+        })?;
         Ok((0..nproc)
             .map(|local_rank| {
                 let rank = a.rank_offset + local_rank;
                 let status_path = attempt.join(format!("rank_{rank}.status"));
-                let mut env: Vec<(String, OsString)> = vec![
-                    ("RANK".into(), rank.to_string().into()),
-                    ("LOCAL_RANK".into(), local_rank.to_string().into()),
-                    ("WORLD_SIZE".into(), a.world_size.to_string().into()),
-                    ("LOCAL_WORLD_SIZE".into(), nproc.to_string().into()),
-                    ("GROUP_RANK".into(), a.node_rank.to_string().into()),
-                    ("MASTER_ADDR".into(), a.master_addr.clone().into()),
-                    ("MASTER_PORT".into(), a.master_port.to_string().into()),
-                    (
-                        "COHORT_COORDINATOR".into(),
-                        self.config.coordinator.clone().into(),
+                let env = WorkerEnv {
+                    rank: rank as usize,
+                    local_rank: local_rank as usize,
+                    world: a.world_size as usize,
+                    local_world: nproc as usize,
+                    node_rank: a.node_rank as usize,
+                    master_addr: Some(a.master_addr.clone()),
+                    master_port: Some(master_port),
+                    coordinator: Some(self.config.coordinator.clone()),
+                    job_id: Some(a.job_id.clone()),
+                    generation: Some(a.generation),
+                    restart_count: u64::from(a.restart_count),
+                    comm: CommEnv {
+                        token: Some(self.config.token.clone()),
+                        host: Some(self.config.host.clone()),
+                        timeout: None,
+                    },
+                    log_dir: Some(job_dir.clone()),
+                    status_file: Some(status_path.clone()),
+                    resume: resume.clone(),
+                    omp_num_threads: omp_num_threads_for(
+                        nproc as usize,
+                        self.config.launcher_sets_omp,
                     ),
-                    ("COHORT_JOB_ID".into(), a.job_id.clone().into()),
-                    ("COHORT_GENERATION".into(), a.generation.to_string().into()),
-                    (
-                        "COHORT_RESTART_COUNT".into(),
-                        a.restart_count.to_string().into(),
-                    ),
-                    ("COHORT_TOKEN".into(), self.config.token.clone().into()),
-                    ("COHORT_LOG_DIR".into(), job_dir.clone().into_os_string()),
-                    ("COHORT_HOST".into(), self.config.host.clone().into()),
-                    (
-                        "COHORT_STATUS_FILE".into(),
-                        status_path.clone().into_os_string(),
-                    ),
-                ];
-                if omp {
-                    env.push(("OMP_NUM_THREADS".into(), "1".into()));
-                }
-                if let WorkerCommand::Train {
-                    resume: Some(resume),
-                    ..
-                } = &self.config.command
-                {
-                    let mode = if a.restart_count == 0 {
-                        resume.as_str()
-                    } else {
-                        "auto"
-                    };
-                    env.push(("COHORT_RESUME".into(), mode.into()));
-                }
+                    ..WorkerEnv::default()
+                };
                 WorkerSpec {
                     rank,
                     local_rank,
                     program: program.clone(),
                     args: args.clone(),
-                    env,
+                    env: env
+                        .vars()
+                        .into_iter()
+                        .map(|(name, value)| (name.to_owned(), value))
+                        .collect(),
                     log_path: attempt.join(format!("rank_{rank}.log")),
                     status_path,
                 }

@@ -66,15 +66,15 @@ pub enum LauncherError {
     /// A job token that can't be sent in a header.
     #[error("the job token must be printable ASCII without spaces")]
     InvalidToken,
-    /// A variable of the worker environment is missing.
-    #[error("{name} is not set: this program must be started by `cohort launch`")]
-    MissingEnv { name: &'static str },
-    /// A variable of the worker environment has a bad value.
-    #[error("{name}={value:?}: {reason}")]
-    InvalidEnv {
-        name: &'static str,
-        value: String,
-        reason: String,
+    /// The worker environment lacks what a worker of a job needs.
+    #[error(transparent)]
+    Contract(#[from] cohort_contract::ContractError),
+    /// The store directory of ranks started by hand can't be used.
+    #[error("the store directory {}={}: {source}", cohort_contract::var::STORE_DIR, path.display())]
+    StoreDir {
+        path: PathBuf,
+        #[source]
+        source: cohort_collectives::StoreError,
     },
     /// Options that don't make sense together.
     #[error("{0}")]

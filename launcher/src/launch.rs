@@ -74,6 +74,11 @@ pub struct LaunchOptions {
     pub token: Option<String>,
     pub command: WorkerCommand,
     pub timing: Timing,
+    /// The address other nodes reach this host at (`COHORT_HOST` in the
+    /// launcher's environment); `None` picks one (see `host_for`).
+    pub host: Option<String>,
+    /// The launcher's environment sets `OMP_NUM_THREADS`.
+    pub launcher_sets_omp: bool,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, LauncherError> {
@@ -84,13 +89,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, LauncherError> {
         .map_err(LauncherError::Runtime)
 }
 
-/// The address other nodes reach this host at: `COHORT_HOST` if set,
-/// 127.0.0.1 for a coordinator on this host, else the local address of the
-/// route to the coordinator (`None`: of the default route, for a coordinator
-/// bound to every interface).
-fn host_for(coordinator: Option<&str>) -> String {
-    if let Ok(host) = std::env::var("COHORT_HOST") {
-        return host;
+/// The address other nodes reach this host at: `host` (`COHORT_HOST`) if
+/// given, 127.0.0.1 for a coordinator on this host, else the local address
+/// of the route to the coordinator (`None`: of the default route, for a
+/// coordinator bound to every interface).
+fn host_for(host: Option<&str>, coordinator: Option<&str>) -> String {
+    if let Some(host) = host {
+        return host.to_owned();
     }
     // Connecting a UDP socket sends nothing: it only picks the route.
     let probe = match coordinator {
@@ -195,7 +200,11 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
     let timing = options.timing;
     runtime()?.block_on(async move {
         let (hosted, addr, host) = match &options.coordinator {
-            CoordinatorMode::Remote(addr) => (None, addr.clone(), host_for(Some(addr))),
+            CoordinatorMode::Remote(addr) => (
+                None,
+                addr.clone(),
+                host_for(options.host.as_deref(), Some(addr)),
+            ),
             CoordinatorMode::Embedded | CoordinatorMode::Bind(_) => {
                 let bind = match &options.coordinator {
                     CoordinatorMode::Bind(addr) => addr.as_str(),
@@ -221,7 +230,7 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
                     }
                 }
                 let host = if ip.is_unspecified() {
-                    host_for(None)
+                    host_for(options.host.as_deref(), None)
                 } else {
                     ip.to_string()
                 };
@@ -246,6 +255,7 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
             rendezvous_timeout: timing.rendezvous_timeout,
             log_dir,
             command: options.command.clone(),
+            launcher_sets_omp: options.launcher_sets_omp,
         };
         let view = tokio::spawn(watch(
             addr,

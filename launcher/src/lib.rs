@@ -6,8 +6,8 @@
 //! - [`coordinator`]: the job state machine, its tonic service and server.
 //! - [`agent`] and [`worker`]: a node's workers, heartbeats, hang detection.
 //! - [`store`]: the coordinator's key-value store as a collectives `Store`
-//!   for workers ([`store_from_env`]).
-//! - [`status`]: the worker status file ([`WorkerProgress`]).
+//!   for workers, and [`worker_store`]: the store a worker's ranks bootstrap
+//!   through, from its [`cohort_contract::WorkerEnv`].
 //! - [`launch`]: `cohort launch` / `cohort coordinator` as library calls.
 
 pub mod agent;
@@ -19,7 +19,6 @@ pub mod decision;
 mod error;
 mod kv;
 pub mod launch;
-pub mod status;
 pub mod store;
 pub mod worker;
 
@@ -27,5 +26,4 @@ pub use agent::WorkerCommand;
 pub use decision::NodeRange;
 pub use error::LauncherError;
 pub use launch::{CoordinatorMode, CoordinatorOptions, LaunchOptions, Timing, launch, serve};
-pub use status::WorkerProgress;
-pub use store::{CoordinatorStore, store_from_env};
+pub use store::{CoordinatorStore, worker_store};

@@ -1,11 +1,14 @@
 //! The coordinator's key-value store as a [`cohort_collectives::Store`], for
 //! workers: blocking calls on a small private runtime, scoped to the worker's
-//! job and generation.
+//! job and generation; and [`worker_store`], the store a worker bootstraps
+//! through, chosen from its environment.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cohort_collectives::FileStore;
 use cohort_collectives::store::{Store, StoreError, validate_key};
+use cohort_contract::WorkerEnv;
 use cohort_proto::v1::{KvCompareAndSetRequest, KvGetRequest, KvSetRequest, KvWaitRequest};
 
 use crate::LauncherError;
@@ -142,26 +145,34 @@ impl Store for CoordinatorStore {
     }
 }
 
-fn env_var(name: &'static str) -> Result<String, LauncherError> {
-    std::env::var(name).map_err(|_| LauncherError::MissingEnv { name })
-}
-
-/// The store of the job this worker belongs to, from the environment
-/// `cohort launch` sets (`COHORT_COORDINATOR`, `COHORT_TOKEN`,
-/// `COHORT_JOB_ID`, `COHORT_GENERATION`).
-pub fn store_from_env() -> Result<Arc<dyn Store>, LauncherError> {
-    let addr = env_var("COHORT_COORDINATOR")?;
-    let token = env_var("COHORT_TOKEN")?;
-    let job_id = env_var("COHORT_JOB_ID")?;
-    let generation = env_var("COHORT_GENERATION")?;
-    let generation = generation
-        .parse::<u64>()
-        .map_err(|e| LauncherError::InvalidEnv {
-            name: "COHORT_GENERATION",
-            value: generation.clone(),
-            reason: e.to_string(),
+/// The store through which the ranks of `env`'s job find each other: none
+/// for a world of one; with `COHORT_STORE_DIR` (ranks started by hand) a
+/// [`FileStore`] in that directory; else the coordinator's store of the job
+/// and generation `cohort launch` gave the worker.
+///
+/// With [`WorkerEnv::from_env`], all a program needs to join its job:
+///
+/// ```no_run
+/// let env = cohort_contract::WorkerEnv::from_env()?;
+/// let store = cohort_launcher::worker_store(&env)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn worker_store(env: &WorkerEnv) -> Result<Option<Arc<dyn Store>>, LauncherError> {
+    if env.world == 1 {
+        return Ok(None);
+    }
+    if let Some(dir) = &env.store_dir {
+        let store = FileStore::new(dir).map_err(|source| LauncherError::StoreDir {
+            path: dir.clone(),
+            source,
         })?;
-    Ok(Arc::new(CoordinatorStore::connect(
-        &addr, &token, &job_id, generation,
-    )?))
+        return Ok(Some(Arc::new(store)));
+    }
+    let job = env.coordinator_job()?;
+    Ok(Some(Arc::new(CoordinatorStore::connect(
+        job.addr,
+        job.token,
+        job.job_id,
+        job.generation,
+    )?)))
 }

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::LauncherError;
 use crate::console::Console;
 use crate::decision::StepMark;
-use crate::status::WorkerProgress;
+use cohort_contract::WorkerProgress;
 
 /// Lines of a worker's output kept for the root-cause summary.
 const TAIL_LINES: usize = 20;

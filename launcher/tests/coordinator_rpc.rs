@@ -7,6 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use cohort_collectives::store::{Store, StoreError};
+use cohort_contract::WorkerEnv;
 use cohort_launcher::client::{connect, rpc_error};
 use cohort_launcher::coordinator::{CoordinatorConfig, RunningCoordinator};
 use cohort_launcher::{CoordinatorStore, LauncherError, NodeRange};
@@ -129,11 +130,47 @@ fn a_wrong_token_is_refused_and_the_server_goes_on() {
 }
 
 #[test]
-fn store_from_env_names_what_is_missing() {
-    // Tests do not run under `cohort launch`: the worker environment is absent.
-    let err = cohort_launcher::store_from_env().err().unwrap();
+fn worker_store_names_what_is_missing() {
+    // A rank of two not started by `cohort launch`: no coordinator, no store directory.
+    let env = WorkerEnv {
+        world: 2,
+        ..WorkerEnv::default()
+    };
+    let err = cohort_launcher::worker_store(&env).err().unwrap();
     assert_eq!(
         err.to_string(),
         "COHORT_COORDINATOR is not set: this program must be started by `cohort launch`"
+    );
+}
+
+#[test]
+fn worker_store_is_none_alone_and_the_store_directory_by_hand() {
+    assert!(
+        cohort_launcher::worker_store(&WorkerEnv::default())
+            .unwrap()
+            .is_none()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let env = WorkerEnv {
+        world: 2,
+        store_dir: Some(dir.path().join("store")),
+        ..WorkerEnv::default()
+    };
+    let store = cohort_launcher::worker_store(&env).unwrap().unwrap();
+    store.set("k", b"v").unwrap();
+    assert_eq!(store.get("k").unwrap().as_deref(), Some(&b"v"[..]));
+    let blocked = dir.path().join("a-file");
+    std::fs::write(&blocked, b"").unwrap();
+    let env = WorkerEnv {
+        store_dir: Some(blocked.join("store")),
+        ..env
+    };
+    let err = cohort_launcher::worker_store(&env)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("COHORT_STORE_DIR=") && err.contains("a-file"),
+        "{err}"
     );
 }

@@ -23,6 +23,7 @@ use cohort_collectives::{
     Algorithm, Communicator, DType, Element, FileStore, OpKind, OpOptions, PrefixStore, ReduceOp,
     TcpConfig, shard_range,
 };
+use cohort_contract::{CommEnv, var};
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
@@ -261,7 +262,7 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
             .arg(rank.to_string())
             .arg("--store")
             .arg(&dir.0)
-            .env("COHORT_TOKEN", &token)
+            .env(var::TOKEN, &token)
             .stdin(Stdio::null())
             .stdout(if rank == 0 {
                 Stdio::piped()
@@ -452,7 +453,14 @@ fn nccl_version() -> String {
 
 fn worker(a: &CollectivesArgs, rank: usize, store_dir: &Path) -> anyhow::Result<ExitCode> {
     let world = usize::from(a.nproc);
-    let cfg = TcpConfig::from_env()?;
+    // The benchmark's own worker environment: the token the parent gave it,
+    // COHORT_HOST and COHORT_COLLECTIVE_TIMEOUT_S.
+    let env = CommEnv::from_env()?;
+    let cfg = TcpConfig::new(
+        env.token()?.as_bytes(),
+        env.host.as_deref(),
+        env.op_timeout(),
+    );
     let store = PrefixStore::new("bench", FileStore::new(store_dir)?)?;
     // TCP carries the data of the tcp backend, and the barriers and the
     // agreement on results of both.

@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+use cohort_contract::var;
 use cohort_launcher::{CoordinatorOptions, NodeRange};
 
 use super::launch::{TimingArgs, finish};
@@ -18,7 +19,7 @@ pub struct CoordinatorArgs {
     #[arg(long, value_name = "N|MIN:MAX")]
     nnodes: Option<NodeRange>,
     /// The job token nodes must present [default: generated and printed].
-    #[arg(long, value_name = "T", env = "COHORT_TOKEN", hide_env_values = true)]
+    #[arg(long, value_name = "T", env = var::TOKEN, hide_env_values = true)]
     token: Option<String>,
     /// The job's id [default: the first node's --job-id, or generated].
     #[arg(long, value_name = "ID")]

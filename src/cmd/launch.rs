@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use cohort_contract::var;
 use cohort_launcher::{
     CoordinatorMode, LaunchOptions, LauncherError, NodeRange, Timing, WorkerCommand,
 };
@@ -76,7 +77,7 @@ pub struct LaunchArgs {
     job_id: Option<String>,
     /// The job token every node presents to the coordinator [default: generated
     /// when this launcher runs the coordinator].
-    #[arg(long, value_name = "T", env = "COHORT_TOKEN", hide_env_values = true)]
+    #[arg(long, value_name = "T", env = var::TOKEN, hide_env_values = true)]
     token: Option<String>,
     /// Checkpoint to start from: `auto` (the newest good one in checkpoint.dir),
     /// `never`, or a checkpoint directory. Restarts after a failure always use `auto`.
@@ -194,6 +195,8 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout),
             ..args.timing.into()
         },
+        host: std::env::var(var::HOST).ok().filter(|h| !h.is_empty()),
+        launcher_sets_omp: std::env::var_os(var::OMP_NUM_THREADS).is_some(),
     };
     finish(cohort_launcher::launch(options))
 }

@@ -37,13 +37,10 @@ pub enum TrainError {
     /// A config value or API argument that cannot work.
     #[error("{0}")]
     Config(String),
-    /// An env-contract variable with a bad value.
-    #[error("environment variable {name}={value:?}: {reason}")]
-    Env {
-        name: &'static str,
-        value: String,
-        reason: String,
-    },
+    /// The worker environment lacks what this use of it needs, or a status
+    /// file can't be written.
+    #[error(transparent)]
+    Contract(#[from] cohort_contract::ContractError),
     /// Saving or loading a checkpoint.
     #[error(transparent)]
     Checkpoint(#[from] cohort_checkpoint::CkptError),

@@ -4,21 +4,23 @@
 //! - the built-in trainer ([`train::run`]) that `cohort launch CONFIG.toml`
 //!   runs through `cohort-worker train`: built-in models ([`model`]), data
 //!   ([`data`]), metrics, checkpoints, all from a [`cohort_configs::JobConfig`];
-//! - the library, for your own training program: read the env contract,
-//!   connect, wrap your `VarStore` in a [`DataParallel`], and call
-//!   [`DataParallel::step`] once per step after your backward passes.
+//! - the library, for your own training program: read the env contract
+//!   ([`WorkerEnv::from_env`]), [`connect`], wrap your `VarStore` in a
+//!   [`DataParallel`], and call [`DataParallel::step`] once per step after
+//!   your backward passes.
 //!
 //! ```no_run
-//! use cohort_trainer::{DataParallel, DistEnv};
+//! use cohort_trainer::{DataParallel, WorkerEnv};
 //! use cohort_configs::{OptimConfig, ParallelConfig};
 //! use tch::{nn, nn::Module, Device, Kind, Tensor};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // Under `cohort launch -- my-program`, RANK and WORLD_SIZE come from the
-//! // launcher and the store is `cohort_launcher::store_from_env()?`; run
-//! // alone, this is a world of one and no store is needed.
-//! let env = DistEnv::from_env()?;
-//! let comm = env.connect(None)?;
+//! // Under `cohort launch -- my-program`, RANK, WORLD_SIZE and the job token
+//! // come from the launcher, and the ranks find each other through the store
+//! // of `cohort_launcher::worker_store(&env)?`; run alone, this is a world
+//! // of one and no store is needed.
+//! let env = WorkerEnv::from_env()?;
+//! let comm = cohort_trainer::connect(&env, None)?;
 //!
 //! tch::manual_seed(0); // the same initial model on every rank
 //! let vs = nn::VarStore::new(Device::Cpu);
@@ -49,9 +51,9 @@
 
 mod backend;
 mod comm;
+mod connect;
 pub mod data;
 mod device;
-mod env;
 mod error;
 pub mod flat;
 mod host;
@@ -61,7 +63,8 @@ mod parallel;
 pub mod train;
 
 pub use backend::Collectives;
-pub use env::DistEnv;
+pub use cohort_contract::WorkerEnv;
+pub use connect::{connect, connect_backend};
 pub use error::TrainError;
 pub use parallel::{DataParallel, StepReport, ZeroStage};
 pub use tch;

@@ -15,36 +15,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cohort_checkpoint::{FaultPoint, FaultSpec, Meta, ParamLayout, Saver, SaverOptions};
+use cohort_checkpoint::{Meta, ParamLayout, Saver, SaverOptions};
 use cohort_configs::JobConfig;
+use cohort_contract::{FaultPoint, WorkerEnv, WorkerProgress, var};
 use serde_json::json;
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
 use crate::data::{Dataset, Loader};
 use crate::optim::LrSchedule;
-use crate::{Collectives, DataParallel, DistEnv, StepReport, TrainError, model};
+use crate::{Collectives, DataParallel, StepReport, TrainError, model};
 
-/// Where to resume from (`COHORT_RESUME`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resume {
-    /// The newest checkpoint in `checkpoint.dir` that verifies, if any.
-    Auto,
-    /// Start fresh.
-    Never,
-    /// This step directory or checkpoint root.
-    Path(PathBuf),
-}
-
-impl Resume {
-    /// `auto` (also unset or empty), `never`, or a path.
-    pub fn parse(value: Option<&str>) -> Self {
-        match value.map(str::trim) {
-            None | Some("") | Some("auto") => Resume::Auto,
-            Some("never") => Resume::Never,
-            Some(path) => Resume::Path(PathBuf::from(path)),
-        }
-    }
-}
+/// Where to resume from (`COHORT_RESUME`, the worker env's `resume`).
+pub use cohort_contract::Resume;
 
 /// What a run did.
 #[derive(Debug, Clone)]
@@ -60,12 +42,12 @@ pub struct Summary {
 }
 
 /// Trains the model `job` describes with `comm` (world and rank taken from
-/// it; `env` supplies the log dir, status file and restart count).
+/// it; `env` supplies the local rank, log dir, status file, where to resume
+/// from, the job attempt and the fault to inject).
 pub fn run(
     job: &JobConfig,
-    env: &DistEnv,
+    env: &WorkerEnv,
     comm: impl Into<Collectives>,
-    resume: &Resume,
 ) -> Result<Summary, TrainError> {
     let comm = comm.into();
     let (rank, world) = (comm.rank(), comm.world_size());
@@ -100,7 +82,9 @@ pub fn run(
             offset: s.offset,
         })
         .collect();
+    let resume = env.resume.as_ref().unwrap_or(&Resume::Auto);
     let resumed_from = resume_from(job, resume, &layout, &mut dp, &mut loader)?;
+    let fault = env.fault();
     let mut saver = match (&job.checkpoint.dir, job.checkpoint.every) {
         (Some(dir), every) if every > 0 => Some(Saver::new(
             dir,
@@ -109,6 +93,8 @@ pub fn run(
             SaverOptions {
                 keep_last: job.checkpoint.keep_last,
                 async_save: job.checkpoint.async_save,
+                attempt: env.attempt(),
+                abort_before_commit: fault.and_then(|f| f.step_for(rank, FaultPoint::Commit)),
                 ..SaverOptions::default()
             },
         )?),
@@ -119,7 +105,7 @@ pub fn run(
         }
         _ => None,
     };
-    let fault = FaultSpec::from_env()?.filter(|f| f.at == FaultPoint::Step && f.rank == rank);
+    let fault_step = fault.and_then(|f| f.step_for(rank, FaultPoint::Step));
     let mut metrics = match (&env.log_dir, rank) {
         (Some(dir), 0) => Some(open_append(&dir.join("metrics.jsonl"))?),
         _ => None,
@@ -151,8 +137,8 @@ pub fn run(
     let mut window = Window::default();
     while dp.steps_done() < t.max_steps {
         let step = dp.steps_done();
-        if fault.is_some_and(|f| f.step == step) {
-            eprintln!("COHORT_INJECT_FAULT: rank {rank} aborting at step {step}");
+        if fault_step == Some(step) {
+            eprintln!("{}: rank {rank} aborting at step {step}", var::INJECT_FAULT);
             std::process::abort();
         }
         let start = Instant::now();
@@ -293,11 +279,12 @@ fn resume_from(
     let names: Vec<&str> = meta.state_names.iter().map(String::as_str).collect();
     if names != dp.optimizer_state_names() {
         return Err(TrainError::Config(format!(
-            "checkpoint {} holds optimizer state {:?}, but optim.kind = {:?} needs {:?}: resume with the optimizer it was saved with, or set COHORT_RESUME=never",
+            "checkpoint {} holds optimizer state {:?}, but optim.kind = {:?} needs {:?}: resume with the optimizer it was saved with, or set {}=never",
             path.display(),
             names,
             job.optim.kind,
-            dp.optimizer_state_names()
+            dp.optimizer_state_names(),
+            var::RESUME
         )));
     }
     let position = meta
@@ -474,9 +461,10 @@ fn open_append(path: &Path) -> Result<File, TrainError> {
         .map_err(io)
 }
 
-/// Replaces `COHORT_STATUS_FILE` (tmp + rename) with this worker's progress.
+/// Replaces the status file (`COHORT_STATUS_FILE`), if any, with this
+/// worker's progress.
 fn write_status(
-    env: &DistEnv,
+    env: &WorkerEnv,
     step: u64,
     max_steps: u64,
     loss: Option<f64>,
@@ -485,20 +473,12 @@ fn write_status(
     let Some(path) = &env.status_file else {
         return Ok(());
     };
-    let body = json!({
-        "step": step,
-        "max_steps": max_steps,
-        "loss": loss,
-        "tokens_per_s": tokens_per_s,
-        "time": unix_now(),
-    });
-    let mut tmp = path.clone().into_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let io = |source| TrainError::Io {
-        path: path.clone(),
-        source,
+    let progress = WorkerProgress {
+        step,
+        max_steps,
+        loss,
+        tokens_per_s,
+        time: unix_now(),
     };
-    std::fs::write(&tmp, body.to_string()).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    Ok(progress.write(path)?)
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use cohort_collectives::Communicator;
 use cohort_configs::JobConfig;
-use cohort_trainer::DistEnv;
+use cohort_trainer::WorkerEnv;
 use cohort_trainer::train::{Resume, Summary, run};
 
 fn job(dir: &Path, max_steps: u64, stage: u8) -> JobConfig {
@@ -48,16 +48,15 @@ fn run_world(job: &JobConfig, world: usize, resume: &Resume) -> Summary {
         .map(|comm| {
             let (job, resume) = (job.clone(), resume.clone());
             std::thread::spawn(move || {
-                let env = DistEnv {
+                let env = WorkerEnv {
                     rank: comm.rank(),
                     local_rank: comm.rank(),
                     world,
                     local_world: world,
-                    restart_count: 0,
-                    log_dir: None,
-                    status_file: None,
+                    resume: Some(resume),
+                    ..WorkerEnv::default()
                 };
-                run(&job, &env, comm, &resume).unwrap()
+                run(&job, &env, comm).unwrap()
             })
         })
         .collect();

@@ -76,52 +76,22 @@ impl std::fmt::Debug for TcpConfig {
 }
 
 impl TcpConfig {
-    /// From the worker environment:
-    /// - `COHORT_TOKEN` (required): the job secret;
-    /// - `COHORT_HOST`: when set, bind `0.0.0.0` and advertise this host;
-    ///   when unset, bind and advertise `127.0.0.1` (one host);
-    /// - `COHORT_COLLECTIVE_TIMEOUT_S`: the default op timeout in seconds
-    ///   (default 300), also used as the bootstrap timeout.
-    pub fn from_env() -> Result<TcpConfig, CommError> {
-        let token = std::env::var_os("COHORT_TOKEN")
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                CommError::Config(String::from(
-                    "COHORT_TOKEN is not set: every rank needs the job secret \
-                     (cohort launch sets it; set it yourself when starting ranks by hand)",
-                ))
-            })?;
-        let (bind_host, advertise_host) = match std::env::var("COHORT_HOST") {
-            Ok(host) if !host.is_empty() => (String::from("0.0.0.0"), host),
-            _ => (String::from("127.0.0.1"), String::from("127.0.0.1")),
+    /// A rank that proves `token` to its peers. With `host` (the address
+    /// other hosts reach this one at) it binds `0.0.0.0` and advertises
+    /// `host`; without, it binds and advertises `127.0.0.1` (one host).
+    /// `timeout` is the default op timeout and the bootstrap timeout.
+    pub fn new(token: &[u8], host: Option<&str>, timeout: Duration) -> TcpConfig {
+        let (bind_host, advertise_host) = match host {
+            Some(host) => (String::from("0.0.0.0"), host.to_owned()),
+            None => (String::from("127.0.0.1"), String::from("127.0.0.1")),
         };
-        let timeout = collective_timeout_from_env()?;
-        Ok(TcpConfig {
-            token: token.into_encoded_bytes(),
+        TcpConfig {
+            token: token.to_vec(),
             bind_host,
             advertise_host,
             connect_timeout: timeout,
             default_timeout: timeout,
-        })
-    }
-}
-
-/// `COHORT_COLLECTIVE_TIMEOUT_S`: the default op timeout (and bootstrap
-/// timeout) of every backend, 300 s when unset.
-pub fn collective_timeout_from_env() -> Result<Duration, CommError> {
-    match std::env::var("COHORT_COLLECTIVE_TIMEOUT_S") {
-        Ok(s) => s
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|v| *v > 0.0 && v.is_finite())
-            .map(Duration::from_secs_f64)
-            .ok_or_else(|| {
-                CommError::Config(format!(
-                    "COHORT_COLLECTIVE_TIMEOUT_S={s:?} is not a positive number of seconds"
-                ))
-            }),
-        Err(_) => Ok(Duration::from_secs(300)),
+        }
     }
 }
 

@@ -62,17 +62,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// One rank of a training job. With `WORLD_SIZE` > 1 the ranks find each
-/// other through the coordinator's store, or through a directory shared by
-/// every rank when `COHORT_STORE_DIR` is set (to run workers by hand, without
-/// `cohort launch`). `COHORT_RESUME=auto|never|PATH` picks the checkpoint to
-/// resume from (default auto: the newest in `checkpoint.dir` that verifies).
+/// One rank of a training job; the only place the worker reads its
+/// environment ([`WorkerEnv::from_env`]), handing the values down. With
+/// `WORLD_SIZE` > 1 the ranks find each other through the coordinator's
+/// store, or through a directory shared by every rank when `COHORT_STORE_DIR`
+/// is set (to run workers by hand, without `cohort launch`).
+/// `COHORT_RESUME=auto|never|PATH` picks the checkpoint to resume from
+/// (default auto: the newest in `checkpoint.dir` that verifies).
 fn train(config: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
-    use cohort_collectives::{FileStore, Store};
-    use cohort_trainer::DistEnv;
-    use cohort_trainer::train::{Resume, run};
-    use std::sync::Arc;
+    use cohort_contract::WorkerEnv;
+    use cohort_trainer::train::run;
 
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -82,23 +82,17 @@ fn train(config: &std::path::Path) -> anyhow::Result<()> {
         )
         .init();
     let job = cohort_configs::JobConfig::load(config, &[])?;
-    let env = DistEnv::from_env()?;
-    let store: Option<Arc<dyn Store>> = match (env.world, std::env::var_os("COHORT_STORE_DIR")) {
-        (1, _) => None,
-        (_, Some(dir)) => Some(Arc::new(FileStore::new(std::path::PathBuf::from(&dir)).with_context(|| {
-            format!("opening the store directory COHORT_STORE_DIR={}", dir.to_string_lossy())
-        })?)),
-        (_, None) => Some(cohort_launcher::store_from_env().context(
-            "finding the coordinator's store (run under `cohort launch`, or set COHORT_STORE_DIR to a directory shared by every rank)",
-        )?),
-    };
+    let env = WorkerEnv::from_env()?;
+    let store = cohort_launcher::worker_store(&env).context(
+        "finding the other ranks (run under `cohort launch`, or set COHORT_STORE_DIR to a directory shared by every rank)",
+    )?;
     let device = cohort_trainer::train::resolve_device(&job.train.device, env.local_rank)?;
-    let (comm, why) = env.connect_backend(store.as_deref(), &job.parallel.backend, device)?;
+    let (comm, why) =
+        cohort_trainer::connect_backend(&env, store.as_deref(), &job.parallel.backend, device)?;
     if env.rank == 0 {
         println!("collectives: {} ({why})", comm.backend());
     }
-    let resume = Resume::parse(std::env::var("COHORT_RESUME").ok().as_deref());
-    let summary = run(&job, &env, comm, &resume).with_context(|| {
+    let summary = run(&job, &env, comm).with_context(|| {
         format!(
             "training {} (rank {} of {})",
             config.display(),

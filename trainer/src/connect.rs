@@ -1,0 +1,114 @@
+//! Connecting a worker to the other ranks of its job, from its
+//! [`WorkerEnv`] (the launcher's env contract, read by the worker binary
+//! or your own program with `WorkerEnv::from_env`) and the store they
+//! bootstrap through (`cohort_launcher::worker_store`).
+
+use cohort_collectives::backend::{self, Backend, BackendRequest};
+use cohort_collectives::nccl::{self, NcclCommunicator};
+use cohort_collectives::{Communicator, MemStore, Store, TcpConfig};
+use cohort_contract::WorkerEnv;
+use tch::Device;
+
+use crate::{Collectives, TrainError};
+
+/// A communicator for this worker: an in-process one for a world of one,
+/// else TCP bootstrapped through `store` (`cohort_launcher::worker_store`,
+/// or a `FileStore`), authenticated with the job token.
+pub fn connect(env: &WorkerEnv, store: Option<&dyn Store>) -> Result<Communicator, TrainError> {
+    if env.world == 1 {
+        return Ok(Communicator::mem_group(1).remove(0));
+    }
+    let store = store.ok_or_else(|| no_store(env))?;
+    let comm = &env.comm;
+    let cfg = TcpConfig::new(
+        comm.token()?.as_bytes(),
+        comm.host.as_deref(),
+        comm.op_timeout(),
+    );
+    Communicator::connect_tcp(store, env.rank, env.world, &cfg)
+        .map_err(TrainError::comm(env.rank, "connecting to the other ranks"))
+}
+
+/// Why a world of more than one rank can't connect without a store.
+fn no_store(env: &WorkerEnv) -> TrainError {
+    TrainError::Config(format!(
+        "WORLD_SIZE={} needs a store to find the other ranks: run under `cohort launch`",
+        env.world
+    ))
+}
+
+/// The collectives for training on `device` with `parallel.backend` =
+/// `request` (see `cohort_collectives::backend::choose`), connected; and
+/// why that backend. NCCL ranks bootstrap through `store` (a world of one
+/// needs none) and use the op timeout of `env.comm`.
+pub fn connect_backend(
+    env: &WorkerEnv,
+    store: Option<&dyn Store>,
+    request: &str,
+    device: Device,
+) -> Result<(Collectives, String), TrainError> {
+    let request: BackendRequest = request
+        .parse()
+        .map_err(|e| TrainError::Config(format!("parallel.backend: {e}")))?;
+    let cuda = matches!(device, Device::Cuda(_));
+    let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+    let usable = if !cuda {
+        Err("not needed".into())
+    } else if env.local_world > gpus {
+        Err(format!(
+            "{} workers on this node share {gpus} GPU(s), and NCCL needs one GPU per rank",
+            env.local_world
+        ))
+    } else {
+        nccl::probe().map(|r| r.nccl.version)
+    };
+    let (backend, why) = backend::choose(request, cuda, usable.as_deref().map_err(String::as_str))
+        .map_err(TrainError::Config)?;
+    let comm = match (backend, device) {
+        (Backend::Nccl, Device::Cuda(ordinal)) => {
+            let own;
+            let store = match store {
+                Some(s) => s,
+                None if env.world == 1 => {
+                    own = MemStore::new();
+                    &own
+                }
+                None => return Err(no_store(env)),
+            };
+            NcclCommunicator::connect(store, env.rank, env.world, ordinal, env.comm.op_timeout())
+                .map_err(TrainError::comm(env.rank, "joining the NCCL communicator"))?
+                .into()
+        }
+        _ => connect(env, store)?.into(),
+    };
+    Ok((comm, why))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the CPU `auto` and `tcp` connect over TCP (here a world of one,
+    /// in-process); `nccl` is refused with the reason before anything starts.
+    #[test]
+    fn backends_for_cpu_training() {
+        let env = WorkerEnv::default();
+        for request in ["auto", "tcp"] {
+            let (comm, why) = connect_backend(&env, None, request, Device::Cpu).unwrap();
+            assert_eq!(comm.backend(), Backend::Tcp, "{why}");
+        }
+        let err = connect_backend(&env, None, "nccl", Device::Cpu)
+            .err()
+            .expect("nccl on the CPU is refused")
+            .to_string();
+        assert!(err.contains("needs CUDA tensors"), "{err}");
+        let err = connect_backend(&env, None, "gloo", Device::Cpu)
+            .err()
+            .expect("an unknown backend is refused")
+            .to_string();
+        assert!(
+            err.contains("parallel.backend") && err.contains("gloo"),
+            "{err}"
+        );
+    }
+}
