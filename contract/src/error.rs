@@ -25,11 +25,11 @@ pub enum ContractError {
         "bad COHORT_INJECT_FAULT {spec:?}: {detail}; expected \"rank=R,step=S\" or \"rank=R,step=S,at=commit\""
     )]
     FaultSpec { spec: String, detail: String },
-    /// Reading or writing a status file.
-    #[error("{path}: {source}")]
+    /// Reading or writing a status file (the message includes the OS
+    /// error, so it is not repeated as a source).
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }

@@ -39,9 +39,9 @@ pub struct WorkerProgress {
 impl WorkerProgress {
     /// Reads a status file; `Ok(None)` if the worker has not written it yet.
     pub fn read(path: &Path) -> Result<Option<Self>, ContractError> {
-        let io = |source| ContractError::Io {
+        let io = |error| ContractError::Io {
             path: path.to_owned(),
-            source,
+            error,
         };
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -61,15 +61,15 @@ impl WorkerProgress {
         let tmp = PathBuf::from(tmp);
         let json = serde_json::to_vec(self).map_err(|e| ContractError::Io {
             path: path.to_owned(),
-            source: std::io::Error::other(e),
+            error: std::io::Error::other(e),
         })?;
-        std::fs::write(&tmp, json).map_err(|source| ContractError::Io {
+        std::fs::write(&tmp, json).map_err(|error| ContractError::Io {
             path: tmp.clone(),
-            source,
+            error,
         })?;
-        std::fs::rename(&tmp, path).map_err(|source| ContractError::Io {
+        std::fs::rename(&tmp, path).map_err(|error| ContractError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })
     }
 }

@@ -70,11 +70,10 @@ pub enum LauncherError {
     #[error(transparent)]
     Contract(#[from] cohort_contract::ContractError),
     /// The store directory of ranks started by hand can't be used.
-    #[error("the store directory {}={}: {source}", cohort_contract::var::STORE_DIR, path.display())]
+    #[error("the store directory {}={}: {error}", cohort_contract::var::STORE_DIR, path.display())]
     StoreDir {
         path: PathBuf,
-        #[source]
-        source: cohort_collectives::StoreError,
+        error: cohort_collectives::StoreError,
     },
     /// Options that don't make sense together.
     #[error("{0}")]

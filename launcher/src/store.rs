@@ -162,9 +162,9 @@ pub fn worker_store(env: &WorkerEnv) -> Result<Option<Arc<dyn Store>>, LauncherE
         return Ok(None);
     }
     if let Some(dir) = &env.store_dir {
-        let store = FileStore::new(dir).map_err(|source| LauncherError::StoreDir {
+        let store = FileStore::new(dir).map_err(|error| LauncherError::StoreDir {
             path: dir.clone(),
-            source,
+            error,
         })?;
         return Ok(Some(Arc::new(store)));
     }
