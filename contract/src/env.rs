@@ -238,7 +238,7 @@ impl WorkerEnv {
     }
 
     /// The variables to start this worker with: every field that is set
-    /// (rank, world and restart count always), read back by
+    /// (the ranks, sizes and restart count always), read back by
     /// [`WorkerEnv::from_lookup`] as this value.
     pub fn vars(&self) -> Vec<(&'static str, OsString)> {
         let mut vars: Vec<(&'static str, OsString)> = vec![

@@ -11,9 +11,9 @@
 //! - [`FaultSpec`]: `COHORT_INJECT_FAULT`, the recovery drills;
 //! - [`shard_range`]: which elements of a flat buffer each rank owns.
 //!
-//! Only the worker binary (and a user's own program) reads the process
-//! environment, through [`WorkerEnv::from_env`]; the libraries below it take
-//! the values they need.
+//! Only the processes read their environment: the worker binary (and a
+//! user's own program) through [`WorkerEnv::from_env`], `cohort` for its own
+//! flags; the libraries below them take the values they need.
 //!
 //! ```
 //! use cohort_contract::{WorkerEnv, var};
