@@ -9,6 +9,7 @@
 //!   for workers, and [`worker_store`]: the store a worker's ranks bootstrap
 //!   through, from its [`cohort_contract::WorkerEnv`].
 //! - [`launch`]: `cohort launch` / `cohort coordinator` as library calls.
+//! - [`sched`]: a node's place in a Slurm or Kubernetes job, from their env.
 
 pub mod agent;
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod decision;
 mod error;
 mod kv;
 pub mod launch;
+pub mod sched;
 pub mod store;
 pub mod worker;
 

@@ -150,7 +150,17 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             (command, job.launch)
         }
     };
-    let nnodes = match (args.nnodes, &launch_config.nnodes) {
+    // Under Slurm or Kubernetes, the scheduler's env gives this node's place
+    // in the job: flags win over it, it wins over the config.
+    let placement = match cohort_launcher::sched::from_process_env() {
+        Ok(placement) => placement,
+        Err(e) => return usage(e),
+    };
+    let scheduled_nnodes = placement.as_ref().and_then(|p| p.nnodes);
+    let nnodes = match (
+        args.nnodes.or(scheduled_nnodes.map(NodeRange::exactly)),
+        &launch_config.nnodes,
+    ) {
         (Some(n), _) => n,
         (None, Some(text)) => match text.parse::<NodeRange>() {
             Ok(n) => n,
@@ -166,10 +176,28 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             None => 1,
         },
     };
-    let coordinator = match (args.coordinator, args.coordinator_bind) {
-        (Some(addr), _) => CoordinatorMode::Remote(addr),
-        (None, Some(bind)) => CoordinatorMode::Bind(bind),
-        (None, None) => CoordinatorMode::Embedded,
+    let token = args.token.filter(|t| !t.is_empty());
+    let chosen = args.coordinator.is_some() || args.coordinator_bind.is_some();
+    let placement = match placement.map(|p| p.for_job(nnodes, token.is_some() || chosen)) {
+        Some(Err(e)) => return usage(e),
+        Some(Ok(placement)) => placement,
+        None => None,
+    };
+    if let Some(p) = &placement {
+        eprintln!("[cohort] {}", p.summary);
+    }
+    let (scheduled_coordinator, scheduled_job_id) = placement
+        .map(|p| (Some(p.coordinator), Some(p.job_id)))
+        .unwrap_or_default();
+    let coordinator = match (
+        args.coordinator,
+        args.coordinator_bind,
+        scheduled_coordinator,
+    ) {
+        (Some(addr), _, _) => CoordinatorMode::Remote(addr),
+        (None, Some(bind), _) => CoordinatorMode::Bind(bind),
+        (None, None, Some(scheduled)) => scheduled,
+        (None, None, None) => CoordinatorMode::Embedded,
     };
     let options = LaunchOptions {
         nnodes,
@@ -188,8 +216,8 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             .log_dir
             .or(launch_config.log_dir)
             .unwrap_or_else(|| PathBuf::from("cohort-logs")),
-        job_id: args.job_id,
-        token: args.token.filter(|t| !t.is_empty()),
+        job_id: args.job_id.or(scheduled_job_id),
+        token,
         command,
         timing: Timing {
             rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout),

@@ -1,0 +1,248 @@
+//! A node's place in a job started by a batch scheduler, from the
+//! environment the scheduler gives every node: how many nodes, which one
+//! this is, where the coordinator runs, the job's id. With it, the same
+//! `cohort launch` command line runs on every node.
+//!
+//! - [`slurm`]: a task of `srun` (`SLURM_*`).
+//! - [`kubernetes`]: a pod of an Indexed Job or a JobSet (`JOB_COMPLETION_INDEX`).
+//! - [`hostlist`]: Slurm's node-list syntax.
+//!
+//! Everything here is a pure function of the variables it is handed (and,
+//! for Kubernetes, the pod's hosts file), so each case is unit-tested
+//! without a scheduler; [`from_process_env`] hands it the real ones.
+
+pub mod hostlist;
+pub mod kubernetes;
+pub mod slurm;
+
+use std::fmt;
+
+use crate::decision::NodeRange;
+use crate::launch::CoordinatorMode;
+
+/// Which scheduler the placement came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheduler {
+    Slurm,
+    Kubernetes,
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Slurm => "Slurm",
+            Self::Kubernetes => "Kubernetes",
+        })
+    }
+}
+
+/// What the scheduler's environment says about this node's place in the job.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub scheduler: Scheduler,
+    /// Nodes in the job; `None` where the scheduler does not say
+    /// (Kubernetes: `--nnodes` gives it).
+    pub nnodes: Option<u32>,
+    /// This node's rank among them, from 0.
+    pub node_rank: u32,
+    /// Hosted by this launcher (the first node) or joined (the others).
+    pub coordinator: CoordinatorMode,
+    pub job_id: String,
+    /// One line for the launcher to print: what was derived, from what.
+    pub summary: String,
+}
+
+/// A scheduler environment that doesn't describe a job cohort can run.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SchedError {
+    /// A variable has a value that can't be right.
+    #[error("{scheduler}: {var}={value:?}: {why}")]
+    Invalid {
+        scheduler: Scheduler,
+        var: &'static str,
+        value: String,
+        why: String,
+    },
+    /// The job is not set up the way cohort needs (a variable missing,
+    /// one launcher per task instead of per node, no token).
+    #[error("{scheduler}: {why}")]
+    Setup { scheduler: Scheduler, why: String },
+}
+
+/// The placement the scheduler variables in `env` describe, if any
+/// (`None`: not started by a scheduler cohort knows). `etc_hosts` reads
+/// the pod's hosts file (Kubernetes writes its DNS name there).
+pub fn detect(
+    env: &dyn Fn(&str) -> Option<String>,
+    etc_hosts: &dyn Fn() -> Option<String>,
+) -> Result<Option<Placement>, SchedError> {
+    if let Some(placement) = slurm::placement(env)? {
+        return Ok(Some(placement));
+    }
+    kubernetes::placement(env, etc_hosts)
+}
+
+/// [`detect`] on this process's environment (empty variables count as
+/// unset) and /etc/hosts.
+pub fn from_process_env() -> Result<Option<Placement>, SchedError> {
+    detect(
+        &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
+        &|| std::fs::read_to_string("/etc/hosts").ok(),
+    )
+}
+
+impl Placement {
+    /// Checks the placement against the job's `--nnodes` as finally
+    /// resolved. `None` where it doesn't apply: a Kubernetes pod of a
+    /// single-node job (an Indexed Job of independent runs shares nothing).
+    /// `token_given`: a job token was given, or the user chose the
+    /// coordinator (then `cohort launch` checks the token itself).
+    pub fn for_job(self, nnodes: NodeRange, token_given: bool) -> Result<Option<Self>, SchedError> {
+        let setup = |why: String| SchedError::Setup {
+            scheduler: self.scheduler,
+            why,
+        };
+        if self.scheduler == Scheduler::Kubernetes && nnodes.max == 1 {
+            return Ok(None);
+        }
+        if let Some(n) = self.nnodes
+            && (n < nnodes.min || n > nnodes.max)
+        {
+            return Err(setup(format!(
+                "the job has {n} node(s), but --nnodes is {nnodes}: leave --nnodes out, or ask {} for {nnodes} nodes",
+                self.scheduler
+            )));
+        }
+        if self.node_rank >= nnodes.max {
+            return Err(setup(format!(
+                "this is node {} (from 0), but --nnodes is {nnodes}: {}",
+                self.node_rank,
+                match self.scheduler {
+                    Scheduler::Kubernetes => "give --nnodes the Job's completions",
+                    Scheduler::Slurm => "leave --nnodes out under Slurm",
+                }
+            )));
+        }
+        if nnodes.max > 1 && !token_given {
+            return Err(setup(format!(
+                "the {} nodes of this job must share a job token: {}",
+                nnodes.max,
+                match self.scheduler {
+                    Scheduler::Slurm => {
+                        "export COHORT_TOKEN in the batch script before srun, e.g. \
+                         export COHORT_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n') \
+                         (examples/slurm/cohort.sbatch does)"
+                    }
+                    Scheduler::Kubernetes => {
+                        "set COHORT_TOKEN in every pod from one Secret (examples/kubernetes/ does)"
+                    }
+                }
+            )));
+        }
+        Ok(Some(self))
+    }
+}
+
+/// A variable that must be a number.
+fn number<T: std::str::FromStr>(
+    scheduler: Scheduler,
+    var: &'static str,
+    value: &str,
+) -> Result<T, SchedError> {
+    value.parse().map_err(|_| SchedError::Invalid {
+        scheduler,
+        var,
+        value: value.to_owned(),
+        why: "not a number".to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placement(scheduler: Scheduler, nnodes: Option<u32>, node_rank: u32) -> Placement {
+        Placement {
+            scheduler,
+            nnodes,
+            node_rank,
+            coordinator: CoordinatorMode::Remote("first:1".into()),
+            job_id: "j".into(),
+            summary: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_placement_is_checked_against_the_final_nnodes_and_the_token() {
+        let slurm = |n, rank| placement(Scheduler::Slurm, Some(n), rank);
+        assert!(
+            slurm(2, 1)
+                .for_job(NodeRange::exactly(2), true)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            slurm(2, 1)
+                .for_job(NodeRange { min: 1, max: 4 }, true)
+                .unwrap()
+                .is_some()
+        );
+        let err = slurm(2, 1)
+            .for_job(NodeRange::exactly(3), true)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Slurm: the job has 2 node(s), but --nnodes is 3: leave --nnodes out, or ask Slurm for 3 nodes"
+        );
+        let err = slurm(2, 1)
+            .for_job(NodeRange::exactly(2), false)
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "Slurm: the 2 nodes of this job must share a job token: export COHORT_TOKEN in the batch script"
+            ),
+            "{err}"
+        );
+        // One node needs no token.
+        assert!(
+            slurm(1, 0)
+                .for_job(NodeRange::exactly(1), false)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_kubernetes_pod_of_a_single_node_job_keeps_to_itself() {
+        let pod = |rank| placement(Scheduler::Kubernetes, None, rank);
+        assert!(
+            pod(3)
+                .for_job(NodeRange::exactly(1), false)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            pod(3)
+                .for_job(NodeRange::exactly(4), true)
+                .unwrap()
+                .is_some()
+        );
+        let err = pod(3).for_job(NodeRange::exactly(2), true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Kubernetes: this is node 3 (from 0), but --nnodes is 2: give --nnodes the Job's completions"
+        );
+        let err = pod(1).for_job(NodeRange::exactly(2), false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("set COHORT_TOKEN in every pod from one Secret"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_scheduler_no_placement() {
+        let none = detect(&|_| None, &|| None).unwrap();
+        assert!(none.is_none());
+    }
+}
