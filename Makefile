@@ -16,8 +16,10 @@ demo: build
 	$(COHORT) doctor
 	$(COHORT) launch configs/quickstart.toml
 
-# Formatting, lints, then every test of the workspace.
+# Formatting, lints, then every test of the workspace (scripts/test-deps.sh
+# installs what the Slurm test needs, as root, when missing).
 test: setup
+	@bash scripts/test-deps.sh
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
