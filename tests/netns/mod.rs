@@ -135,7 +135,9 @@ impl Net {
         Self::with_names(&names)
     }
 
-    /// Hosts with these names (each resolves on every host), in order.
+    /// Hosts with these names (each resolves on every host), in order. A
+    /// name with dots is a full name (`pod-0.svc.ns.svc.cluster.local`): the
+    /// host's hostname is its first label, and both resolve.
     pub fn with_names<S: AsRef<str>>(names: &[S]) -> Option<Self> {
         assert!(!names.is_empty(), "a net needs at least one host");
         remove_stale();
@@ -166,7 +168,13 @@ impl Net {
         };
         let mut hosts_file = String::from("127.0.0.1 localhost\n::1 localhost\n");
         for (i, name) in names.iter().enumerate() {
-            hosts_file.push_str(&format!("{} {}\n", addr_of(i), name.as_ref()));
+            let name = name.as_ref();
+            match name.split_once('.') {
+                Some((short, _)) => {
+                    hosts_file.push_str(&format!("{} {name} {short}\n", addr_of(i)))
+                }
+                None => hosts_file.push_str(&format!("{} {name}\n", addr_of(i))),
+            }
         }
         for (i, name) in names.iter().enumerate() {
             let host = Host {
@@ -262,8 +270,14 @@ impl Host {
         ip(&["-n", ns, "route", "add", "default", "dev", "eth0"])
     }
 
+    /// Its name as given to [`Net::with_names`].
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Its hostname: the name's first label.
+    pub fn hostname(&self) -> &str {
+        self.name.split('.').next().unwrap_or(&self.name)
     }
 
     pub fn addr(&self) -> Ipv4Addr {
@@ -277,14 +291,14 @@ impl Host {
 
     /// `cmd` (program, arguments, environment, working directory) as a
     /// command that runs on this host: in its network namespace, with its
-    /// hosts file as /etc/hosts and its name as hostname. Stdio is set on
+    /// hosts file as /etc/hosts and its hostname. Stdio is set on
     /// the returned command; the pid it spawns is `cmd`'s program itself.
     pub fn inside(&self, cmd: Command) -> Command {
         let mut wrapped = Command::new("ip");
         wrapped
             .args(["netns", "exec", &self.ns, "unshare", "--uts", "sh", "-c"])
             .arg(r#"echo "$0" > /proc/sys/kernel/hostname && exec "$@""#)
-            .arg(&self.name)
+            .arg(self.hostname())
             .arg(cmd.get_program())
             .args(cmd.get_args());
         for (key, value) in cmd.get_envs() {
