@@ -333,3 +333,80 @@ while True:
         "{ns} is left behind after a panic"
     );
 }
+
+/// A PyTorch DDP program with the default init (env://, as under torchrun)
+/// on 2 hosts x 2 workers: every rank averages the same gradient.
+#[test]
+fn pytorch_ddp_with_the_default_init_runs_across_two_hosts() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = repo.join(".venv/bin/python");
+    let probe = Command::new(&python)
+        .args(["-c", "import torch.distributed"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("skipped: torch can't be imported with {}", python.display());
+        return;
+    }
+    let Some(net) = Net::new(2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let launch = |extra: &[String]| {
+        let mut cmd = cohort();
+        cmd.arg("launch")
+            .args(FAST)
+            .args(["--nnodes", "2", "--nproc-per-node", "2", "--token", "ddp"])
+            .arg("--log-dir")
+            .arg(dir.path())
+            .args(extra)
+            .arg("--")
+            .arg(&python)
+            .arg(repo.join("tests/fixtures/env_init.py"));
+        cmd
+    };
+    let (mut host0, port) = first_node(net.host(0), launch);
+    let join = ["--coordinator".to_owned(), format!("host0:{port}")];
+    let mut host1 = Proc::spawn(net.host(1).inside(launch(&join)));
+    let (s0, s1) = (host0.wait(LIMIT), host1.wait(LIMIT));
+    let both = format!(
+        "host0:\n{}{}\nhost1:\n{}{}",
+        host0.out, host0.err, host1.out, host1.err
+    );
+    assert!(s0.success() && s1.success(), "{both}");
+    let lines: Vec<&str> = host0
+        .out
+        .lines()
+        .chain(host1.out.lines())
+        .filter(|l| l.contains("env init ok: "))
+        .collect();
+    assert_eq!(lines.len(), 4, "{both}");
+    let digests: std::collections::BTreeSet<&str> = lines
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        digests.len(),
+        1,
+        "the ranks' averaged gradients differ:\n{both}"
+    );
+    // Ranks 2n and 2n+1 are node n, both on the host of that node (which
+    // host joins first is a race).
+    let mut host_of_node = [None, None];
+    for rank in 0..4 {
+        let prefix = format!(
+            "[rank {rank}] env init ok: rank {rank} of 4 (local rank {} of 2, node {}), host ",
+            rank % 2,
+            rank / 2
+        );
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?}...:\n{both}"));
+        let host = line[prefix.len()..].split(',').next().unwrap();
+        assert!(host == "host0" || host == "host1", "{line}");
+        let known = host_of_node[rank / 2].get_or_insert(host);
+        assert_eq!(*known, host, "node {} on two hosts:\n{both}", rank / 2);
+    }
+    assert_ne!(
+        host_of_node[0], host_of_node[1],
+        "both nodes on one host:\n{both}"
+    );
+}
