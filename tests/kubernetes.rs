@@ -258,7 +258,7 @@ fn the_indexed_job_runs_on_hosts_named_as_its_pods() {
     let pod0 = &launchers[0].err;
     for line in [
         format!(
-            "[cohort] Kubernetes job {name}: node 0 (JOB_COMPLETION_INDEX); hosting the coordinator as {}:{PORT}",
+            "[cohort] Kubernetes job {name}: node 0 (JOB_COMPLETION_INDEX); hosting the coordinator on {}:{PORT}",
             pods[0]
         ),
         format!("({}, 2 workers) joined generation 0", net.host(1).addr()),
@@ -268,7 +268,7 @@ fn the_indexed_job_runs_on_hosts_named_as_its_pods() {
     }
     assert!(
         launchers[1].err.contains(&format!(
-            "node 1 (JOB_COMPLETION_INDEX); joining the coordinator at {}:{PORT}",
+            "node 1 (JOB_COMPLETION_INDEX); joining the coordinator on {}:{PORT}",
             pods[0]
         )),
         "{}",

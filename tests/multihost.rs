@@ -6,6 +6,7 @@
 mod launch_util;
 mod netns;
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -51,6 +52,19 @@ fn quickstart(dir: &Path, ckpt: &str, steps: u32, flags: &[&str]) -> Command {
         .args(["--set", "train.eval_every=0"])
         .args(["--set", &format!("checkpoint.every={steps}")])
         .args(["--set", &format!("checkpoint.dir={ckpt}")]);
+    cmd
+}
+
+/// `cohort launch FLAGS --log-dir LOG_DIR EXTRA -- PROGRAM`.
+fn run_program(flags: &[&str], log_dir: &Path, extra: &[String], program: &[&OsStr]) -> Command {
+    let mut cmd = cohort();
+    cmd.arg("launch")
+        .args(flags)
+        .arg("--log-dir")
+        .arg(log_dir)
+        .args(extra)
+        .arg("--")
+        .args(program);
     cmd
 }
 
@@ -165,19 +179,14 @@ fn a_host_whose_link_goes_down_is_named_lost_and_an_elastic_job_goes_on() {
         d = dir.path().display()
     );
     let script = launch_util::script(dir.path(), "elastic.sh", &body);
-    let launch = |extra: &[String]| {
-        let mut cmd = cohort();
-        cmd.arg("launch")
-            .args(timing)
-            .args(["--nnodes", "1:2", "--token", "t", "--max-restarts", "1"])
-            .arg("--log-dir")
-            .arg(dir.path().join("logs"))
-            .args(extra)
-            .arg("--")
-            .arg("sh")
-            .arg(&script);
-        cmd
-    };
+    let flags = [
+        &timing[..],
+        &["--nnodes", "1:2", "--token", "t", "--max-restarts", "1"],
+    ]
+    .concat();
+    let program = ["sh".as_ref(), script.as_os_str()];
+    let log_dir = dir.path().join("logs");
+    let launch = |extra: &[String]| run_program(&flags, &log_dir, extra, &program);
     let (mut host0, port) = first_node(net.host(0), launch);
     let coordinator = format!("host0:{port}");
     let mut host1 = Proc::spawn(
@@ -349,19 +358,14 @@ fn pytorch_ddp_with_the_default_init_runs_across_two_hosts() {
     }
     let Some(net) = Net::new(2) else { return };
     let dir = tempfile::tempdir().unwrap();
-    let launch = |extra: &[String]| {
-        let mut cmd = cohort();
-        cmd.arg("launch")
-            .args(FAST)
-            .args(["--nnodes", "2", "--nproc-per-node", "2", "--token", "ddp"])
-            .arg("--log-dir")
-            .arg(dir.path())
-            .args(extra)
-            .arg("--")
-            .arg(&python)
-            .arg(repo.join("tests/fixtures/env_init.py"));
-        cmd
-    };
+    let flags = [
+        FAST,
+        &["--nnodes", "2", "--nproc-per-node", "2", "--token", "ddp"],
+    ]
+    .concat();
+    let fixture = repo.join("tests/fixtures/env_init.py");
+    let program = [python.as_os_str(), fixture.as_os_str()];
+    let launch = |extra: &[String]| run_program(&flags, dir.path(), extra, &program);
     let (mut host0, port) = first_node(net.host(0), launch);
     let join = ["--coordinator".to_owned(), format!("host0:{port}")];
     let mut host1 = Proc::spawn(net.host(1).inside(launch(&join)));

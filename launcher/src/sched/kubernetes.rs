@@ -20,8 +20,7 @@
 //! A pod of a single-node job ignores all this (an Indexed Job of
 //! independent runs): see [`super::Placement::for_job`].
 
-use super::{Placement, SchedError, Scheduler, number};
-use crate::launch::CoordinatorMode;
+use super::{Placement, SchedError, Scheduler, hosted_or_joined, number};
 
 /// The port pod 0's coordinator listens on (torchrun's rendezvous port;
 /// each pod has its own network namespace, so it is free).
@@ -72,18 +71,7 @@ pub fn placement(
                 ))
             })?,
     };
-    let coordinator_host = format!("{pod0}.{domain}");
-    let (coordinator, role) = if node_rank == 0 {
-        (
-            CoordinatorMode::Bind(format!("0.0.0.0:{PORT}")),
-            format!("hosting the coordinator as {coordinator_host}:{PORT}"),
-        )
-    } else {
-        (
-            CoordinatorMode::Remote(format!("{coordinator_host}:{PORT}")),
-            format!("joining the coordinator at {coordinator_host}:{PORT}"),
-        )
-    };
+    let (coordinator, role) = hosted_or_joined(node_rank == 0, &format!("{pod0}.{domain}"), PORT);
     Ok(Some(Placement {
         scheduler: Scheduler::Kubernetes,
         nnodes: None,
@@ -115,6 +103,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::launch::CoordinatorMode;
 
     /// A kubelet-managed hosts file of pod `host` in namespace `ml`.
     fn kubelet_hosts(host: &str, subdomain: &str) -> String {
@@ -154,7 +143,7 @@ mod tests {
         assert_eq!(p.job_id, "cohort-quickstart");
         assert_eq!(
             p.summary,
-            "Kubernetes job cohort-quickstart: node 0 (JOB_COMPLETION_INDEX); hosting the coordinator as \
+            "Kubernetes job cohort-quickstart: node 0 (JOB_COMPLETION_INDEX); hosting the coordinator on \
              cohort-quickstart-0.cohort-quickstart.ml.svc.cluster.local:29400"
         );
 

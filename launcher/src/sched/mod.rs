@@ -143,6 +143,23 @@ impl Placement {
     }
 }
 
+/// The coordinator of a multi-node job, hosted by this launcher on every
+/// interface (`hosts`) or joined at `host:port`, and the words for the
+/// summary line.
+fn hosted_or_joined(hosts: bool, host: &str, port: u16) -> (CoordinatorMode, String) {
+    if hosts {
+        (
+            CoordinatorMode::Bind(format!("0.0.0.0:{port}")),
+            format!("hosting the coordinator on {host}:{port}"),
+        )
+    } else {
+        (
+            CoordinatorMode::Remote(format!("{host}:{port}")),
+            format!("joining the coordinator on {host}:{port}"),
+        )
+    }
+}
+
 /// A variable that must be a number.
 fn number<T: std::str::FromStr>(
     scheduler: Scheduler,

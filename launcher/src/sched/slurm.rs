@@ -24,7 +24,7 @@
 //! starts `--nproc-per-node` workers itself, as torchrun does).
 
 use super::hostlist::Hostlist;
-use super::{Placement, SchedError, Scheduler, number};
+use super::{Placement, SchedError, Scheduler, hosted_or_joined, number};
 use crate::launch::CoordinatorMode;
 
 /// The lowest port a Slurm job's coordinator gets; job id mod 10000 is added.
@@ -121,21 +121,16 @@ pub fn placement(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Placemen
         Some(here) => here == first,
         None => node_rank == 0,
     };
-    let whence = format!("{list_var}={list}");
     let (coordinator, role) = if nnodes == 1 {
         (
             CoordinatorMode::Embedded,
             "the coordinator runs in this launcher".to_owned(),
         )
-    } else if hosts_it {
-        (
-            CoordinatorMode::Bind(format!("0.0.0.0:{port}")),
-            format!("hosting the coordinator on {first}:{port} (the first host of {whence})"),
-        )
     } else {
+        let (mode, role) = hosted_or_joined(hosts_it, &first, port);
         (
-            CoordinatorMode::Remote(format!("{first}:{port}")),
-            format!("joining the coordinator on {first}:{port} (the first host of {whence})"),
+            mode,
+            format!("{role} (the first host of {list_var}={list})"),
         )
     };
     Ok(Some(Placement {
