@@ -130,12 +130,14 @@ fn check_placements(prefix: &str, subdomain: &str, n: u32) {
             "HOSTNAME" => Some(hostname.clone()),
             _ => None,
         };
-        let placement = sched::detect(&env, &|| Some(kubelet_hosts(&hostname, subdomain)))
+        let asked = sched::Asked {
+            nnodes: Some(NodeRange::exactly(n)),
+            config_nnodes: None,
+            token_given: true,
+        };
+        let placement = sched::detect(&env, &|| Some(kubelet_hosts(&hostname, subdomain)), &asked)
             .unwrap()
-            .expect("a pod of an Indexed Job has a placement")
-            .for_job(NodeRange::exactly(n), true)
-            .unwrap()
-            .expect("a job of several pods uses it");
+            .expect("a pod of an Indexed Job of several pods has a placement");
         assert_eq!(placement.node_rank, i);
         match (i, &placement.coordinator) {
             (0, CoordinatorMode::Bind(addr)) => assert_eq!(addr, &format!("0.0.0.0:{PORT}")),
@@ -261,7 +263,7 @@ fn the_indexed_job_runs_on_hosts_named_as_its_pods() {
             "[cohort] Kubernetes job {name}: node 0 (JOB_COMPLETION_INDEX); hosting the coordinator on {}:{PORT}",
             pods[0]
         ),
-        format!("({}, 2 workers) joined generation 0", net.host(1).addr()),
+        "generation 0 formed: 2 node(s), 4 ranks".to_owned(),
         "job succeeded: all 4 ranks of generation 0 exited 0".to_owned(),
     ] {
         assert!(pod0.contains(&line), "no {line:?}:\n{}", report());

@@ -128,16 +128,15 @@ fn quickstart_on_two_hosts_matches_one_host_byte_for_byte() {
         host1.out,
         host1.err
     );
-    // Each node joined with its own host's address.
-    for (i, host) in net.hosts().iter().enumerate() {
-        let joined = format!("({}, 2 workers) joined generation 0", host.addr());
-        assert!(
-            host0.err.contains(&joined),
-            "host{i} did not join from {}:\n{}",
-            host.addr(),
-            host0.err
-        );
-    }
+    // (Which node's join each launcher prints depends on when its event
+    // stream started: count the nodes instead.)
+    assert!(
+        host0
+            .err
+            .contains("generation 0 formed: 2 node(s), 4 ranks"),
+        "{}",
+        host0.err
+    );
     assert!(
         host0
             .err

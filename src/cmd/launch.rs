@@ -49,7 +49,8 @@ impl From<TimingArgs> for Timing {
     cohort launch configs/quickstart.toml --set train.max_steps=100\n  \
     cohort launch --nproc-per-node 4 -- python train.py\n  \
     cohort launch --nnodes 2 --coordinator-bind 0.0.0.0:29400 CONFIG.toml   # first node\n  \
-    cohort launch --nnodes 2 --coordinator node0:29400 --token T CONFIG.toml  # other nodes")]
+    cohort launch --nnodes 2 --coordinator node0:29400 --token T CONFIG.toml  # other nodes\n  \
+    srun --ntasks-per-node=1 cohort launch CONFIG.toml   # Slurm: nodes, rank, coordinator from its env")]
 pub struct LaunchArgs {
     /// Nodes in the job: N, or MIN:MAX to go on with fewer nodes after a loss [default: 1].
     #[arg(long, value_name = "N|MIN:MAX")]
@@ -150,24 +151,34 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             (command, job.launch)
         }
     };
+    let config_nnodes = match launch_config.nnodes.as_deref().map(str::parse::<NodeRange>) {
+        Some(Err(e)) => return usage(format!("launch.nnodes in the config: {e}")),
+        Some(Ok(n)) => Some(n),
+        None => None,
+    };
+    let token = args.token.filter(|t| !t.is_empty());
     // Under Slurm or Kubernetes, the scheduler's env gives this node's place
     // in the job: flags win over it, it wins over the config.
-    let placement = match cohort_launcher::sched::from_process_env() {
+    let asked = cohort_launcher::sched::Asked {
+        nnodes: args.nnodes,
+        config_nnodes,
+        token_given: token.is_some()
+            || args.coordinator.is_some()
+            || args.coordinator_bind.is_some(),
+    };
+    let placement = match cohort_launcher::sched::from_process_env(&asked) {
         Ok(placement) => placement,
         Err(e) => return usage(e),
     };
-    let scheduled_nnodes = placement.as_ref().and_then(|p| p.nnodes);
-    let nnodes = match (
-        args.nnodes.or(scheduled_nnodes.map(NodeRange::exactly)),
-        &launch_config.nnodes,
-    ) {
-        (Some(n), _) => n,
-        (None, Some(text)) => match text.parse::<NodeRange>() {
-            Ok(n) => n,
-            Err(e) => return usage(format!("launch.nnodes in the config: {e}")),
-        },
-        (None, None) => NodeRange::exactly(1),
-    };
+    if let Some(p) = &placement {
+        eprintln!("[cohort] {}", p.summary);
+    }
+    let nnodes = placement
+        .as_ref()
+        .map(|p| p.nnodes)
+        .or(args.nnodes)
+        .or(config_nnodes)
+        .unwrap_or(NodeRange::exactly(1));
     let nproc_per_node = match args.nproc_per_node {
         Some(n) => n,
         None => match launch_config.nproc_per_node.map(u32::try_from) {
@@ -176,16 +187,6 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             None => 1,
         },
     };
-    let token = args.token.filter(|t| !t.is_empty());
-    let chosen = args.coordinator.is_some() || args.coordinator_bind.is_some();
-    let placement = match placement.map(|p| p.for_job(nnodes, token.is_some() || chosen)) {
-        Some(Err(e)) => return usage(e),
-        Some(Ok(placement)) => placement,
-        None => None,
-    };
-    if let Some(p) = &placement {
-        eprintln!("[cohort] {}", p.summary);
-    }
     let (scheduled_coordinator, scheduled_job_id) = placement
         .map(|p| (Some(p.coordinator), Some(p.job_id)))
         .unwrap_or_default();

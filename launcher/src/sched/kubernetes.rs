@@ -17,22 +17,28 @@
 //! selects the pods: `<job>-0.<subdomain>`. The subdomain comes from
 //! `COHORT_K8S_SUBDOMAIN` if set, else from the pod's hosts file, where the
 //! kubelet writes the pod's full name (`<job>-1.<subdomain>.<namespace>.svc.<cluster domain>`).
-//! A pod of a single-node job ignores all this (an Indexed Job of
-//! independent runs): see [`super::Placement::for_job`].
+//! A pod of a single-node job (`--nnodes` 1 or unset: an Indexed Job of
+//! independent runs) derives nothing.
 
 use super::{Placement, SchedError, Scheduler, hosted_or_joined, number};
+use crate::decision::NodeRange;
 
 /// The port pod 0's coordinator listens on (torchrun's rendezvous port;
 /// each pod has its own network namespace, so it is free).
 pub const PORT: u16 = 29400;
 
-/// The placement of this pod, or `None` when it is not a pod of an Indexed
-/// Job (no `JOB_COMPLETION_INDEX`).
+/// The placement of this pod in a job of `nnodes` (`--nnodes`, else the
+/// config's), or `None` when it is not a pod of an Indexed Job (no
+/// `JOB_COMPLETION_INDEX`) or the job has one node.
 pub fn placement(
     env: &dyn Fn(&str) -> Option<String>,
     etc_hosts: &dyn Fn() -> Option<String>,
+    nnodes: Option<NodeRange>,
 ) -> Result<Option<Placement>, SchedError> {
     let Some(index) = env("JOB_COMPLETION_INDEX") else {
+        return Ok(None);
+    };
+    let Some(nnodes) = nnodes.filter(|n| n.max > 1) else {
         return Ok(None);
     };
     let node_rank: u32 = number(Scheduler::Kubernetes, "JOB_COMPLETION_INDEX", &index)?;
@@ -74,7 +80,7 @@ pub fn placement(
     let (coordinator, role) = hosted_or_joined(node_rank == 0, &format!("{pod0}.{domain}"), PORT);
     Ok(Some(Placement {
         scheduler: Scheduler::Kubernetes,
-        nnodes: None,
+        nnodes,
         node_rank,
         coordinator,
         job_id: job.to_owned(),
@@ -121,7 +127,11 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        placement(&|name| env.get(name).cloned(), &|| hosts.clone())
+        placement(
+            &|name| env.get(name).cloned(),
+            &|| hosts.clone(),
+            Some(NodeRange::exactly(16)),
+        )
     }
 
     #[test]
@@ -134,7 +144,7 @@ mod tests {
         let p = place(&vars, Some(hosts)).unwrap().unwrap();
         assert_eq!(
             (p.scheduler, p.nnodes, p.node_rank),
-            (Scheduler::Kubernetes, None, 0)
+            (Scheduler::Kubernetes, NodeRange::exactly(16), 0)
         );
         assert!(
             matches!(&p.coordinator, CoordinatorMode::Bind(a) if a == "0.0.0.0:29400"),

@@ -40,9 +40,10 @@ impl fmt::Display for Scheduler {
 #[derive(Clone, Debug)]
 pub struct Placement {
     pub scheduler: Scheduler,
-    /// Nodes in the job; `None` where the scheduler does not say
-    /// (Kubernetes: `--nnodes` gives it).
-    pub nnodes: Option<u32>,
+    /// Nodes in the job: `--nnodes` if given (it must agree with Slurm's
+    /// count), else Slurm's count, else (Kubernetes, which doesn't say)
+    /// the config's.
+    pub nnodes: NodeRange,
     /// This node's rank among them, from 0.
     pub node_rank: u32,
     /// Hosted by this launcher (the first node) or joined (the others).
@@ -50,6 +51,18 @@ pub struct Placement {
     pub job_id: String,
     /// One line for the launcher to print: what was derived, from what.
     pub summary: String,
+}
+
+/// What `cohort launch` was told besides the scheduler's environment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Asked {
+    /// `--nnodes`.
+    pub nnodes: Option<NodeRange>,
+    /// The config's `launch.nnodes`.
+    pub config_nnodes: Option<NodeRange>,
+    /// A job token was given, or the coordinator was chosen by flag (then
+    /// `cohort launch` checks the token itself).
+    pub token_given: bool,
 }
 
 /// A scheduler environment that doesn't describe a job cohort can run.
@@ -69,48 +82,48 @@ pub enum SchedError {
     Setup { scheduler: Scheduler, why: String },
 }
 
-/// The placement the scheduler variables in `env` describe, if any
-/// (`None`: not started by a scheduler cohort knows). `etc_hosts` reads
-/// the pod's hosts file (Kubernetes writes its DNS name there).
+/// The placement the scheduler variables in `env` describe, checked
+/// against what `cohort launch` was `asked`; `None` when not started by a
+/// scheduler cohort knows, or as a Kubernetes pod of a single-node job (an
+/// Indexed Job of independent runs shares nothing). `etc_hosts` reads the
+/// pod's hosts file (Kubernetes writes its DNS name there).
 pub fn detect(
     env: &dyn Fn(&str) -> Option<String>,
     etc_hosts: &dyn Fn() -> Option<String>,
+    asked: &Asked,
 ) -> Result<Option<Placement>, SchedError> {
-    if let Some(placement) = slurm::placement(env)? {
-        return Ok(Some(placement));
-    }
-    kubernetes::placement(env, etc_hosts)
+    let found = match slurm::placement(env)? {
+        Some(placement) => Some(placement),
+        None => kubernetes::placement(env, etc_hosts, asked.nnodes.or(asked.config_nnodes))?,
+    };
+    found.map(|placement| placement.checked(asked)).transpose()
 }
 
 /// [`detect`] on this process's environment (empty variables count as
 /// unset) and /etc/hosts.
-pub fn from_process_env() -> Result<Option<Placement>, SchedError> {
+pub fn from_process_env(asked: &Asked) -> Result<Option<Placement>, SchedError> {
     detect(
         &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
         &|| std::fs::read_to_string("/etc/hosts").ok(),
+        asked,
     )
 }
 
 impl Placement {
-    /// Checks the placement against the job's `--nnodes` as finally
-    /// resolved. `None` where it doesn't apply: a Kubernetes pod of a
-    /// single-node job (an Indexed Job of independent runs shares nothing).
-    /// `token_given`: a job token was given, or the user chose the
-    /// coordinator (then `cohort launch` checks the token itself).
-    pub fn for_job(self, nnodes: NodeRange, token_given: bool) -> Result<Option<Self>, SchedError> {
+    /// The placement with `--nnodes` applied, if it agrees with the
+    /// scheduler's, and a token where several nodes need one.
+    fn checked(mut self, asked: &Asked) -> Result<Self, SchedError> {
         let setup = |why: String| SchedError::Setup {
             scheduler: self.scheduler,
             why,
         };
-        if self.scheduler == Scheduler::Kubernetes && nnodes.max == 1 {
-            return Ok(None);
-        }
-        if let Some(n) = self.nnodes
-            && (n < nnodes.min || n > nnodes.max)
+        let scheduled = self.nnodes;
+        let nnodes = asked.nnodes.unwrap_or(scheduled);
+        if self.scheduler == Scheduler::Slurm
+            && (scheduled.min < nnodes.min || scheduled.max > nnodes.max)
         {
             return Err(setup(format!(
-                "the job has {n} node(s), but --nnodes is {nnodes}: leave --nnodes out, or ask {} for {nnodes} nodes",
-                self.scheduler
+                "the job has {scheduled} node(s), but --nnodes is {nnodes}: leave --nnodes out, or ask Slurm for {nnodes} nodes"
             )));
         }
         if self.node_rank >= nnodes.max {
@@ -123,7 +136,7 @@ impl Placement {
                 }
             )));
         }
-        if nnodes.max > 1 && !token_given {
+        if nnodes.max > 1 && !asked.token_given {
             return Err(setup(format!(
                 "the {} nodes of this job must share a job token: {}",
                 nnodes.max,
@@ -139,7 +152,8 @@ impl Placement {
                 }
             )));
         }
-        Ok(Some(self))
+        self.nnodes = nnodes;
+        Ok(self)
     }
 }
 
@@ -178,10 +192,10 @@ fn number<T: std::str::FromStr>(
 mod tests {
     use super::*;
 
-    fn placement(scheduler: Scheduler, nnodes: Option<u32>, node_rank: u32) -> Placement {
+    fn placement(scheduler: Scheduler, nnodes: u32, node_rank: u32) -> Placement {
         Placement {
             scheduler,
-            nnodes,
+            nnodes: NodeRange::exactly(nnodes),
             node_rank,
             coordinator: CoordinatorMode::Remote("first:1".into()),
             job_id: "j".into(),
@@ -189,31 +203,39 @@ mod tests {
         }
     }
 
+    fn asked(nnodes: Option<NodeRange>, token_given: bool) -> Asked {
+        Asked {
+            nnodes,
+            config_nnodes: None,
+            token_given,
+        }
+    }
+
     #[test]
-    fn a_placement_is_checked_against_the_final_nnodes_and_the_token() {
-        let slurm = |n, rank| placement(Scheduler::Slurm, Some(n), rank);
-        assert!(
-            slurm(2, 1)
-                .for_job(NodeRange::exactly(2), true)
-                .unwrap()
-                .is_some()
+    fn nnodes_and_the_token_are_checked_against_slurms_job() {
+        let slurm = |n, rank| placement(Scheduler::Slurm, n, rank);
+        let two = NodeRange::exactly(2);
+        assert_eq!(slurm(2, 1).checked(&asked(None, true)).unwrap().nnodes, two);
+        assert_eq!(
+            slurm(2, 1).checked(&asked(Some(two), true)).unwrap().nnodes,
+            two
         );
-        assert!(
+        let elastic = NodeRange { min: 1, max: 4 };
+        assert_eq!(
             slurm(2, 1)
-                .for_job(NodeRange { min: 1, max: 4 }, true)
+                .checked(&asked(Some(elastic), true))
                 .unwrap()
-                .is_some()
+                .nnodes,
+            elastic
         );
         let err = slurm(2, 1)
-            .for_job(NodeRange::exactly(3), true)
+            .checked(&asked(Some(NodeRange::exactly(3)), true))
             .unwrap_err();
         assert_eq!(
             err.to_string(),
             "Slurm: the job has 2 node(s), but --nnodes is 3: leave --nnodes out, or ask Slurm for 3 nodes"
         );
-        let err = slurm(2, 1)
-            .for_job(NodeRange::exactly(2), false)
-            .unwrap_err();
+        let err = slurm(2, 1).checked(&asked(None, false)).unwrap_err();
         assert!(
             err.to_string().starts_with(
                 "Slurm: the 2 nodes of this job must share a job token: export COHORT_TOKEN in the batch script"
@@ -221,35 +243,22 @@ mod tests {
             "{err}"
         );
         // One node needs no token.
-        assert!(
-            slurm(1, 0)
-                .for_job(NodeRange::exactly(1), false)
-                .unwrap()
-                .is_some()
-        );
+        assert!(slurm(1, 0).checked(&asked(None, false)).is_ok());
     }
 
     #[test]
-    fn a_kubernetes_pod_of_a_single_node_job_keeps_to_itself() {
-        let pod = |rank| placement(Scheduler::Kubernetes, None, rank);
-        assert!(
-            pod(3)
-                .for_job(NodeRange::exactly(1), false)
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            pod(3)
-                .for_job(NodeRange::exactly(4), true)
-                .unwrap()
-                .is_some()
-        );
-        let err = pod(3).for_job(NodeRange::exactly(2), true).unwrap_err();
+    fn a_kubernetes_pod_is_checked_against_nnodes() {
+        let pod = |rank| placement(Scheduler::Kubernetes, 2, rank);
+        let err = pod(3)
+            .checked(&asked(Some(NodeRange::exactly(2)), true))
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "Kubernetes: this is node 3 (from 0), but --nnodes is 2: give --nnodes the Job's completions"
         );
-        let err = pod(1).for_job(NodeRange::exactly(2), false).unwrap_err();
+        let err = pod(1)
+            .checked(&asked(Some(NodeRange::exactly(2)), false))
+            .unwrap_err();
         assert!(
             err.to_string()
                 .contains("set COHORT_TOKEN in every pod from one Secret"),
@@ -258,8 +267,31 @@ mod tests {
     }
 
     #[test]
+    fn a_kubernetes_pod_of_a_single_node_job_keeps_to_itself() {
+        // Not even a hostname to check: nothing is derived.
+        let env = |name: &str| (name == "JOB_COMPLETION_INDEX").then(|| "3".to_owned());
+        for nnodes in [None, Some(NodeRange::exactly(1))] {
+            assert!(
+                detect(&env, &|| None, &asked(nnodes, false))
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        let config = Asked {
+            config_nnodes: Some(NodeRange::exactly(4)),
+            ..asked(None, true)
+        };
+        let err = detect(&env, &|| None, &config).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Kubernetes: HOSTNAME is not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn no_scheduler_no_placement() {
-        let none = detect(&|_| None, &|| None).unwrap();
+        let none = detect(&|_| None, &|| None, &Asked::default()).unwrap();
         assert!(none.is_none());
     }
 }

@@ -25,6 +25,7 @@
 
 use super::hostlist::Hostlist;
 use super::{Placement, SchedError, Scheduler, hosted_or_joined, number};
+use crate::decision::NodeRange;
 use crate::launch::CoordinatorMode;
 
 /// The lowest port a Slurm job's coordinator gets; job id mod 10000 is added.
@@ -135,7 +136,7 @@ pub fn placement(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Placemen
     };
     Ok(Some(Placement {
         scheduler: Scheduler::Slurm,
-        nnodes: Some(nnodes),
+        nnodes: NodeRange::exactly(nnodes),
         node_rank,
         coordinator,
         job_id: job_id.clone(),
@@ -193,7 +194,7 @@ mod tests {
     fn the_first_host_hosts_the_coordinator_and_the_others_join_it() {
         let first = place(&step("0", "gpu01")).unwrap().unwrap();
         assert_eq!(first.scheduler, Scheduler::Slurm);
-        assert_eq!((first.nnodes, first.node_rank), (Some(5), 0));
+        assert_eq!((first.nnodes, first.node_rank), (NodeRange::exactly(5), 0));
         assert!(
             matches!(&first.coordinator, CoordinatorMode::Bind(a) if a == "0.0.0.0:21234"),
             "{first:?}"
@@ -252,7 +253,7 @@ mod tests {
             ("SLURMD_NODENAME", "node02"),
         ];
         let p = place(&vars(&pairs)).unwrap().unwrap();
-        assert_eq!((p.nnodes, p.node_rank), (Some(1), 0));
+        assert_eq!((p.nnodes, p.node_rank), (NodeRange::exactly(1), 0));
         assert!(matches!(p.coordinator, CoordinatorMode::Embedded), "{p:?}");
         assert_eq!(
             p.summary,
