@@ -5,6 +5,7 @@
 
 mod launch_util;
 mod netns;
+mod worker_bin;
 
 use std::path::Path;
 use std::time::Duration;
@@ -226,6 +227,7 @@ fn the_indexed_job_runs_on_hosts_named_as_its_pods() {
     let Some(net) = netns::Net::with_names(&pods) else {
         return;
     };
+    worker_bin::ensure();
     // The image's working directory: the repository's configs.
     let work = tempfile::tempdir().unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));

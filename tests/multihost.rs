@@ -5,6 +5,7 @@
 
 mod launch_util;
 mod netns;
+mod worker_bin;
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -89,6 +90,7 @@ fn quickstart_on_two_hosts_matches_one_host_byte_for_byte() {
     let Some(net) = Net::new(2) else { return };
     let dir = tempfile::tempdir().unwrap();
     let steps = 6;
+    worker_bin::ensure();
 
     // 1 host x 4 workers.
     let one = quickstart(

@@ -10,6 +10,7 @@
 
 mod launch_util;
 mod netns;
+mod worker_bin;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -230,6 +231,7 @@ fn sbatch_runs_the_quickstart_on_two_nodes() {
     let Some(cluster) = Cluster::start(2) else {
         return;
     };
+    worker_bin::ensure();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let work = cluster.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();

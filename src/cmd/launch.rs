@@ -166,7 +166,11 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             || args.coordinator.is_some()
             || args.coordinator_bind.is_some(),
     };
-    let placement = match cohort_launcher::sched::from_process_env(&asked) {
+    let placement = match cohort_launcher::sched::detect(
+        &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
+        &|| std::fs::read_to_string("/etc/hosts").ok(),
+        &asked,
+    ) {
         Ok(placement) => placement,
         Err(e) => return usage(e),
     };

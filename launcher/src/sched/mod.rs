@@ -9,7 +9,7 @@
 //!
 //! Everything here is a pure function of the variables it is handed (and,
 //! for Kubernetes, the pod's hosts file), so each case is unit-tested
-//! without a scheduler; [`from_process_env`] hands it the real ones.
+//! without a scheduler; `cohort launch` hands [`detect`] the real ones.
 
 pub mod hostlist;
 pub mod kubernetes;
@@ -97,16 +97,6 @@ pub fn detect(
         None => kubernetes::placement(env, etc_hosts, asked.nnodes.or(asked.config_nnodes))?,
     };
     found.map(|placement| placement.checked(asked)).transpose()
-}
-
-/// [`detect`] on this process's environment (empty variables count as
-/// unset) and /etc/hosts.
-pub fn from_process_env(asked: &Asked) -> Result<Option<Placement>, SchedError> {
-    detect(
-        &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
-        &|| std::fs::read_to_string("/etc/hosts").ok(),
-        asked,
-    )
 }
 
 impl Placement {
