@@ -1,5 +1,5 @@
-//! Failures across real processes: a worker killed mid-run, and a worker
-//! with the wrong job token.
+//! Failures across real processes: a worker killed mid-run, a worker with
+//! the wrong job token, and idle connections to a worker's listening port.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -20,6 +20,18 @@ impl Drop for Procs {
 
 /// Starts rank `rank` of `world` in the hidden worker mode of the benchmark.
 fn worker(store: &Path, rank: usize, world: usize, token: &str, timeout_s: &str) -> Child {
+    worker_up_to(store, rank, world, token, timeout_s, "64M")
+}
+
+/// As [`worker`], with buffers of 1 KiB up to `max_bytes`.
+fn worker_up_to(
+    store: &Path,
+    rank: usize,
+    world: usize,
+    token: &str,
+    timeout_s: &str,
+    max_bytes: &str,
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_cohort"))
         .args(["bench", "collectives", "--nproc", &world.to_string()])
         .args([
@@ -28,7 +40,7 @@ fn worker(store: &Path, rank: usize, world: usize, token: &str, timeout_s: &str)
             "--min-bytes",
             "1K",
             "--max-bytes",
-            "64M",
+            max_bytes,
             "--factor",
             "2",
         ])
@@ -119,4 +131,58 @@ fn a_worker_with_the_wrong_token_is_refused() {
         listener.contains("waiting for ranks [0] to connect"),
         "{listener}"
     );
+}
+
+/// Three idle connections to a worker's listening port (port scans, health
+/// checks, half-open connections) cost the job nothing: with an 8 s
+/// bootstrap timeout both ranks still join and finish, where handshakes
+/// taken one at a time gave each idle connection 10 s. The listener says
+/// what it closed and why.
+#[test]
+fn idle_connections_to_a_worker_cost_nothing() {
+    let store = tempfile::tempdir().unwrap();
+    let mut procs = Procs(vec![worker_up_to(store.path(), 1, 2, "tok", "8", "1K")]);
+    // Rank 1's address, once it has published it.
+    let entry = store.path().join("bench%addr%1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&entry) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rank 1 never published its address"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let addr = text.split_whitespace().next().unwrap().to_owned();
+    let idle: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    procs
+        .0
+        .push(worker_up_to(store.path(), 0, 2, "tok", "8", "1K"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut outcomes = Vec::new();
+    for child in procs.0.iter_mut() {
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "a worker still runs after 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        outcomes.push((status, err));
+    }
+    for (rank, (status, err)) in outcomes.iter().rev().enumerate() {
+        assert!(status.success(), "rank {rank} failed: {err}");
+    }
+    let listener = &outcomes[0].1;
+    assert!(
+        listener.matches("sent nothing").count() == 3,
+        "rank 1 should name the 3 idle connections: {listener}"
+    );
+    drop(idle);
 }

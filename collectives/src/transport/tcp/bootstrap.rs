@@ -1,22 +1,62 @@
 //! Bootstrap: listen, publish the address in the store, connect to every
 //! higher rank, accept every lower one, each connection authenticated with
 //! the job token.
+//!
+//! Accepting is one poll loop over the listener and every connection still
+//! in its handshake: each handshake moves whenever its own socket is ready
+//! and has its own deadline ([`HANDSHAKE_TIMEOUT`] from its accept), so a
+//! stranger (an idle or half-open connection, a port scan, a rank with the
+//! wrong token, a rank of another job) costs the ranks of this group
+//! nothing. Every refused connection is logged with what arrived; those
+//! still pending when every rank has joined are closed and logged too.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::TcpTransport;
 use super::config::TcpConfig;
-use super::socket::{Conn, poll_one, tune};
-use crate::auth;
+use super::socket::{Conn, tune};
+use crate::auth::{self, Acceptor, ListenerId, Me, Refusal, Target};
 use crate::error::CommError;
 use crate::store::Store;
 
-/// Longest time one stranger can hold the accept loop.
+/// Longest time one connection may take over its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections in their handshake at once; beyond it the oldest is
+/// dropped (a flood of strangers can't exhaust file descriptors).
+const MAX_PENDING: usize = 256;
+
+/// What a rank publishes in the store under `addr/<rank>`:
+/// `HOST:PORT listener=HEX`.
+struct Entry {
+    addr: String,
+    listener: ListenerId,
+}
+
+impl Entry {
+    fn encode(&self) -> String {
+        format!("{} listener={}", self.addr, auth::hex(&self.listener))
+    }
+
+    fn parse(rank: usize, value: &[u8]) -> Result<Entry, CommError> {
+        let text = String::from_utf8_lossy(value);
+        let mut fields = text.split_whitespace();
+        let addr = fields.next().unwrap_or_default().to_owned();
+        let listener = fields
+            .find_map(|f| f.strip_prefix("listener="))
+            .and_then(auth::unhex);
+        match listener {
+            Some(listener) if !addr.is_empty() => Ok(Entry { addr, listener }),
+            _ => Err(CommError::Config(format!(
+                "rank {rank}'s store entry {text:?} is not `HOST:PORT listener=HEX`: a rank of \
+                 another cohort release, or a store shared with something else"
+            ))),
+        }
+    }
+}
 
 impl TcpTransport {
     /// Bootstraps the connections of `rank` through `store`.
@@ -36,16 +76,32 @@ impl TcpTransport {
                 .local_addr()
                 .map_err(|e| CommError::io("reading the listener's address", e))?
                 .port();
-            let addr = format!("{}:{port}", cfg.advertise_host);
-            store.set(&format!("addr/{rank}"), addr.as_bytes())?;
+            let me = Entry {
+                addr: format!("{}:{port}", cfg.advertise_host),
+                listener: rand::random(),
+            };
+            store.set(&format!("addr/{rank}"), me.encode().as_bytes())?;
             let keys: Vec<String> = (0..world).map(|r| format!("addr/{r}")).collect();
-            let addrs = store.wait(&keys, cfg.connect_timeout)?;
-            for (peer, addr) in addrs.iter().enumerate().skip(rank + 1) {
-                let addr = String::from_utf8_lossy(addr).into_owned();
-                let stream = connect_peer(&addr, &cfg.token, world, rank, peer, deadline)?;
+            let values = store.wait(&keys, cfg.connect_timeout)?;
+            for (peer, value) in values.iter().enumerate().skip(rank + 1) {
+                let entry = Entry::parse(peer, value)?;
+                let target = Target {
+                    token: &cfg.token,
+                    world,
+                    rank,
+                    peer,
+                    listener: &entry.listener,
+                };
+                let stream = connect_peer(&entry.addr, &target, deadline)?;
                 conns[peer] = Some(Conn::new(stream));
             }
-            accept_peers(&listener, &cfg.token, world, rank, deadline, &mut conns)?;
+            let me = Me {
+                token: &cfg.token,
+                world,
+                rank,
+                listener: &me.listener,
+            };
+            accept_peers(&listener, &me, deadline, &mut conns)?;
         }
         for conn in conns.iter().flatten() {
             conn.stream
@@ -62,14 +118,8 @@ impl TcpTransport {
     }
 }
 
-fn connect_peer(
-    addr: &str,
-    token: &[u8],
-    world: usize,
-    rank: usize,
-    peer: usize,
-    deadline: Instant,
-) -> Result<TcpStream, CommError> {
+fn connect_peer(addr: &str, t: &Target<'_>, deadline: Instant) -> Result<TcpStream, CommError> {
+    let (rank, peer) = (t.rank, t.peer);
     let resolved = addr
         .to_socket_addrs()
         .map_err(|e| {
@@ -108,80 +158,152 @@ fn connect_peer(
         }
     };
     tune(&stream).map_err(|e| CommError::io("setting socket options", e))?;
-    auth::connect(&mut stream, token, world, rank, peer, deadline).map_err(|reason| {
-        CommError::Auth {
-            peer: format!("rank {peer} at {addr}"),
-            reason,
-        }
+    auth::connect(&mut stream, t, deadline).map_err(|reason| CommError::Auth {
+        peer: format!("rank {peer} at {addr}"),
+        reason,
     })?;
     Ok(stream)
 }
 
+/// A connection in its handshake.
+struct Pending {
+    stream: TcpStream,
+    from: SocketAddr,
+    since: Instant,
+    handshake: Acceptor,
+}
+
+/// Accepts and authenticates one connection from every rank below `me.rank`
+/// into `conns`, every handshake concurrently under its own deadline.
 fn accept_peers(
     listener: &TcpListener,
-    token: &[u8],
-    world: usize,
-    rank: usize,
+    me: &Me<'_>,
     deadline: Instant,
     conns: &mut [Option<Conn>],
 ) -> Result<(), CommError> {
+    let rank = me.rank;
     listener
         .set_nonblocking(true)
         .map_err(|e| CommError::io("making the listener non-blocking", e))?;
-    let mut strangers: HashMap<String, usize> = HashMap::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut refused: HashMap<std::net::IpAddr, usize> = HashMap::new();
+    let mut refuse = |p: &Pending, why: Refusal| {
+        let count = refused.entry(p.from.ip()).or_default();
+        *count += 1;
+        tracing::warn!(
+            "rank {rank}: dropped a connection from {}: {why} (connection {count} refused \
+             from this host)",
+            p.from
+        );
+    };
+    let mut pollfds: Vec<libc::pollfd> = Vec::new();
     while conns[..rank].iter().any(Option::is_none) {
-        let (mut stream, from) = match listener.accept() {
-            Ok(accepted) => accepted,
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted =>
-            {
-                if Instant::now() >= deadline {
-                    let missing: Vec<usize> = (0..rank).filter(|&r| conns[r].is_none()).collect();
+        loop {
+            match listener.accept() {
+                Ok((stream, from)) => {
+                    if let Err(e) = stream.set_nonblocking(true).and_then(|()| tune(&stream)) {
+                        tracing::warn!("rank {rank}: dropped a connection from {from}: {e}");
+                        continue;
+                    }
+                    if pending.len() == MAX_PENDING {
+                        let oldest = pending.remove(0);
+                        let why = oldest.handshake.timed_out(oldest.since.elapsed());
+                        refuse(&oldest, why);
+                    }
+                    pending.push(Pending {
+                        stream,
+                        from,
+                        since: Instant::now(),
+                        handshake: Acceptor::default(),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
                     return Err(CommError::io(
-                        format!(
-                            "rank {rank}: waiting for ranks {missing:?} to connect \
-                             (are they running, and can they reach this host?)"
-                        ),
-                        io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+                        format!("rank {rank}: accepting a connection"),
+                        e,
                     ));
                 }
-                poll_one(listener.as_raw_fd(), libc::POLLIN, deadline)
-                    .map_err(|e| CommError::io("polling the listener", e))?;
-                continue;
-            }
-            Err(e) => {
-                return Err(CommError::io(
-                    format!("rank {rank}: accepting a connection"),
-                    e,
-                ));
-            }
-        };
-        let set_up = stream.set_nonblocking(false).and_then(|()| tune(&stream));
-        let result = match set_up {
-            Ok(()) => {
-                let hs_deadline = deadline.min(Instant::now() + HANDSHAKE_TIMEOUT);
-                auth::accept(&mut stream, token, world, rank, hs_deadline).and_then(|peer| {
-                    if conns[peer].is_some() {
-                        Err(format!("rank {peer} is already connected"))
-                    } else {
-                        Ok(peer)
-                    }
-                })
-            }
-            Err(e) => Err(format!("socket options: {e}")),
-        };
-        match result {
-            Ok(peer) => conns[peer] = Some(Conn::new(stream)),
-            Err(reason) => {
-                let count = strangers.entry(from.ip().to_string()).or_default();
-                *count += 1;
-                tracing::warn!(
-                    "rank {rank}: dropped a connection from {from} that failed authentication: \
-                     {reason} (attempt {count} from this host; is COHORT_TOKEN the same for every rank?)"
-                );
             }
         }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < pending.len() {
+            let p = &mut pending[i];
+            let outcome = match p.handshake.advance(&mut p.stream, me) {
+                Ok(Some(peer)) if conns[peer].is_some() => Err(Refusal::OtherGroup(format!(
+                    "it claims rank {peer}, which is already connected"
+                ))),
+                Ok(None) if now >= (p.since + HANDSHAKE_TIMEOUT).min(deadline) => {
+                    Err(p.handshake.timed_out(now - p.since))
+                }
+                other => other,
+            };
+            match outcome {
+                Ok(None) => i += 1,
+                Ok(Some(peer)) => {
+                    let p = pending.swap_remove(i);
+                    conns[peer] = Some(Conn::new(p.stream));
+                }
+                Err(why) => {
+                    let p = pending.swap_remove(i);
+                    refuse(&p, why);
+                }
+            }
+        }
+        if conns[..rank].iter().all(Option::is_some) {
+            break;
+        }
+        if now >= deadline {
+            let missing: Vec<usize> = (0..rank).filter(|&r| conns[r].is_none()).collect();
+            return Err(CommError::io(
+                format!(
+                    "rank {rank}: waiting for ranks {missing:?} to connect \
+                     (are they running, and can they reach this host?)"
+                ),
+                io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+            ));
+        }
+        pollfds.clear();
+        pollfds.push(libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let mut wake = deadline;
+        for p in &pending {
+            let events = if p.handshake.wants_write() {
+                libc::POLLOUT
+            } else {
+                libc::POLLIN
+            };
+            pollfds.push(libc::pollfd {
+                fd: p.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+            wake = wake.min(p.since + HANDSHAKE_TIMEOUT);
+        }
+        let ms = wake
+            .saturating_duration_since(now)
+            .as_millis()
+            .clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: pollfds is a live array of pollfd of the given length.
+        let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(CommError::io("polling the listener", e));
+            }
+        }
+    }
+    for p in &pending {
+        tracing::warn!(
+            "rank {rank}: closed a connection from {} once every rank had joined: {}",
+            p.from,
+            p.handshake.timed_out(p.since.elapsed())
+        );
     }
     Ok(())
 }

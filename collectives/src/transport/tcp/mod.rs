@@ -3,9 +3,10 @@
 //! `poll(2)`.
 //!
 //! Bootstrap: every rank listens on an ephemeral port and publishes
-//! `addr/<rank>` = `host:port` in the store, waits for every rank's address,
-//! connects to every higher rank, then accepts one connection from every
-//! lower rank. Connecting upward first cannot deadlock: the highest rank only
+//! `addr/<rank>` = `host:port listener=ID` in the store, waits for every
+//! rank's address, connects to every higher rank, then accepts one
+//! connection from every lower rank (every handshake concurrently, each
+//! under its own deadline). Connecting upward first cannot deadlock: the highest rank only
 //! accepts, and every rank's connect phase waits only on higher ranks.
 //!
 //! Tuning, for bandwidth: `TCP_NODELAY` (a header and a small payload leave
