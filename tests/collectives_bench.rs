@@ -60,6 +60,8 @@ fn every_op_checks_out_across_processes() {
                 "world",
                 "algo",
                 "time_us",
+                "median_us",
+                "p99_us",
                 "algbw_gbps",
                 "busbw_gbps",
                 "wrong",

@@ -180,6 +180,13 @@ impl Communicator {
         self.segment_bytes = bytes.max(1);
     }
 
+    /// How long a waiting op polls before it blocks (default: 100 µs, none
+    /// when this host has more ranks than cores). For tuning.
+    #[doc(hidden)]
+    pub fn set_spin(&mut self, budget: Duration) {
+        self.transport.set_spin(budget);
+    }
+
     /// Sum (or another [`ReduceOp`]) of `buf` over all ranks, in place on
     /// every rank.
     pub fn all_reduce<T: Element>(

@@ -39,6 +39,7 @@ mod auth;
 pub mod backend;
 mod communicator;
 mod error;
+mod host;
 pub mod nccl;
 mod reduce;
 pub mod store;

@@ -198,6 +198,9 @@ impl FromStr for ReduceOp {
 ///   `broadcast`, a pipelined chain.
 /// - `Tree`: a pipelined binary tree, about 2·log2(n) steps: lower latency for
 ///   small messages and large worlds.
+/// - `Doubling`: recursive doubling, log2(n) exchanges of the whole buffer
+///   (one round trip at 2 ranks): the lowest latency for small messages.
+///   For `broadcast`, a binomial tree.
 /// - `Auto` (the default) picks from the message size and world size, with
 ///   crossovers measured on TCP (see `algorithms::choose`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -206,14 +209,24 @@ pub enum Algorithm {
     Auto,
     Ring,
     Tree,
+    Doubling,
 }
 
 impl Algorithm {
+    /// Every algorithm, in wire-code order.
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::Auto,
+        Algorithm::Ring,
+        Algorithm::Tree,
+        Algorithm::Doubling,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::Auto => "auto",
             Algorithm::Ring => "ring",
             Algorithm::Tree => "tree",
+            Algorithm::Doubling => "doubling",
         }
     }
 
@@ -231,13 +244,13 @@ impl fmt::Display for Algorithm {
 impl FromStr for Algorithm {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Algorithm::Auto, Algorithm::Ring, Algorithm::Tree]
+        Algorithm::ALL
             .into_iter()
             .find(|a| a.name() == s)
             .ok_or_else(|| ParseError {
                 what: "algorithm",
                 got: s.to_owned(),
-                expected: "auto, ring, tree",
+                expected: "auto, ring, tree, doubling",
             })
     }
 }
@@ -288,7 +301,9 @@ mod tests {
         for o in ReduceOp::ALL {
             assert_eq!(o.to_string().parse::<ReduceOp>().unwrap(), o);
         }
-        assert_eq!("tree".parse::<Algorithm>().unwrap(), Algorithm::Tree);
+        for a in Algorithm::ALL {
+            assert_eq!(a.to_string().parse::<Algorithm>().unwrap(), a);
+        }
         let err = "f31".parse::<DType>().unwrap_err().to_string();
         assert!(err.contains("f31") && err.contains("bf16"), "{err}");
     }

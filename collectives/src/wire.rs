@@ -28,6 +28,15 @@
 //! expects a header and checks it with [`Header::check_probe`]: a probe of
 //! the same op, or of an op it has already finished, is skipped; any other
 //! is a desync.
+//!
+//! Bystanders. Probes break a wait between two ranks; a desync can also
+//! make a longer cycle (with three ranks: 0 waits on 1, 1 on 2, 2 on 0,
+//! each in a different collective), where every rank's probe goes to a
+//! peer that is not reading from it. So a transport that has waited
+//! `PROBE_AFTER` also looks at the first frame waiting from every peer it
+//! is not receiving from ([`Header::check_bystander`]): a message of this
+//! op's sequence number but of another op is a desync; an abort notice
+//! means that peer failed; anything else is left for later.
 
 use crate::error::CommError;
 use crate::types::{Algorithm, DType, OpKind, ReduceOp};
@@ -181,6 +190,54 @@ impl Header {
     }
 }
 
+/// What the first frame waiting from a peer that this rank is not
+/// receiving from means (see "Bystanders" above).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bystander {
+    /// A probe of this op or an older one: read it and go on.
+    Consume,
+    /// A frame for later (a message of this op for a later exchange, or of
+    /// a later op; a probe of a later op): leave it where it is.
+    Later,
+    /// The peer aborted; `len` bytes of its reason follow the header.
+    Aborted { len: u64 },
+}
+
+impl Header {
+    /// Judges `frame`, the first one waiting from `peer`, which this rank is
+    /// not receiving from in the op of `self` (see [`Bystander`]).
+    pub fn check_bystander(
+        &self,
+        frame: &Frame,
+        rank: usize,
+        peer: usize,
+    ) -> Result<Bystander, CommError> {
+        let (h, probe) = match frame {
+            Frame::Abort { len } => return Ok(Bystander::Aborted { len: *len }),
+            Frame::Probe(h) => (h, true),
+            Frame::Msg(h) => (h, false),
+        };
+        let same_op = Header {
+            chunk: self.chunk,
+            len: self.len,
+            ..*h
+        } == *self;
+        if h.seq == self.seq && !same_op {
+            return Err(CommError::Desync {
+                rank,
+                peer,
+                ours: self.describe(),
+                theirs: h.describe(),
+            });
+        }
+        Ok(if probe && h.seq <= self.seq {
+            Bystander::Consume
+        } else {
+            Bystander::Later
+        })
+    }
+}
+
 /// Encodes an abort notice carrying `reason_len` bytes of text.
 pub(crate) fn encode_abort(reason_len: usize) -> [u8; HEADER_LEN] {
     let mut b = [0u8; HEADER_LEN];
@@ -221,12 +278,9 @@ pub(crate) fn decode(b: &[u8; HEADER_LEN]) -> Result<Frame, String> {
     let op = *ReduceOp::ALL
         .get(usize::from(op))
         .ok_or_else(|| format!("unknown reduce op code {op}"))?;
-    let algo = match algo {
-        0 => Algorithm::Auto,
-        1 => Algorithm::Ring,
-        2 => Algorithm::Tree,
-        a => return Err(format!("unknown algorithm code {a}")),
-    };
+    let algo = *Algorithm::ALL
+        .get(usize::from(algo))
+        .ok_or_else(|| format!("unknown algorithm code {algo}"))?;
     let header = Header {
         kind,
         dtype,
@@ -313,6 +367,19 @@ mod tests {
         };
         let err = behind.check_probe(&p, 0, 1).unwrap_err().to_string();
         assert!(err.contains("it has finished"), "{err}");
+        let b = |f: &Frame| h.check_bystander(f, 0, 1).unwrap();
+        assert_eq!(b(&Frame::Probe(p)), Bystander::Consume);
+        assert_eq!(b(&Frame::Msg(Header { chunk: 9, ..h })), Bystander::Later);
+        assert_eq!(b(&Frame::Msg(Header { seq: 6, ..h })), Bystander::Later);
+        assert_eq!(b(&Frame::Probe(Header { seq: 6, ..h })), Bystander::Later);
+        assert_eq!(b(&Frame::Abort { len: 3 }), Bystander::Aborted { len: 3 });
+        let other_op = Frame::Msg(Header {
+            kind: OpKind::Broadcast,
+            ..h
+        });
+        let err = h.check_bystander(&other_op, 0, 1).unwrap_err().to_string();
+        assert!(err.contains("rank 1 called broadcast"), "{err}");
+
         let mut bad = h.encode();
         bad[0] = b'X';
         assert!(decode(&bad).unwrap_err().contains("bad magic"));

@@ -8,7 +8,9 @@ use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use cohort_collectives::{CommError, Communicator, MemStore, OpOptions, ReduceOp, Store};
+use cohort_collectives::{
+    Algorithm, CommError, Communicator, MemStore, OpOptions, ReduceOp, Store,
+};
 use common::{Kind, each_rank, group, tcp_config};
 
 fn opts(timeout_ms: u64) -> OpOptions {
@@ -62,6 +64,43 @@ fn desync_fails_every_rank_naming_both_calls() {
                 "{kind:?} {odd}: no error names both calls: {errors:#?}"
             );
         }
+    }
+}
+
+/// A desync that makes a cycle of three waits (rank 0 folded into rank 1's
+/// recursive doubling waits on 1, 1 waits on its partner 2, and 2, in a
+/// tree broadcast, waits on its parent 0) is found as fast as a two-rank
+/// one: every rank also checks what waits from the peers it is not
+/// receiving from.
+#[test]
+fn a_desync_in_a_cycle_of_three_is_found_fast() {
+    for kind in [Kind::Mem, Kind::Tcp] {
+        let mut comms = group(kind, 3);
+        let started = Instant::now();
+        let errors = each_rank(&mut comms, |comm| {
+            let mut buf = vec![1.0f32; 10];
+            let o = |algorithm| OpOptions {
+                algorithm,
+                timeout: Some(Duration::from_secs(20)),
+            };
+            let result = if comm.rank() < 2 {
+                comm.all_reduce(&mut buf, ReduceOp::Sum, &o(Algorithm::Doubling))
+            } else {
+                comm.broadcast(&mut buf, 0, &o(Algorithm::Tree))
+            };
+            result.expect_err("a desynced op must fail").to_string()
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{kind:?}: desync took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("desync")
+                && e.contains("all_reduce(f32, count 10, sum, doubling)")
+                && e.contains("broadcast(f32, count 10, root 0, tree)")),
+            "{kind:?}: {errors:#?}"
+        );
     }
 }
 
@@ -255,7 +294,7 @@ fn a_rank_of_another_group_is_refused_with_the_reason() {
     store
         .set(
             "addr/0",
-            format!("127.0.0.1:1 listener={}", "00".repeat(16)).as_bytes(),
+            format!("127.0.0.1:1 listener={} host=h", "00".repeat(16)).as_bytes(),
         )
         .unwrap();
     let listener_rank = {
@@ -273,7 +312,7 @@ fn a_rank_of_another_group_is_refused_with_the_reason() {
     other
         .set(
             "addr/1",
-            format!("{addr} listener={}", "ab".repeat(16)).as_bytes(),
+            format!("{addr} listener={} host=h", "ab".repeat(16)).as_bytes(),
         )
         .unwrap();
     let err = Communicator::connect_tcp(other.as_ref(), 0, 2, &cfg).unwrap_err();

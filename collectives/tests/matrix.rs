@@ -183,7 +183,7 @@ fn full_matrix(kind: Kind) {
             comm.set_max_segment_bytes(96);
         }
         each_rank(&mut comms, |comm| {
-            for algo in [Algorithm::Ring, Algorithm::Tree, Algorithm::Auto] {
+            for algo in Algorithm::ALL {
                 for count in [0, 1, 7, 1000] {
                     let label = format!("{kind:?} world {world} {algo}");
                     ops_for::<f32>(comm, algo, count, &label);
@@ -239,7 +239,7 @@ fn large_counts() {
         let mut comms = group(kind, world);
         each_rank(&mut comms, |comm| {
             let (rank, world) = (comm.rank(), comm.world_size());
-            for algo in [Algorithm::Ring, Algorithm::Tree] {
+            for algo in [Algorithm::Ring, Algorithm::Tree, Algorithm::Doubling] {
                 let opts = OpOptions {
                     algorithm: algo,
                     ..OpOptions::default()
@@ -288,7 +288,11 @@ fn thousand_ranks_on_mem() {
     let mut comms = Communicator::mem_group(WORLD);
     each_rank(&mut comms, |comm| {
         let rank = comm.rank();
-        for (algo, count) in [(Algorithm::Tree, 3000), (Algorithm::Ring, 2500)] {
+        for (algo, count) in [
+            (Algorithm::Tree, 3000),
+            (Algorithm::Ring, 2500),
+            (Algorithm::Doubling, 100),
+        ] {
             let opts = OpOptions {
                 algorithm: algo,
                 ..OpOptions::default()

@@ -167,11 +167,14 @@ impl JobConfig {
                 ),
             );
         }
-        if !matches!(self.parallel.algorithm.as_str(), "auto" | "ring" | "tree") {
+        if !matches!(
+            self.parallel.algorithm.as_str(),
+            "auto" | "ring" | "tree" | "doubling"
+        ) {
             return err(
                 "parallel.algorithm",
                 format!(
-                    "unknown algorithm {:?}: use auto, ring or tree",
+                    "unknown algorithm {:?}: use auto, ring, tree or doubling",
                     self.parallel.algorithm
                 ),
             );

@@ -207,7 +207,7 @@ pub struct ParallelConfig {
     /// tensors only; an error where NCCL can't run). `cohort doctor` shows
     /// what `auto` picks here and why.
     pub backend: String,
-    /// Collective algorithm: `auto`, `ring` or `tree`.
+    /// Collective algorithm: `auto`, `ring`, `tree` or `doubling`.
     pub algorithm: String,
 }
 

@@ -6,9 +6,11 @@
 //! (`--worker-rank R --store DIR`), which bootstrap through a `FileStore` in a
 //! temporary directory with a random job token. Every worker runs every op
 //! and size, times each iteration (the buffer is refilled before it,
-//! untimed), checks every result, and agrees with the others on the slowest
-//! rank's mean time and the total of wrong elements; rank 0 prints one JSON
-//! row per size, which the parent turns into the table.
+//! untimed), checks every result, and agrees with the others on the time of
+//! every iteration (that of its slowest rank: the op is done when every
+//! rank is) and the total of wrong elements; rank 0 prints one JSON row per
+//! size (mean, median and p99 of those times), which the parent turns into
+//! the table.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -51,7 +53,7 @@ struct CollectivesArgs {
     /// Backend: tcp (host memory) or nccl (CUDA device memory, one GPU per rank).
     #[arg(long, default_value = "tcp")]
     backend: BenchBackend,
-    /// Algorithm of the TCP backend: auto, ring or tree (NCCL picks its own).
+    /// Algorithm of the TCP backend: auto, ring, tree or doubling (NCCL picks its own).
     #[arg(long, default_value = "auto")]
     algo: Algorithm,
     /// Element type: f32, f64, f16, bf16, i32, i64, u8.
@@ -78,6 +80,9 @@ struct CollectivesArgs {
     /// Largest pipeline segment in bytes (tuning).
     #[arg(long, hide = true, value_parser = parse_size)]
     segment_bytes: Option<usize>,
+    /// How long a waiting op polls before blocking, in microseconds (tuning).
+    #[arg(long, hide = true)]
+    spin_us: Option<u64>,
     /// Worker mode: this process is rank R.
     #[arg(long, hide = true, requires = "store")]
     worker_rank: Option<usize>,
@@ -141,7 +146,10 @@ struct Row {
     count: usize,
     world: usize,
     algo: String,
+    /// Mean of the per-iteration times (each the slowest rank's).
     time_us: f64,
+    median_us: f64,
+    p99_us: f64,
     algbw_gbps: f64,
     busbw_gbps: f64,
     wrong: u64,
@@ -306,13 +314,15 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
         a.dtype, a.warmup, a.iters
     );
     println!(
-        "# {:>12} {:>12} {:>6} {:>15} {:>5} {:>11} {:>12} {:>12} {:>7}",
+        "# {:>12} {:>12} {:>6} {:>15} {:>5} {:>11} {:>11} {:>11} {:>12} {:>12} {:>7}",
         "size(B)",
         "count",
         "type",
         "op",
         "algo",
-        "time(us)",
+        "mean(us)",
+        "median(us)",
+        "p99(us)",
         "algbw(GB/s)",
         "busbw(GB/s)",
         "#wrong"
@@ -325,13 +335,15 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
                 let row: Row = serde_json::from_str(&line)
                     .with_context(|| format!("rank 0 printed an unreadable row: {line}"))?;
                 println!(
-                    "  {:>12} {:>12} {:>6} {:>15} {:>5} {:>11.1} {:>12.3} {:>12.3} {:>7}",
+                    "  {:>12} {:>12} {:>6} {:>15} {:>5} {:>11.1} {:>11.1} {:>11.1} {:>12.3} {:>12.3} {:>7}",
                     row.bytes,
                     row.count,
                     row.dtype,
                     row.op.name(),
                     row.algo,
                     row.time_us,
+                    row.median_us,
+                    row.p99_us,
                     row.algbw_gbps,
                     row.busbw_gbps,
                     row.wrong
@@ -394,6 +406,9 @@ fn forwarded_args(a: &CollectivesArgs) -> Vec<String> {
     ];
     if let Some(s) = a.segment_bytes {
         v.push(format!("--segment-bytes={s}"));
+    }
+    if let Some(s) = a.spin_us {
+        v.push(format!("--spin-us={s}"));
     }
     v
 }
@@ -468,6 +483,9 @@ fn worker(a: &CollectivesArgs, rank: usize, store_dir: &Path) -> anyhow::Result<
         .with_context(|| format!("rank {rank}: joining the benchmark group"))?;
     if let Some(s) = a.segment_bytes {
         comm.set_max_segment_bytes(s);
+    }
+    if let Some(us) = a.spin_us {
+        comm.set_spin(Duration::from_micros(us));
     }
     let mut gpu = match a.backend {
         BenchBackend::Tcp => None,
@@ -560,7 +578,7 @@ fn measure<T: BenchElem>(
         }
         None => None,
     };
-    let mut total = Duration::ZERO;
+    let mut times_us = Vec::with_capacity(a.iters as usize);
     let mut wrong = 0u64;
     let quiet = OpOptions::default();
     for it in 0..a.warmup + a.iters {
@@ -587,7 +605,7 @@ fn measure<T: BenchElem>(
         }
         let took = started.elapsed();
         if it >= a.warmup {
-            total += took;
+            times_us.push(took.as_secs_f64() * 1e6);
         }
         if let Some((_, dev)) = gpu.as_ref() {
             dev.copy_to_host(bytemuck::cast_slice_mut(&mut buf))
@@ -612,14 +630,14 @@ fn measure<T: BenchElem>(
             .find(|r| r.kind != OpKind::Barrier)
             .map_or_else(|| a.algo.to_string(), |r| r.algorithm.to_string())
     };
-    // The slowest rank's mean and everyone's wrong elements.
-    let mut mean_us = [total.as_secs_f64() * 1e6 / f64::from(a.iters)];
-    comm.all_reduce(&mut mean_us, ReduceOp::Max, &OpOptions::default())?;
+    // Every iteration's slowest rank, and everyone's wrong elements.
+    comm.all_reduce(&mut times_us, ReduceOp::Max, &OpOptions::default())?;
+    let (mean_us, median_us, p99_us) = summary(&mut times_us);
     let mut wrong_all = [wrong as i64];
     comm.all_reduce(&mut wrong_all, ReduceOp::Sum, &OpOptions::default())?;
     let bytes = count * std::mem::size_of::<T>();
-    let algbw = if mean_us[0] > 0.0 {
-        bytes as f64 / mean_us[0] / 1e3
+    let algbw = if mean_us > 0.0 {
+        bytes as f64 / mean_us / 1e3
     } else {
         0.0
     };
@@ -630,9 +648,38 @@ fn measure<T: BenchElem>(
         count,
         world,
         algo,
-        time_us: mean_us[0],
+        time_us: mean_us,
+        median_us,
+        p99_us,
         algbw_gbps: algbw,
         busbw_gbps: algbw * op.busbw_factor(world),
         wrong: wrong_all[0] as u64,
     })
+}
+
+/// Mean, median and 99th percentile (nearest rank) of `times`.
+fn summary(times: &mut [f64]) -> (f64, f64, f64) {
+    times.sort_by(f64::total_cmp);
+    let n = times.len();
+    let mean = times.iter().sum::<f64>() / n as f64;
+    let median = if n % 2 == 1 {
+        times[n / 2]
+    } else {
+        (times[n / 2 - 1] + times[n / 2]) / 2.0
+    };
+    let p99 = times[(n * 99).div_ceil(100).max(1) - 1];
+    (mean, median, p99)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    #[test]
+    fn summary_of_times() {
+        let mut t: Vec<f64> = (1..=200).rev().map(f64::from).collect();
+        assert_eq!(summary(&mut t), (100.5, 100.5, 198.0));
+        assert_eq!(summary(&mut [3.0, 1.0, 2.0]), (2.0, 2.0, 3.0));
+        assert_eq!(summary(&mut [5.0]), (5.0, 5.0, 5.0));
+    }
 }

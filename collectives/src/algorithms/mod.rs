@@ -7,7 +7,8 @@
 //!
 //! - [`ring`]: reduce-scatter, all-gather, and all-reduce as the two in turn;
 //! - [`tree`]: pipelined binary-tree all-reduce and broadcast;
-//! - [`chain`]: pipelined chain broadcast (the "ring" broadcast).
+//! - [`chain`]: pipelined chain broadcast (the "ring" broadcast);
+//! - [`doubling`]: recursive-doubling all-reduce and binomial broadcast.
 //!
 //! The front (`Communicator`) has already validated the arguments, resolved
 //! `Algorithm::Auto` with [`choose`], and handles world 1 and empty buffers.
@@ -21,6 +22,7 @@ use crate::types::{Algorithm, DType, OpKind, ReduceOp, shard_range};
 use crate::wire::Header;
 
 pub(crate) mod chain;
+pub(crate) mod doubling;
 pub(crate) mod ring;
 pub(crate) mod tree;
 
@@ -195,16 +197,21 @@ pub(crate) fn choose(kind: OpKind, bytes: usize, world: usize) -> Algorithm {
         .saturating_mul((world - 1) * (world - 1))
         .min(4 << 20);
     match kind {
-        OpKind::Barrier => Algorithm::Tree,
+        OpKind::Barrier => Algorithm::Doubling,
+        OpKind::AllReduce if bytes <= DOUBLING_MAX => Algorithm::Doubling,
         OpKind::AllReduce | OpKind::Broadcast if world > 2 && bytes <= tree_max => Algorithm::Tree,
         _ => Algorithm::Ring,
     }
 }
 
+/// Largest all-reduce `choose` gives to recursive doubling.
+const DOUBLING_MAX: usize = 64 << 10;
+
 /// All-reduce of `buf` (whole elements of `ctx.red_dtype`).
 pub(crate) fn all_reduce(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
     match ctx.base.algo {
         Algorithm::Tree => tree::all_reduce(ctx, buf),
+        Algorithm::Doubling => doubling::all_reduce(ctx, buf),
         Algorithm::Ring | Algorithm::Auto => ring::all_reduce(ctx, buf),
     }
 }
@@ -212,9 +219,9 @@ pub(crate) fn all_reduce(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommEr
 /// Reduce-scatter: afterwards this rank's shard holds the reduced values.
 pub(crate) fn reduce_scatter(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
     match ctx.base.algo {
-        // The tree reduces everything everywhere; this rank's shard is part
-        // of it.
-        Algorithm::Tree => tree::all_reduce(ctx, buf),
+        // The tree and doubling reduce everything everywhere; this rank's
+        // shard is part of it.
+        Algorithm::Tree | Algorithm::Doubling => all_reduce(ctx, buf),
         Algorithm::Ring | Algorithm::Auto => ring::reduce_scatter(ctx, buf),
     }
 }
@@ -222,17 +229,17 @@ pub(crate) fn reduce_scatter(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), Co
 /// All-gather: on entry this rank's shard holds its part.
 pub(crate) fn all_gather(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
     match ctx.base.algo {
-        Algorithm::Tree => {
+        Algorithm::Tree | Algorithm::Doubling => {
             // Every byte outside this rank's shard becomes 0, and a byte-wise
-            // max over the tree then leaves every shard's bytes exactly as
-            // its owner had them (max(x, 0, ..., 0) == x for bytes).
+            // max all-reduce then leaves every shard's bytes exactly as its
+            // owner had them (max(x, 0, ..., 0) == x for bytes).
             let es = ctx.elem();
             let own = bytes(&shard_range(buf.len() / es, ctx.world, ctx.rank), es);
             buf[..own.start].fill(0);
             buf[own.end..].fill(0);
             ctx.red_dtype = DType::U8;
             ctx.red_op = ReduceOp::Max;
-            tree::all_reduce(ctx, buf)
+            all_reduce(ctx, buf)
         }
         Algorithm::Ring | Algorithm::Auto => ring::all_gather(ctx, buf),
     }
@@ -242,6 +249,7 @@ pub(crate) fn all_gather(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommEr
 pub(crate) fn broadcast(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
     match ctx.base.algo {
         Algorithm::Tree => tree::broadcast(ctx, buf),
+        Algorithm::Doubling => doubling::broadcast(ctx, buf),
         Algorithm::Ring | Algorithm::Auto => chain::broadcast(ctx, buf),
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::{Transport, Xfer};
 use crate::error::CommError;
-use crate::wire::{Frame, Header, PROBE_AFTER};
+use crate::wire::{Bystander, Frame, Header, PROBE_AFTER};
 
 enum Msg {
     Data(Header, Vec<u8>),
@@ -140,6 +140,9 @@ impl MemTransport {
                 queues = mailbox.lock();
                 continue;
             }
+            if probed {
+                self.check_bystanders(&mut queues, peer, expect)?;
+            }
             let wake = if probed {
                 deadline
             } else {
@@ -151,6 +154,42 @@ impl MemTransport {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+impl MemTransport {
+    /// Judges the first message from every sender but `peer` (see
+    /// "Bystanders" in `wire`): probes are dropped, a desync or an abort is
+    /// the error.
+    fn check_bystanders(
+        &self,
+        queues: &mut HashMap<usize, VecDeque<Msg>>,
+        peer: usize,
+        op: &Header,
+    ) -> Result<(), CommError> {
+        for (&from, queue) in queues.iter_mut().filter(|(from, _)| **from != peer) {
+            while let Some(front) = queue.front() {
+                let frame = match front {
+                    Msg::Data(h, _) => Frame::Msg(*h),
+                    Msg::Probe(h) => Frame::Probe(*h),
+                    Msg::Abort(reason) => {
+                        return Err(CommError::PeerAborted {
+                            rank: self.rank,
+                            peer: from,
+                            op: op.describe(),
+                            reason: reason.clone(),
+                        });
+                    }
+                };
+                match op.check_bystander(&frame, self.rank, from)? {
+                    Bystander::Consume => {
+                        queue.pop_front();
+                    }
+                    Bystander::Later | Bystander::Aborted { .. } => break,
+                }
+            }
+        }
+        Ok(())
     }
 }
 

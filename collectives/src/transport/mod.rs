@@ -79,4 +79,8 @@ pub(crate) trait Transport: Send {
     /// Best effort: tells every peer that this rank failed (with `reason`),
     /// then closes every connection. The transport is unusable afterwards.
     fn abort(&mut self, reason: &str);
+
+    /// How long a wait polls before it blocks (for tuning; transports that
+    /// never spin ignore it).
+    fn set_spin(&mut self, _budget: std::time::Duration) {}
 }

@@ -21,40 +21,71 @@ use super::config::TcpConfig;
 use super::socket::{Conn, tune};
 use crate::auth::{self, Acceptor, ListenerId, Me, Refusal, Target};
 use crate::error::CommError;
+use crate::host;
 use crate::store::Store;
 
 /// Longest time one connection may take over its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// See [`spin_budget`].
+const SPIN: Duration = Duration::from_micros(100);
 /// Most connections in their handshake at once; beyond it the oldest is
 /// dropped (a flood of strangers can't exhaust file descriptors).
 const MAX_PENDING: usize = 256;
 
 /// What a rank publishes in the store under `addr/<rank>`:
-/// `HOST:PORT listener=HEX`.
+/// `HOST:PORT listener=HEX host=ID`.
 struct Entry {
     addr: String,
     listener: ListenerId,
+    /// The rank's host identity (see `crate::host`).
+    host: String,
 }
 
 impl Entry {
     fn encode(&self) -> String {
-        format!("{} listener={}", self.addr, auth::hex(&self.listener))
+        format!(
+            "{} listener={} host={}",
+            self.addr,
+            auth::hex(&self.listener),
+            self.host
+        )
     }
 
     fn parse(rank: usize, value: &[u8]) -> Result<Entry, CommError> {
         let text = String::from_utf8_lossy(value);
-        let mut fields = text.split_whitespace();
-        let addr = fields.next().unwrap_or_default().to_owned();
-        let listener = fields
-            .find_map(|f| f.strip_prefix("listener="))
-            .and_then(auth::unhex);
-        match listener {
-            Some(listener) if !addr.is_empty() => Ok(Entry { addr, listener }),
+        let field = |name: &str| {
+            text.split_whitespace()
+                .skip(1)
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+        };
+        let addr = text
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        match (field("listener").and_then(auth::unhex), field("host")) {
+            (Some(listener), Some(host)) if !addr.is_empty() => Ok(Entry {
+                addr,
+                listener,
+                host: host.to_owned(),
+            }),
             _ => Err(CommError::Config(format!(
-                "rank {rank}'s store entry {text:?} is not `HOST:PORT listener=HEX`: a rank of \
-                 another cohort release, or a store shared with something else"
+                "rank {rank}'s store entry {text:?} is not `HOST:PORT listener=HEX host=ID`: a \
+                 rank of another cohort release, or a store shared with something else"
             ))),
         }
+    }
+}
+
+/// How long a waiting rank polls its sockets (yielding the core between
+/// tries) before it blocks in `poll(2)`; see `poll`. With more ranks on
+/// this host than cores, a spinning rank would only keep its peers off
+/// the cores they need, so it blocks at once.
+fn spin_budget(local_ranks: usize, cores: usize) -> Duration {
+    if local_ranks > cores {
+        Duration::ZERO
+    } else {
+        SPIN
     }
 }
 
@@ -68,6 +99,7 @@ impl TcpTransport {
     ) -> Result<TcpTransport, CommError> {
         let deadline = Instant::now() + cfg.connect_timeout;
         let mut conns: Vec<Option<Conn>> = (0..world).map(|_| None).collect();
+        let mut spin = Duration::ZERO;
         if world > 1 {
             let listener = TcpListener::bind((cfg.bind_host.as_str(), 0)).map_err(|e| {
                 CommError::io(format!("rank {rank}: listening on {}:0", cfg.bind_host), e)
@@ -79,12 +111,19 @@ impl TcpTransport {
             let me = Entry {
                 addr: format!("{}:{port}", cfg.advertise_host),
                 listener: rand::random(),
+                host: host::identity(),
             };
             store.set(&format!("addr/{rank}"), me.encode().as_bytes())?;
             let keys: Vec<String> = (0..world).map(|r| format!("addr/{r}")).collect();
-            let values = store.wait(&keys, cfg.connect_timeout)?;
-            for (peer, value) in values.iter().enumerate().skip(rank + 1) {
-                let entry = Entry::parse(peer, value)?;
+            let entries = store
+                .wait(&keys, cfg.connect_timeout)?
+                .iter()
+                .enumerate()
+                .map(|(r, value)| Entry::parse(r, value))
+                .collect::<Result<Vec<_>, _>>()?;
+            let local = entries.iter().filter(|e| e.host == me.host).count();
+            spin = spin_budget(local, host::cores());
+            for (peer, entry) in entries.iter().enumerate().skip(rank + 1) {
                 let target = Target {
                     token: &cfg.token,
                     world,
@@ -114,6 +153,7 @@ impl TcpTransport {
             progress: Vec::new(),
             pollfds: Vec::new(),
             moved: false,
+            spin,
         })
     }
 }

@@ -29,6 +29,8 @@ mod socket;
 
 pub use config::TcpConfig;
 
+use std::time::Duration;
+
 use poll::Progress;
 use socket::Conn;
 
@@ -40,4 +42,6 @@ pub(crate) struct TcpTransport {
     pollfds: Vec<libc::pollfd>,
     /// Some system call of the current pass moved bytes.
     moved: bool,
+    /// How long to keep polling without blocking once nothing moves.
+    spin: Duration,
 }

@@ -11,7 +11,7 @@ use super::TcpTransport;
 use super::socket::{Conn, poll_one};
 use crate::error::CommError;
 use crate::transport::{Transport, Xfer};
-use crate::wire::{self, Frame, HEADER_LEN, Header, PROBE_AFTER};
+use crate::wire::{self, Bystander, Frame, HEADER_LEN, Header, PROBE_AFTER};
 
 /// Most bytes one send or receive system call moves. Bounded calls
 /// alternate between the directions of an exchange, so both keep flowing
@@ -216,6 +216,61 @@ impl TcpTransport {
         }
     }
 
+    /// Checks the first frame waiting from every peer in `watch` (those this
+    /// exchange receives nothing from; see "Bystanders" in `wire`): a probe
+    /// is read, a desync or an abort notice is the error, and a peer whose
+    /// next frame is for later (or whose connection ended: it may have
+    /// finished) is no longer watched.
+    fn check_bystanders(&mut self, op: &Header, watch: &mut [bool]) -> Result<(), CommError> {
+        for (peer, watched) in watch.iter_mut().enumerate() {
+            while *watched {
+                let Some(fd) = self.conns[peer].as_ref().map(|c| c.stream.as_raw_fd()) else {
+                    *watched = false;
+                    break;
+                };
+                let mut hdr = [0u8; HEADER_LEN];
+                // SAFETY: a live, writable buffer of HEADER_LEN bytes.
+                let n = unsafe {
+                    libc::recv(
+                        fd,
+                        hdr.as_mut_ptr().cast(),
+                        HEADER_LEN,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                if n == 0
+                    || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
+                {
+                    *watched = false;
+                }
+                if n < HEADER_LEN as isize {
+                    break;
+                }
+                let frame = wire::decode(&hdr).map_err(|e| {
+                    self.peer_closed(peer, op, format!("unreadable message header: {e}"))
+                })?;
+                match op.check_bystander(&frame, self.rank, peer)? {
+                    Bystander::Later => *watched = false,
+                    verdict => {
+                        // SAFETY: as above; reads the header just peeked.
+                        unsafe {
+                            libc::recv(fd, hdr.as_mut_ptr().cast(), HEADER_LEN, libc::MSG_DONTWAIT)
+                        };
+                        if let Bystander::Aborted { len } = verdict {
+                            return Err(CommError::PeerAborted {
+                                rank: self.rank,
+                                peer,
+                                op: op.describe(),
+                                reason: self.read_reason(peer, len),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the text of an abort notice (best effort, at most one second).
     fn read_reason(&mut self, peer: usize, len: u64) -> String {
         let Some(conn) = self.conns.get_mut(peer).and_then(Option::as_mut) else {
@@ -266,6 +321,9 @@ impl Transport for TcpTransport {
             });
         }
         let mut probed = false;
+        let mut idle_since = started;
+        // Peers watched as bystanders once probing (see `check_bystanders`).
+        let mut watch = vec![false; self.conns.len()];
         loop {
             for conn in self.conns.iter_mut().flatten() {
                 if conn.ctrl_pending() {
@@ -284,6 +342,15 @@ impl Transport for TcpTransport {
                 return Ok(());
             }
             if self.moved {
+                idle_since = Instant::now();
+                continue;
+            }
+            // Spin before blocking: a peer's message usually arrives within
+            // microseconds, while a wake-up from poll(2) costs a context
+            // switch and, on an idle core of a VM, tens of microseconds.
+            // Yielding between tries lets a peer that shares this core run.
+            if idle_since.elapsed() < self.spin {
+                std::thread::yield_now();
                 continue;
             }
             self.pollfds.clear();
@@ -322,7 +389,28 @@ impl Transport for TcpTransport {
             if !probed && now >= started + PROBE_AFTER {
                 probed = true;
                 self.probe(xfers);
+                for (peer, w) in watch.iter_mut().enumerate() {
+                    *w = self.conns[peer].is_some()
+                        && !xfers
+                            .iter()
+                            .any(|x| matches!(x, Xfer::Recv { .. }) && x.peer() == peer);
+                }
                 continue;
+            }
+            if probed {
+                if let Some(op) = xfers.iter().find_map(Xfer::header).copied() {
+                    self.check_bystanders(&op, &mut watch)?;
+                }
+                for (peer, _) in watch.iter().enumerate().filter(|(_, w)| **w) {
+                    if let Some(c) = self.conns[peer].as_mut() {
+                        c.set_lowat(1);
+                        self.pollfds.push(libc::pollfd {
+                            fd: c.stream.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        });
+                    }
+                }
             }
             if now >= deadline {
                 let stuck = xfers
@@ -353,6 +441,10 @@ impl Transport for TcpTransport {
                 }
             }
         }
+    }
+
+    fn set_spin(&mut self, budget: Duration) {
+        self.spin = budget;
     }
 
     fn abort(&mut self, reason: &str) {

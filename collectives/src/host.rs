@@ -1,0 +1,46 @@
+//! Which ranks share this host, and how many cores they share.
+//!
+//! Ranks compare host identities published in the store. Hostnames alone
+//! don't tell hosts apart: hosts made of network namespaces on one machine
+//! share a kernel, a hostname and `/dev/shm` but not their network, and
+//! two containers may carry one hostname. So the identity is the hostname,
+//! the kernel's boot id (one per booted machine) and the inode of this
+//! process's network namespace.
+
+use std::os::unix::fs::MetadataExt;
+
+/// This process's host identity: `hostname/boot-id/netns-inode`, without
+/// whitespace.
+pub(crate) fn identity() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino().to_string())
+        .unwrap_or_default();
+    let id = format!(
+        "{}/{}/{netns}",
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/kernel/random/boot_id")
+    );
+    id.split_whitespace().collect()
+}
+
+/// Cores this process may run on.
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn identity_names_the_network_namespace() {
+        let id = super::identity();
+        let netns = id.rsplit('/').next().unwrap();
+        assert!(netns.parse::<u64>().is_ok(), "{id}");
+        assert_eq!(id, super::identity());
+        assert!(!id.contains(char::is_whitespace), "{id}");
+    }
+}
