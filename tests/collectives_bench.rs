@@ -15,10 +15,11 @@ fn rows(path: &std::path::Path) -> Vec<serde_json::Value> {
 #[test]
 fn every_op_checks_out_across_processes() {
     let dir = tempfile::tempdir().unwrap();
-    for (nproc, algo, dtype) in [
-        ("3", "auto", "f32"),
-        ("4", "ring", "bf16"),
-        ("5", "tree", "i64"),
+    for (nproc, algo, dtype, transport) in [
+        ("3", "auto", "f32", "auto"),
+        ("4", "ring", "bf16", "tcp"),
+        ("5", "tree", "i64", "shm"),
+        ("2", "doubling", "f64", "shm"),
     ] {
         let json = dir.path().join(format!("rows-{nproc}.json"));
         let out = cohort()
@@ -31,6 +32,8 @@ fn every_op_checks_out_across_processes() {
                 algo,
                 "--dtype",
                 dtype,
+                "--transport",
+                transport,
             ])
             .args(["--op", "all_reduce,reduce_scatter,all_gather,broadcast"])
             .args(["--min-bytes", "1K", "--max-bytes", "64K", "--factor", "8"])
@@ -42,7 +45,7 @@ fn every_op_checks_out_across_processes() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success(),
-            "{nproc} {algo} {dtype}: {stdout}\n{stderr}"
+            "{nproc} {algo} {dtype} {transport}: {stdout}\n{stderr}"
         );
         assert!(
             stdout.contains("busbw(GB/s)") && stdout.contains("#wrong"),
@@ -59,6 +62,7 @@ fn every_op_checks_out_across_processes() {
                 "count",
                 "world",
                 "algo",
+                "transport",
                 "time_us",
                 "median_us",
                 "p99_us",
@@ -70,6 +74,7 @@ fn every_op_checks_out_across_processes() {
             }
             assert_eq!(row["wrong"], 0, "{row}");
             assert_eq!(row["dtype"], dtype);
+            assert_eq!(row["transport"], transport);
             assert_eq!(row["world"].as_u64().unwrap().to_string(), nproc);
             assert!(row["time_us"].as_f64().unwrap() > 0.0, "{row}");
             if algo != "auto" {
@@ -88,6 +93,7 @@ fn bad_flags_exit_2_with_a_clear_error() {
         (vec!["--min-bytes", "12Q"], "12Q"),
         (vec!["--algo", "mesh"], "mesh"),
         (vec!["--backend", "gloo"], "gloo"),
+        (vec!["--transport", "rdma"], "rdma"),
     ] {
         let out = cohort()
             .args(["bench", "collectives"])

@@ -1,5 +1,6 @@
-//! Failures across real processes: a worker killed mid-run, a worker with
-//! the wrong job token, and idle connections to a worker's listening port.
+//! Failures across real processes, over TCP and shared memory: a worker
+//! killed mid-run, a worker with the wrong job token, idle connections to a
+//! worker's listening port, and what a killed job leaves behind.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -20,10 +21,10 @@ impl Drop for Procs {
 
 /// Starts rank `rank` of `world` in the hidden worker mode of the benchmark.
 fn worker(store: &Path, rank: usize, world: usize, token: &str, timeout_s: &str) -> Child {
-    worker_up_to(store, rank, world, token, timeout_s, "64M")
+    worker_up_to(store, rank, world, token, timeout_s, "64M", "auto")
 }
 
-/// As [`worker`], with buffers of 1 KiB up to `max_bytes`.
+/// As [`worker`], with buffers of 1 KiB up to `max_bytes`, over `transport`.
 fn worker_up_to(
     store: &Path,
     rank: usize,
@@ -31,6 +32,7 @@ fn worker_up_to(
     token: &str,
     timeout_s: &str,
     max_bytes: &str,
+    transport: &str,
 ) -> Child {
     Command::new(env!("CARGO_BIN_EXE_cohort"))
         .args(["bench", "collectives", "--nproc", &world.to_string()])
@@ -49,6 +51,8 @@ fn worker_up_to(
             "3",
             "--warmup",
             "0",
+            "--transport",
+            transport,
             "--worker-rank",
             &rank.to_string(),
             "--store",
@@ -83,34 +87,86 @@ fn wait_failed(child: &mut Child, limit: Duration) -> String {
 
 #[test]
 fn a_killed_worker_fails_the_others_quickly() {
-    let store = tempfile::tempdir().unwrap();
-    // A 60 s op timeout: the survivors must notice the death long before.
-    let mut procs = Procs(
-        (0..3)
-            .map(|r| worker(store.path(), r, 3, "sekrit", "60"))
-            .collect(),
-    );
-    // Rank 0 prints a row once the group is up and running ops.
-    let out = procs.0[0].stdout.take().unwrap();
-    let first = BufReader::new(out).lines().next().expect("a row").unwrap();
-    assert!(first.contains("\"op\":\"all_reduce\""), "{first}");
+    for transport in ["tcp", "shm"] {
+        let store = tempfile::tempdir().unwrap();
+        // A 60 s op timeout: the survivors must notice the death long before.
+        let mut procs = Procs(
+            (0..3)
+                .map(|r| worker_up_to(store.path(), r, 3, "sekrit", "60", "64M", transport))
+                .collect(),
+        );
+        // Rank 0 prints a row once the group is up and running ops.
+        let out = procs.0[0].stdout.take().unwrap();
+        let first = BufReader::new(out).lines().next().expect("a row").unwrap();
+        assert!(first.contains("\"op\":\"all_reduce\""), "{first}");
 
-    let killed_at = Instant::now();
-    procs.0[2].kill().unwrap();
-    let errors: Vec<String> = (0..2)
-        .map(|rank| wait_failed(&mut procs.0[rank], Duration::from_secs(20)))
-        .collect();
-    assert!(killed_at.elapsed() < Duration::from_secs(20));
-    for (rank, err) in errors.iter().enumerate() {
-        // Each survivor fails on the dead rank or on the other survivor,
-        // which gave up first and closed or aborted.
+        let killed_at = Instant::now();
+        procs.0[2].kill().unwrap();
+        let errors: Vec<String> = (0..2)
+            .map(|rank| wait_failed(&mut procs.0[rank], Duration::from_secs(20)))
+            .collect();
+        assert!(killed_at.elapsed() < Duration::from_secs(20));
+        for (rank, err) in errors.iter().enumerate() {
+            // Each survivor fails on the dead rank or on the other survivor,
+            // which gave up first and closed or aborted.
+            assert!(
+                err.contains("ended") || err.contains("aborted"),
+                "{transport}: rank {rank}: {err}"
+            );
+        }
+        // The first failure can only be about the dead rank.
         assert!(
-            err.contains("ended") || err.contains("aborted"),
-            "rank {rank}: {err}"
+            errors.iter().any(|e| e.contains("rank 2")),
+            "{transport}: {errors:#?}"
         );
     }
-    // The first failure can only be about the dead rank.
-    assert!(errors.iter().any(|e| e.contains("rank 2")), "{errors:#?}");
+}
+
+/// Shared-memory segments are memfds: they live only as long as a process
+/// holds them, so a job killed with SIGKILL leaves nothing in /dev/shm (or
+/// anywhere). The workers are seen holding their segments first.
+#[test]
+fn a_killed_job_leaves_no_segment_behind() {
+    let shm_entries = || -> Vec<String> {
+        std::fs::read_dir("/dev/shm")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = shm_entries();
+    let store = tempfile::tempdir().unwrap();
+    let mut procs = Procs(
+        (0..2)
+            .map(|r| worker_up_to(store.path(), r, 2, "tok", "60", "64M", "shm"))
+            .collect(),
+    );
+    let out = procs.0[0].stdout.take().unwrap();
+    BufReader::new(out).lines().next().expect("a row").unwrap();
+    for child in &procs.0 {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", child.id())).unwrap();
+        let segments = fds
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter(|target| {
+                target
+                    .to_string_lossy()
+                    .contains("memfd:cohort-collectives")
+            })
+            .count();
+        assert!(segments >= 1, "worker {} holds no segment", child.id());
+    }
+    for child in &mut procs.0 {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let left: Vec<String> = shm_entries()
+        .into_iter()
+        .filter(|e| !before.contains(e))
+        .collect();
+    assert!(left.is_empty(), "left in /dev/shm: {left:?}");
 }
 
 #[test]
@@ -141,7 +197,15 @@ fn a_worker_with_the_wrong_token_is_refused() {
 #[test]
 fn idle_connections_to_a_worker_cost_nothing() {
     let store = tempfile::tempdir().unwrap();
-    let mut procs = Procs(vec![worker_up_to(store.path(), 1, 2, "tok", "8", "1K")]);
+    let mut procs = Procs(vec![worker_up_to(
+        store.path(),
+        1,
+        2,
+        "tok",
+        "8",
+        "1K",
+        "auto",
+    )]);
     // Rank 1's address, once it has published it.
     let entry = store.path().join("bench%addr%1");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -161,7 +225,7 @@ fn idle_connections_to_a_worker_cost_nothing() {
         .collect();
     procs
         .0
-        .push(worker_up_to(store.path(), 0, 2, "tok", "8", "1K"));
+        .push(worker_up_to(store.path(), 0, 2, "tok", "8", "1K", "tcp"));
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut outcomes = Vec::new();
     for child in procs.0.iter_mut() {

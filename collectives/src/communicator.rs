@@ -11,8 +11,9 @@ use crate::algorithms::{self, Ctx};
 use crate::error::CommError;
 use crate::store::Store;
 use crate::transport::Transport;
+use crate::transport::bootstrap;
 use crate::transport::mem::MemTransport;
-use crate::transport::tcp::{TcpConfig, TcpTransport};
+use crate::transport::tcp::TcpConfig;
 use crate::types::{Algorithm, DType, Element, OpKind, ReduceOp, shard_range};
 use crate::wire::Header;
 
@@ -134,10 +135,11 @@ impl Communicator {
             .collect()
     }
 
-    /// Joins a TCP group: listens, publishes `addr/<rank>` in `store`, waits
-    /// for every rank's address and connects (authenticated with
-    /// `cfg.token`). Every rank of the group calls this with the same store
-    /// scope and world size.
+    /// Joins a group of processes: listens, publishes `addr/<rank>` in
+    /// `store`, waits for every rank's entry and connects (authenticated with
+    /// `cfg.token`): shared memory with peers on this host unless
+    /// `cfg.transport` is `Tcp`, TCP with the others. Every rank of the
+    /// group calls this with the same store scope and world size.
     pub fn connect_tcp(
         store: &dyn Store,
         rank: usize,
@@ -150,7 +152,7 @@ impl Communicator {
                 reason: format!("rank {rank} is not in a world of {world}"),
             });
         }
-        let transport = TcpTransport::connect(store, rank, world, cfg)?;
+        let transport = bootstrap::connect(store, rank, world, cfg)?;
         Ok(Communicator::new(
             rank,
             world,

@@ -1,13 +1,15 @@
 //! cohort's collectives: all-reduce, reduce-scatter, all-gather, broadcast and
-//! barrier over typed slices, with transport-agnostic algorithms (ring, tree)
-//! and point-to-point transports (tcp, mem). No libtorch, no gRPC.
+//! barrier over typed slices, with transport-agnostic algorithms (ring, tree,
+//! doubling) and point-to-point transports (tcp, shm, mem). No libtorch, no
+//! gRPC.
 //!
 //! Layers, as in Gloo:
 //! - [`Communicator`] (the front): validates, numbers ops, picks the
 //!   algorithm, applies timeouts, records ops, breaks on failure;
-//! - `algorithms`: ring, tree, chain; they move bytes through a
+//! - `algorithms`: ring, tree, chain, doubling; they move bytes through a
 //!   point-to-point `Transport` and never name one;
-//! - `transport`: `tcp` (authenticated, poll-driven) and `mem` (threads);
+//! - `transport`: between processes, a pipe per peer (`tcp`, or `shm` for a
+//!   peer on this host) driven by one loop; `mem` (threads);
 //! - `wire`: the header checked on every message (desync detection);
 //! - `auth`: the HMAC handshake with the job token;
 //! - `store`: bootstrap key-value stores;
@@ -52,4 +54,6 @@ pub use communicator::{Communicator, OpOptions, OpRecord};
 pub use error::CommError;
 pub use store::{FileStore, MemStore, PrefixStore, Store, StoreError};
 pub use transport::tcp::TcpConfig;
-pub use types::{Algorithm, DType, Element, OpKind, ParseError, ReduceOp, shard_range};
+pub use types::{
+    Algorithm, DType, Element, OpKind, ParseError, ReduceOp, TransportKind, shard_range,
+};

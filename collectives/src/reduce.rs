@@ -13,6 +13,8 @@ use crate::types::{DType, ReduceOp};
 
 /// Elements of f16/bf16 converted per block.
 const HALF_BLOCK: usize = 512;
+/// Bytes of an unaligned source copied to an aligned block at a time.
+const UNALIGNED_BLOCK: usize = 4096;
 
 trait Arith: Copy {
     fn add(self, o: Self) -> Self;
@@ -111,13 +113,27 @@ fn halves<H: HalfFloatSliceExt + ?Sized>(
 }
 
 /// `dst[i] = dst[i] (op) src[i]` for every element; `Avg` reduces as `Sum`
-/// (the division happens once, in [`finish_avg`]).
+/// (the division happens once, in [`finish_avg`]). `src` may be unaligned
+/// (a peer's payload read in place from a shared-memory ring): it then goes
+/// through an aligned block that stays in L1.
 ///
 /// # Panics
-/// If the lengths differ or a slice is not aligned for `dtype` (an internal
-/// invariant: buffers come from typed slices or 8-aligned scratch).
+/// If the lengths differ or `dst` is not aligned for `dtype` (an internal
+/// invariant: destinations are typed slices or 8-aligned scratch).
 pub(crate) fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "reduce_into: length mismatch");
+    if (src.as_ptr() as usize) % dtype.size() != 0 {
+        let mut block = [0u64; UNALIGNED_BLOCK / 8];
+        let block: &mut [u8] = bytemuck::cast_slice_mut(&mut block);
+        for (d, s) in dst
+            .chunks_mut(UNALIGNED_BLOCK)
+            .zip(src.chunks(UNALIGNED_BLOCK))
+        {
+            block[..s.len()].copy_from_slice(s);
+            reduce_into(dtype, op, d, &block[..s.len()]);
+        }
+        return;
+    }
     use bytemuck::{cast_slice as c, cast_slice_mut as m};
     match dtype {
         DType::F32 => typed::<f32>(m(dst), c(src), op),
@@ -204,5 +220,18 @@ mod tests {
         let mut u = [250u8, 10];
         reduce_into(DType::U8, ReduceOp::Sum, &mut u, &[10, 1]);
         assert_eq!(u, [4, 11]);
+
+        // A source one byte off its alignment, longer than a block.
+        let src: Vec<f64> = (0..1000).map(f64::from).collect();
+        let mut shifted = vec![0u8; 8001];
+        shifted[1..].copy_from_slice(bytemuck::cast_slice(&src));
+        let mut d = vec![1.0f64; 1000];
+        reduce_into(
+            DType::F64,
+            ReduceOp::Sum,
+            bytemuck::cast_slice_mut(&mut d),
+            &shifted[1..],
+        );
+        assert!(d.iter().enumerate().all(|(i, x)| *x == i as f64 + 1.0));
     }
 }

@@ -66,7 +66,8 @@ impl fmt::Display for DType {
     }
 }
 
-/// Error of the `FromStr` impls of [`DType`], [`ReduceOp`] and [`Algorithm`].
+/// Error of the `FromStr` impls of [`DType`], [`ReduceOp`], [`Algorithm`]
+/// and [`TransportKind`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown {what} {got:?}: expected one of {expected}")]
 pub struct ParseError {
@@ -255,6 +256,54 @@ impl FromStr for Algorithm {
     }
 }
 
+/// How a rank reaches its peers (`parallel.transport`).
+///
+/// - `Auto` (the default): shared memory with peers on this host (same
+///   hostname, boot and network namespace), TCP with the others.
+/// - `Tcp`: TCP with every peer, also on this host.
+/// - `Shm`: shared memory with every peer; an error if one is on another
+///   host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    #[default]
+    Auto,
+    Tcp,
+    Shm,
+}
+
+impl TransportKind {
+    pub const ALL: [TransportKind; 3] =
+        [TransportKind::Auto, TransportKind::Tcp, TransportKind::Shm];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Auto => "auto",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Shm => "shm",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TransportKind::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| ParseError {
+                what: "transport",
+                got: s.to_owned(),
+                expected: "auto, tcp, shm",
+            })
+    }
+}
+
 /// The collective an operation runs, as carried in message headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OpKind {
@@ -304,6 +353,11 @@ mod tests {
         for a in Algorithm::ALL {
             assert_eq!(a.to_string().parse::<Algorithm>().unwrap(), a);
         }
+        for t in TransportKind::ALL {
+            assert_eq!(t.to_string().parse::<TransportKind>().unwrap(), t);
+        }
+        let err = "rdma".parse::<TransportKind>().unwrap_err().to_string();
+        assert!(err.contains("rdma") && err.contains("shm"), "{err}");
         let err = "f31".parse::<DType>().unwrap_err().to_string();
         assert!(err.contains("f31") && err.contains("bf16"), "{err}");
     }

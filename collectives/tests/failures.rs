@@ -1,5 +1,5 @@
 //! Desync, timeout, dead peer, wrong token, and the broken state after an
-//! error, on both transports.
+//! error, on every transport.
 
 mod common;
 
@@ -22,7 +22,7 @@ fn opts(timeout_ms: u64) -> OpOptions {
 
 #[test]
 fn desync_fails_every_rank_naming_both_calls() {
-    for kind in [Kind::Mem, Kind::Tcp] {
+    for kind in [Kind::Mem, Kind::Tcp, Kind::Shm] {
         for odd in ["count", "kind", "dtype"] {
             let mut comms = group(kind, 3);
             let started = Instant::now();
@@ -74,7 +74,7 @@ fn desync_fails_every_rank_naming_both_calls() {
 /// receiving from.
 #[test]
 fn a_desync_in_a_cycle_of_three_is_found_fast() {
-    for kind in [Kind::Mem, Kind::Tcp] {
+    for kind in [Kind::Mem, Kind::Tcp, Kind::Shm] {
         let mut comms = group(kind, 3);
         let started = Instant::now();
         let errors = each_rank(&mut comms, |comm| {
@@ -106,7 +106,7 @@ fn a_desync_in_a_cycle_of_three_is_found_fast() {
 
 #[test]
 fn timeout_names_op_and_peer_then_breaks() {
-    for kind in [Kind::Mem, Kind::Tcp] {
+    for kind in [Kind::Mem, Kind::Tcp, Kind::Shm] {
         let mut comms = group(kind, 2);
         let done = Barrier::new(2);
         let results = each_rank(&mut comms, |comm| {
@@ -153,7 +153,7 @@ fn timeout_names_op_and_peer_then_breaks() {
 
 #[test]
 fn dead_peer_fails_survivors_quickly() {
-    for kind in [Kind::Mem, Kind::Tcp] {
+    for kind in [Kind::Mem, Kind::Tcp, Kind::Shm] {
         let comms = group(kind, 3);
         let mut iter = comms.into_iter();
         let (a, b, c) = (

@@ -1,4 +1,4 @@
-//! Every algorithm × transport (mem, tcp) × world 1..8 × counts {0, 1, 7,
+//! Every algorithm × transport (mem, tcp, shm) × world 1..8 × counts {0, 1, 7,
 //! 1000} × every dtype and reduce op, against a plain reference; a
 //! representative subset at 1,000,003 elements; and 1,024 ranks on `mem`.
 
@@ -210,12 +210,17 @@ fn matrix_tcp() {
     full_matrix(Kind::Tcp);
 }
 
+#[test]
+fn matrix_shm() {
+    full_matrix(Kind::Shm);
+}
+
 /// Chunks differ in length by at most one element, so with a segment that
 /// divides the shorter chunks exactly the first chunk has one segment more:
 /// the ring's last slice then has steps that only send or only receive.
 #[test]
 fn chunks_with_one_segment_more() {
-    for kind in [Kind::Mem, Kind::Tcp] {
+    for kind in [Kind::Mem, Kind::Tcp, Kind::Shm] {
         for world in 2..=5 {
             let mut comms = group(kind, world);
             for comm in &mut comms {
@@ -235,7 +240,13 @@ fn chunks_with_one_segment_more() {
 #[test]
 fn large_counts() {
     const COUNT: usize = 1_000_003;
-    for (kind, world) in [(Kind::Mem, 5), (Kind::Tcp, 3), (Kind::Tcp, 4)] {
+    for (kind, world) in [
+        (Kind::Mem, 5),
+        (Kind::Tcp, 3),
+        (Kind::Tcp, 4),
+        (Kind::Shm, 2),
+        (Kind::Shm, 3),
+    ] {
         let mut comms = group(kind, world);
         each_rank(&mut comms, |comm| {
             let (rank, world) = (comm.rank(), comm.world_size());

@@ -179,6 +179,15 @@ impl JobConfig {
                 ),
             );
         }
+        if !matches!(self.parallel.transport.as_str(), "auto" | "tcp" | "shm") {
+            return err(
+                "parallel.transport",
+                format!(
+                    "unknown transport {:?}: use auto, tcp or shm",
+                    self.parallel.transport
+                ),
+            );
+        }
         if self.parallel.bucket_mb.is_nan() || self.parallel.bucket_mb <= 0.0 {
             return err("parallel.bucket_mb", "must be greater than 0".into());
         }
@@ -335,6 +344,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("parallel.algorithm"), "{err}");
+        let err = parse("", &["parallel.transport=rdma"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("parallel.transport") && err.contains("auto, tcp or shm"),
+            "{err}"
+        );
         let err = parse("[model]\nkind = \"resnet\"\n", &[])
             .unwrap_err()
             .to_string();

@@ -209,6 +209,10 @@ pub struct ParallelConfig {
     pub backend: String,
     /// Collective algorithm: `auto`, `ring`, `tree` or `doubling`.
     pub algorithm: String,
+    /// How workers of the host-memory backend reach each other: `auto`
+    /// (shared memory on one host, TCP between hosts), `tcp`, or `shm`
+    /// (every worker on one host).
+    pub transport: String,
 }
 
 impl Default for ParallelConfig {
@@ -218,6 +222,7 @@ impl Default for ParallelConfig {
             bucket_mb: 25.0,
             backend: "auto".into(),
             algorithm: "auto".into(),
+            transport: "auto".into(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `cohort bench collectives`: an nccl-tests-style benchmark of the
-//! collectives on one host: cohort's TCP backend (host memory), or with
-//! `--backend nccl` the NCCL backend (device memory, one GPU per rank).
+//! collectives on one host: cohort's host-memory backend (shared memory or
+//! TCP between the processes, `--transport`), or with `--backend nccl` the
+//! NCCL backend (device memory, one GPU per rank).
 //!
 //! The parent spawns `--nproc` copies of this binary in a hidden worker mode
 //! (`--worker-rank R --store DIR`), which bootstrap through a `FileStore` in a
@@ -23,7 +24,7 @@ use anyhow::{Context, bail};
 use cohort_collectives::nccl::{self, DeviceBuffer, NcclCommunicator, Stream};
 use cohort_collectives::{
     Algorithm, Communicator, DType, Element, FileStore, OpKind, OpOptions, PrefixStore, ReduceOp,
-    TcpConfig, shard_range,
+    TcpConfig, TransportKind, shard_range,
 };
 use cohort_contract::{CommEnv, var};
 use half::{bf16, f16};
@@ -56,6 +57,10 @@ struct CollectivesArgs {
     /// Algorithm of the TCP backend: auto, ring, tree or doubling (NCCL picks its own).
     #[arg(long, default_value = "auto")]
     algo: Algorithm,
+    /// How the processes of the tcp backend reach each other: auto (shared
+    /// memory on one host), tcp, or shm.
+    #[arg(long, default_value = "auto")]
+    transport: TransportKind,
     /// Element type: f32, f64, f16, bf16, i32, i64, u8.
     #[arg(long, default_value = "f32")]
     dtype: DType,
@@ -146,6 +151,8 @@ struct Row {
     count: usize,
     world: usize,
     algo: String,
+    /// How the processes reached each other (`nccl` for that backend).
+    transport: String,
     /// Mean of the per-iteration times (each the slowest rank's).
     time_us: f64,
     median_us: f64,
@@ -305,7 +312,7 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
     });
 
     let how = match a.backend {
-        BenchBackend::Tcp => format!("127.0.0.1 (TCP), algo {}", a.algo),
+        BenchBackend::Tcp => format!("this host (transport {}), algo {}", a.transport, a.algo),
         BenchBackend::Nccl => format!("one GPU each (NCCL {})", nccl_version()),
     };
     println!(
@@ -397,6 +404,7 @@ fn forwarded_args(a: &CollectivesArgs) -> Vec<String> {
         format!("--op={}", ops.join(",")),
         format!("--backend={}", a.backend.name()),
         format!("--algo={}", a.algo),
+        format!("--transport={}", a.transport),
         format!("--dtype={}", a.dtype),
         format!("--min-bytes={}", a.min_bytes),
         format!("--max-bytes={}", a.max_bytes),
@@ -471,11 +479,18 @@ fn worker(a: &CollectivesArgs, rank: usize, store_dir: &Path) -> anyhow::Result<
     // The benchmark's own worker environment: the token the parent gave it,
     // COHORT_HOST and COHORT_COLLECTIVE_TIMEOUT_S.
     let env = CommEnv::from_env()?;
-    let cfg = TcpConfig::new(
-        env.token()?.as_bytes(),
-        env.host.as_deref(),
-        env.op_timeout(),
-    );
+    let cfg = TcpConfig {
+        transport: match a.backend {
+            BenchBackend::Tcp => a.transport,
+            // The NCCL backend's group only carries barriers and results.
+            BenchBackend::Nccl => TransportKind::Auto,
+        },
+        ..TcpConfig::new(
+            env.token()?.as_bytes(),
+            env.host.as_deref(),
+            env.op_timeout(),
+        )
+    };
     let store = PrefixStore::new("bench", FileStore::new(store_dir)?)?;
     // TCP carries the data of the tcp backend, and the barriers and the
     // agreement on results of both.
@@ -621,7 +636,8 @@ fn measure<T: BenchElem>(
             BenchOp::Broadcast => count_wrong(&buf, 0..count, &root0),
         };
     }
-    let algo = if gpu.is_some() {
+    let gpu_used = gpu.is_some();
+    let algo = if gpu_used {
         "nccl".to_string()
     } else {
         comm.flight_record()
@@ -648,6 +664,11 @@ fn measure<T: BenchElem>(
         count,
         world,
         algo,
+        transport: if gpu_used {
+            String::from("nccl")
+        } else {
+            a.transport.to_string()
+        },
         time_us: mean_us,
         median_us,
         p99_us,

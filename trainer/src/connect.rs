@@ -5,26 +5,39 @@
 
 use cohort_collectives::backend::{self, Backend, BackendRequest};
 use cohort_collectives::nccl::{self, NcclCommunicator};
-use cohort_collectives::{Communicator, MemStore, Store, TcpConfig};
+use cohort_collectives::{Communicator, MemStore, Store, TcpConfig, TransportKind};
 use cohort_contract::WorkerEnv;
 use tch::Device;
 
 use crate::{Collectives, TrainError};
 
 /// A communicator for this worker: an in-process one for a world of one,
-/// else TCP bootstrapped through `store` (`cohort_launcher::worker_store`,
-/// or a `FileStore`), authenticated with the job token.
+/// else bootstrapped through `store` (`cohort_launcher::worker_store`, or a
+/// `FileStore`) and authenticated with the job token: shared memory with
+/// the ranks on this host, TCP with the others.
 pub fn connect(env: &WorkerEnv, store: Option<&dyn Store>) -> Result<Communicator, TrainError> {
+    connect_over(env, store, TransportKind::Auto)
+}
+
+/// As [`connect`], reaching the other ranks over `transport`.
+fn connect_over(
+    env: &WorkerEnv,
+    store: Option<&dyn Store>,
+    transport: TransportKind,
+) -> Result<Communicator, TrainError> {
     if env.world == 1 {
         return Ok(Communicator::mem_group(1).remove(0));
     }
     let store = store.ok_or_else(|| no_store(env))?;
     let comm = &env.comm;
-    let cfg = TcpConfig::new(
-        comm.token()?.as_bytes(),
-        comm.host.as_deref(),
-        comm.op_timeout(),
-    );
+    let cfg = TcpConfig {
+        transport,
+        ..TcpConfig::new(
+            comm.token()?.as_bytes(),
+            comm.host.as_deref(),
+            comm.op_timeout(),
+        )
+    };
     Communicator::connect_tcp(store, env.rank, env.world, &cfg)
         .map_err(TrainError::comm(env.rank, "connecting to the other ranks"))
 }
@@ -40,16 +53,21 @@ fn no_store(env: &WorkerEnv) -> TrainError {
 /// The collectives for training on `device` with `parallel.backend` =
 /// `request` (see `cohort_collectives::backend::choose`), connected; and
 /// why that backend. NCCL ranks bootstrap through `store` (a world of one
-/// needs none) and use the op timeout of `env.comm`.
+/// needs none) and use the op timeout of `env.comm`; host-memory ranks
+/// reach each other over `parallel.transport` = `transport`.
 pub fn connect_backend(
     env: &WorkerEnv,
     store: Option<&dyn Store>,
     request: &str,
+    transport: &str,
     device: Device,
 ) -> Result<(Collectives, String), TrainError> {
     let request: BackendRequest = request
         .parse()
         .map_err(|e| TrainError::Config(format!("parallel.backend: {e}")))?;
+    let transport: TransportKind = transport
+        .parse()
+        .map_err(|e| TrainError::Config(format!("parallel.transport: {e}")))?;
     let cuda = matches!(device, Device::Cuda(_));
     let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
     let usable = if !cuda {
@@ -79,7 +97,7 @@ pub fn connect_backend(
                 .map_err(TrainError::comm(env.rank, "joining the NCCL communicator"))?
                 .into()
         }
-        _ => connect(env, store)?.into(),
+        _ => connect_over(env, store, transport)?.into(),
     };
     Ok((comm, why))
 }
@@ -94,15 +112,15 @@ mod tests {
     fn backends_for_cpu_training() {
         let env = WorkerEnv::default();
         for request in ["auto", "tcp"] {
-            let (comm, why) = connect_backend(&env, None, request, Device::Cpu).unwrap();
+            let (comm, why) = connect_backend(&env, None, request, "auto", Device::Cpu).unwrap();
             assert_eq!(comm.backend(), Backend::Tcp, "{why}");
         }
-        let err = connect_backend(&env, None, "nccl", Device::Cpu)
+        let err = connect_backend(&env, None, "nccl", "auto", Device::Cpu)
             .err()
             .expect("nccl on the CPU is refused")
             .to_string();
         assert!(err.contains("needs CUDA tensors"), "{err}");
-        let err = connect_backend(&env, None, "gloo", Device::Cpu)
+        let err = connect_backend(&env, None, "gloo", "auto", Device::Cpu)
             .err()
             .expect("an unknown backend is refused")
             .to_string();

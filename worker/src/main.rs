@@ -87,8 +87,13 @@ fn train(config: &std::path::Path) -> anyhow::Result<()> {
         "finding the other ranks (run under `cohort launch`, or set COHORT_STORE_DIR to a directory shared by every rank)",
     )?;
     let device = cohort_trainer::train::resolve_device(&job.train.device, env.local_rank)?;
-    let (comm, why) =
-        cohort_trainer::connect_backend(&env, store.as_deref(), &job.parallel.backend, device)?;
+    let (comm, why) = cohort_trainer::connect_backend(
+        &env,
+        store.as_deref(),
+        &job.parallel.backend,
+        &job.parallel.transport,
+        device,
+    )?;
     if env.rank == 0 {
         println!("collectives: {} ({why})", comm.backend());
     }

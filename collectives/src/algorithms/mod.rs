@@ -84,6 +84,31 @@ pub(crate) fn recv_if<'b>(
     }
 }
 
+/// A receive of message `chunk` of the op described by `base`, combined into
+/// `dst` with the context's reduction, or nothing.
+pub(crate) fn recv_reduce_if<'b>(
+    cond: bool,
+    ctx: &Ctx<'_>,
+    peer: usize,
+    chunk: u64,
+    dst: &'b mut [u8],
+) -> Xfer<'b> {
+    if !cond {
+        return Xfer::Idle;
+    }
+    Xfer::RecvReduce {
+        peer,
+        header: Header {
+            chunk,
+            len: dst.len() as u64,
+            ..ctx.base
+        },
+        dst,
+        dtype: ctx.red_dtype,
+        op: ctx.red_op,
+    }
+}
+
 /// A send of message `chunk` of the op described by `base`.
 pub(crate) fn send<'b>(base: &Header, peer: usize, chunk: u64, data: &'b [u8]) -> Xfer<'b> {
     Xfer::Send {

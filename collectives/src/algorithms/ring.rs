@@ -43,14 +43,15 @@
 //!
 //! Each step of a slice is one exchange: the send to the right and the
 //! receive from the left progress together (neither neighbour waits on the
-//! other, whatever the size), then a received reduce-scatter segment is
-//! reduced from the one-segment scratch buffer into place; all-gather
+//! other, whatever the size). A reduce-scatter segment is a
+//! receive-and-reduce into place: the transport combines it as it arrives
+//! (over shared memory, straight from the peer's ring); all-gather
 //! segments land in place directly. Chunks differ in length by at most one
 //! element, so a chunk may have one segment fewer than another; a step
 //! whose outgoing or incoming chunk has no segment k sends or receives
 //! nothing, and its neighbour, computing from the same chunk, agrees.
 
-use super::{Ctx, bytes, recv_if, scratch_bytes, segment, segments, send_if, split_pair};
+use super::{Ctx, bytes, recv_if, recv_reduce_if, segment, segments, send_if, split_pair};
 use crate::error::CommError;
 use crate::reduce;
 use crate::types::{ReduceOp, shard_range};
@@ -102,56 +103,35 @@ fn ring(ctx: &mut Ctx<'_>, buf: &mut [u8], phases: Phases) -> Result<(), CommErr
     let chunk = |c: usize| shard_range(count, n, c % n);
     // Chunk 0 is the longest, so it has the most segments.
     let slices = segments(chunk(0).len(), seg);
-    let scratch_len = if phases.reduce_scatter() {
-        seg.min(chunk(0).len()) * es
-    } else {
-        0
-    };
     let base = ctx.base;
     let avg = ctx.red_op == ReduceOp::Avg && phases.reduce_scatter();
-    let mut scratch = std::mem::take(ctx.scratch);
-    let result = (|| {
-        let scratch = scratch_bytes(&mut scratch, scratch_len);
-        for k in 0..slices {
-            if phases.reduce_scatter() {
-                for step in 0..n - 1 {
-                    let out = segment(&chunk(r + 2 * n - 1 - step), seg, k);
-                    let inc = segment(&chunk(r + 2 * n - 2 - step), seg, k);
-                    let id = ((step as u64) << 32) | k as u64;
-                    let landing = &mut scratch[..inc.len() * es];
-                    ctx.exchange(&mut [
-                        send_if(!out.is_empty(), &base, right, id, &buf[bytes(&out, es)]),
-                        recv_if(!inc.is_empty(), &base, left, id, landing),
-                    ])?;
-                    if !inc.is_empty() {
-                        reduce::reduce_into(
-                            ctx.red_dtype,
-                            ctx.red_op,
-                            &mut buf[bytes(&inc, es)],
-                            &scratch[..inc.len() * es],
-                        );
-                    }
-                }
-                if avg {
-                    let own = segment(&chunk(r), seg, k);
-                    reduce::finish_avg(ctx.red_dtype, &mut buf[bytes(&own, es)], n);
-                }
+    for k in 0..slices {
+        if phases.reduce_scatter() {
+            for step in 0..n - 1 {
+                let out = bytes(&segment(&chunk(r + 2 * n - 1 - step), seg, k), es);
+                let inc = bytes(&segment(&chunk(r + 2 * n - 2 - step), seg, k), es);
+                let id = ((step as u64) << 32) | k as u64;
+                let (out_data, into) = split_pair(buf, out.clone(), inc.clone());
+                let recv = recv_reduce_if(!inc.is_empty(), ctx, left, id, into);
+                ctx.exchange(&mut [send_if(!out.is_empty(), &base, right, id, out_data), recv])?;
             }
-            if phases.all_gather() {
-                for step in 0..n - 1 {
-                    let out = bytes(&segment(&chunk(r + n - step), seg, k), es);
-                    let inc = bytes(&segment(&chunk(r + 2 * n - step - 1), seg, k), es);
-                    let id = ALL_GATHER_BASE | ((step as u64) << 32) | k as u64;
-                    let (out_data, landing) = split_pair(buf, out.clone(), inc.clone());
-                    ctx.exchange(&mut [
-                        send_if(!out.is_empty(), &base, right, id, out_data),
-                        recv_if(!inc.is_empty(), &base, left, id, landing),
-                    ])?;
-                }
+            if avg {
+                let own = segment(&chunk(r), seg, k);
+                reduce::finish_avg(ctx.red_dtype, &mut buf[bytes(&own, es)], n);
             }
         }
-        Ok(())
-    })();
-    *ctx.scratch = scratch;
-    result
+        if phases.all_gather() {
+            for step in 0..n - 1 {
+                let out = bytes(&segment(&chunk(r + n - step), seg, k), es);
+                let inc = bytes(&segment(&chunk(r + 2 * n - step - 1), seg, k), es);
+                let id = ALL_GATHER_BASE | ((step as u64) << 32) | k as u64;
+                let (out_data, landing) = split_pair(buf, out.clone(), inc.clone());
+                ctx.exchange(&mut [
+                    send_if(!out.is_empty(), &base, right, id, out_data),
+                    recv_if(!inc.is_empty(), &base, left, id, landing),
+                ])?;
+            }
+        }
+    }
+    Ok(())
 }

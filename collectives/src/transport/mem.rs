@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use super::{Transport, Xfer};
 use crate::error::CommError;
+use crate::reduce;
 use crate::wire::{Bystander, Frame, Header, PROBE_AFTER};
 
 enum Msg {
@@ -81,13 +82,8 @@ impl MemTransport {
         self.shared.gone[peer].load(Ordering::SeqCst)
     }
 
-    fn recv(
-        &self,
-        peer: usize,
-        expect: &Header,
-        buf: &mut [u8],
-        deadline: Instant,
-    ) -> Result<(), CommError> {
+    /// The payload of the next message from `peer`, which must be `expect`.
+    fn recv(&self, peer: usize, expect: &Header, deadline: Instant) -> Result<Vec<u8>, CommError> {
         let started = Instant::now();
         let mut probed = false;
         let mailbox = &self.shared.boxes[self.rank];
@@ -98,8 +94,7 @@ impl MemTransport {
                     Msg::Data(header, data) => {
                         drop(queues);
                         expect.check(&Frame::Msg(header), self.rank, peer)?;
-                        buf.copy_from_slice(&data);
-                        return Ok(());
+                        return Ok(data);
                     }
                     Msg::Probe(probe) => {
                         expect.check_probe(&probe, self.rank, peer)?;
@@ -209,8 +204,21 @@ impl Transport for MemTransport {
             }
         }
         for xfer in xfers.iter_mut() {
-            if let Xfer::Recv { peer, header, buf } = xfer {
-                self.recv(*peer, header, buf, deadline)?;
+            match xfer {
+                Xfer::Recv { peer, header, buf } => {
+                    buf.copy_from_slice(&self.recv(*peer, header, deadline)?);
+                }
+                Xfer::RecvReduce {
+                    peer,
+                    header,
+                    dst,
+                    dtype,
+                    op,
+                } => {
+                    let data = self.recv(*peer, header, deadline)?;
+                    reduce::reduce_into(*dtype, *op, dst, &data);
+                }
+                Xfer::Send { .. } | Xfer::Idle => {}
             }
         }
         Ok(())

@@ -11,17 +11,30 @@
 //! (`Header::check`) before touching the payload, so a desync becomes an
 //! error instead of garbage.
 //!
-//! - [`tcp`]: one TCP connection per peer, non-blocking sockets driven by
-//!   `poll(2)` (no spinning, no thread per peer, no copy of the payload).
-//! - [`mem`]: in-process mailboxes, for tests and for simulating thousands of
-//!   ranks as threads.
+//! Between processes ([`links`]), every peer is reached through one
+//! [`pipe::Pipe`], a non-blocking byte stream, and one loop drives all the
+//! transfers of an exchange over whichever kinds of pipe they use:
+//!
+//! - [`tcp`]: a TCP connection (the kernel copies the bytes);
+//! - [`shm`]: for a peer on this host, rings in shared memory that the
+//!   sender copies into and the receiver reads (and reduces) straight out of;
+//! - [`bootstrap`] finds the peers through the store, decides per peer, and
+//!   connects and authenticates them.
+//!
+//! [`mem`] is in-process mailboxes, for tests and for simulating thousands
+//! of ranks as threads.
 
 use std::time::Instant;
 
 use crate::error::CommError;
+use crate::types::{DType, ReduceOp};
 use crate::wire::Header;
 
+pub(crate) mod bootstrap;
+pub(crate) mod links;
 pub(crate) mod mem;
+pub(crate) mod pipe;
+pub(crate) mod shm;
 pub(crate) mod tcp;
 
 /// One half of a message exchange.
@@ -39,6 +52,17 @@ pub(crate) enum Xfer<'a> {
         header: Header,
         buf: &'a mut [u8],
     },
+    /// Receive such a message and combine it into `dst` element by element
+    /// (`dst[i] = dst[i] op msg[i]`, elements of `dtype`). A transport that
+    /// can read the payload in place (shared memory) reduces straight from
+    /// it; others land it first.
+    RecvReduce {
+        peer: usize,
+        header: Header,
+        dst: &'a mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    },
     /// Nothing: lets algorithms pass fixed-size arrays of transfers.
     Idle,
 }
@@ -46,22 +70,31 @@ pub(crate) enum Xfer<'a> {
 impl Xfer<'_> {
     pub fn peer(&self) -> usize {
         match self {
-            Xfer::Send { peer, .. } | Xfer::Recv { peer, .. } => *peer,
+            Xfer::Send { peer, .. } | Xfer::Recv { peer, .. } | Xfer::RecvReduce { peer, .. } => {
+                *peer
+            }
             Xfer::Idle => usize::MAX,
         }
     }
 
     pub fn header(&self) -> Option<&Header> {
         match self {
-            Xfer::Send { header, .. } | Xfer::Recv { header, .. } => Some(header),
+            Xfer::Send { header, .. }
+            | Xfer::Recv { header, .. }
+            | Xfer::RecvReduce { header, .. } => Some(header),
             Xfer::Idle => None,
         }
+    }
+
+    /// Whether this transfer receives.
+    pub fn receives(&self) -> bool {
+        matches!(self, Xfer::Recv { .. } | Xfer::RecvReduce { .. })
     }
 
     pub fn what(&self) -> &'static str {
         match self {
             Xfer::Send { .. } => "sending to it",
-            Xfer::Recv { .. } => "receiving from it",
+            Xfer::Recv { .. } | Xfer::RecvReduce { .. } => "receiving from it",
             Xfer::Idle => "idle",
         }
     }

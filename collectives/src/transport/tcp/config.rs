@@ -1,9 +1,12 @@
-//! What a TCP communicator is told: the job token, the addresses, the
-//! timeouts.
+//! What a communicator between processes is told: the job token, the
+//! addresses, the timeouts, the transport.
 
 use std::time::Duration;
 
-/// How a rank of a TCP communicator finds and authenticates its peers.
+use crate::types::TransportKind;
+
+/// How a rank of a communicator between processes finds and authenticates
+/// its peers (through the store and TCP addresses), and which pipes it uses.
 #[derive(Clone)]
 pub struct TcpConfig {
     /// The job secret every rank proves on connect.
@@ -16,6 +19,12 @@ pub struct TcpConfig {
     pub connect_timeout: Duration,
     /// Timeout of an op whose `OpOptions::timeout` is `None`.
     pub default_timeout: Duration,
+    /// Shared memory or TCP with peers on this host (`parallel.transport`).
+    pub transport: TransportKind,
+    /// This rank's host identity, when not the one of this process
+    /// (hostname, boot id, network namespace): ranks with equal identities
+    /// use shared memory. For tests that make one host look like several.
+    pub host_id: Option<String>,
 }
 
 impl std::fmt::Debug for TcpConfig {
@@ -26,6 +35,8 @@ impl std::fmt::Debug for TcpConfig {
             .field("advertise_host", &self.advertise_host)
             .field("connect_timeout", &self.connect_timeout)
             .field("default_timeout", &self.default_timeout)
+            .field("transport", &self.transport)
+            .field("host_id", &self.host_id)
             .finish()
     }
 }
@@ -35,6 +46,7 @@ impl TcpConfig {
     /// other hosts reach this one at) it binds `0.0.0.0` and advertises
     /// `host`; without, it binds and advertises `127.0.0.1` (one host).
     /// `timeout` is the default op timeout and the bootstrap timeout.
+    /// Peers on this host use shared memory (`transport` = `Auto`).
     pub fn new(token: &[u8], host: Option<&str>, timeout: Duration) -> TcpConfig {
         let (bind_host, advertise_host) = match host {
             Some(host) => (String::from("0.0.0.0"), host.to_owned()),
@@ -46,6 +58,8 @@ impl TcpConfig {
             advertise_host,
             connect_timeout: timeout,
             default_timeout: timeout,
+            transport: TransportKind::Auto,
+            host_id: None,
         }
     }
 }

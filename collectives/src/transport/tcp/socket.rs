@@ -1,12 +1,10 @@
-//! One peer's socket: the options set on it, waiting on it with `poll(2)`,
-//! and the state of the frames written to it.
+//! One peer's socket: the options set on it, and the pipe over it.
 
 use std::io;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 
-use crate::wire::HEADER_LEN;
+use crate::transport::pipe::Pipe;
 
 /// Socket send and receive buffer size requested from the kernel.
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
@@ -19,12 +17,7 @@ const SOCKET_BUFFER: libc::c_int = 4 << 20;
 /// and after `PROBE_AFTER` it drops to 1 so a probe is read at once.
 const RCVLOWAT_MAX: usize = 256 << 10;
 
-pub(super) fn setsockopt(
-    stream: &TcpStream,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) {
+fn setsockopt(stream: &TcpStream, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
     // SAFETY: a valid fd, and a pointer to a c_int with its exact size.
     let rc = unsafe {
         libc::setsockopt(
@@ -43,68 +36,29 @@ pub(super) fn setsockopt(
     }
 }
 
-pub(super) fn tune(stream: &TcpStream) -> io::Result<()> {
+pub(crate) fn tune(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     setsockopt(stream, libc::SOL_SOCKET, libc::SO_SNDBUF, SOCKET_BUFFER);
     setsockopt(stream, libc::SOL_SOCKET, libc::SO_RCVBUF, SOCKET_BUFFER);
     Ok(())
 }
 
-pub(super) fn poll_one(
-    fd: libc::c_int,
-    events: libc::c_short,
-    deadline: Instant,
-) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    let left = deadline.saturating_duration_since(Instant::now());
-    let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-    match rc {
-        r if r < 0 => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
-        0 => Ok(false),
-        _ => Ok(true),
-    }
-}
-
-pub(super) struct Conn {
-    pub(super) stream: TcpStream,
-    /// A message to this peer is partly written: the stream is mid-frame.
-    pub(super) mid_send: bool,
-    /// A probe frame waiting to be written (bytes `ctrl_done..ctrl_len`).
-    pub(super) ctrl: [u8; HEADER_LEN],
-    pub(super) ctrl_done: usize,
-    pub(super) ctrl_len: usize,
+/// A TCP connection to one peer, non-blocking.
+pub(crate) struct TcpPipe {
+    stream: TcpStream,
     /// The socket's `SO_RCVLOWAT` as last set.
-    pub(super) lowat: usize,
+    lowat: usize,
 }
 
-impl Conn {
-    pub(super) fn new(stream: TcpStream) -> Conn {
-        Conn {
-            stream,
-            mid_send: false,
-            ctrl: [0; HEADER_LEN],
-            ctrl_done: 0,
-            ctrl_len: 0,
-            lowat: 1,
-        }
+impl TcpPipe {
+    pub fn new(stream: TcpStream) -> io::Result<TcpPipe> {
+        stream.set_nonblocking(true)?;
+        Ok(TcpPipe { stream, lowat: 1 })
     }
 
     /// Asks the kernel not to report the socket readable before `bytes`
     /// bytes have arrived (see `RCVLOWAT_MAX`).
-    pub(super) fn set_lowat(&mut self, bytes: usize) {
+    fn set_lowat(&mut self, bytes: usize) {
         let bytes = bytes.clamp(1, RCVLOWAT_MAX);
         if bytes != self.lowat {
             self.lowat = bytes;
@@ -117,40 +71,103 @@ impl Conn {
         }
     }
 
-    pub(super) fn ctrl_pending(&self) -> bool {
-        self.ctrl_done < self.ctrl_len
-    }
-
-    /// No frame is partly written.
-    pub(super) fn at_boundary(&self) -> bool {
-        !self.mid_send && (self.ctrl_done == 0 || !self.ctrl_pending())
-    }
-
-    /// Writes what it can of the pending probe; `Ok(true)` once none is left.
-    pub(super) fn flush_ctrl(&mut self) -> io::Result<bool> {
-        while self.ctrl_pending() {
-            let left = &self.ctrl[self.ctrl_done..self.ctrl_len];
-            // SAFETY: a live slice, only read.
+    fn recv_flags(&mut self, dst: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+        loop {
+            // SAFETY: dst is a live, writable slice of dst.len() bytes.
             let n = unsafe {
-                libc::send(
+                libc::recv(
                     self.stream.as_raw_fd(),
-                    left.as_ptr().cast(),
-                    left.len(),
+                    dst.as_mut_ptr().cast(),
+                    dst.len(),
+                    flags | libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                return Ok(n as usize);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection",
+                ));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(0),
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+impl Pipe for TcpPipe {
+    fn send(&mut self, head: &[u8], body: &[u8]) -> io::Result<usize> {
+        let mut iov = [
+            libc::iovec {
+                iov_base: head.as_ptr() as *mut libc::c_void,
+                iov_len: head.len(),
+            },
+            libc::iovec {
+                iov_base: body.as_ptr() as *mut libc::c_void,
+                iov_len: body.len(),
+            },
+        ];
+        let skip = usize::from(head.is_empty());
+        // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov[skip..].as_mut_ptr();
+        msg.msg_iovlen = (2 - skip) as _;
+        loop {
+            // SAFETY: the iovecs point into live slices that are only read.
+            let n = unsafe {
+                libc::sendmsg(
+                    self.stream.as_raw_fd(),
+                    &msg,
                     libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
                 )
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => return Ok(false),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return Err(e),
-                }
+            if n >= 0 {
+                return Ok(n as usize);
             }
-            self.ctrl_done += n as usize;
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(0),
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
+            }
         }
-        self.ctrl_done = 0;
-        self.ctrl_len = 0;
-        Ok(true)
+    }
+
+    fn recv(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        self.recv_flags(dst, 0)
+    }
+
+    fn peek(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        self.recv_flags(dst, libc::MSG_PEEK)
+    }
+
+    fn wait_on(&mut self, write: bool, want: usize) -> (RawFd, libc::c_short) {
+        if write {
+            (self.stream.as_raw_fd(), libc::POLLOUT)
+        } else {
+            self.set_lowat(want);
+            (self.stream.as_raw_fd(), libc::POLLIN)
+        }
+    }
+
+    fn abort(&mut self, notice: &[u8], at_boundary: bool) {
+        if at_boundary {
+            // SAFETY: a live slice, only read.
+            let _ = unsafe {
+                libc::send(
+                    self.stream.as_raw_fd(),
+                    notice.as_ptr().cast(),
+                    notice.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+        }
+        let _ = self.stream.shutdown(Shutdown::Write);
     }
 }
