@@ -7,7 +7,7 @@ use std::fmt;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use crate::algorithms::{self, Ctx};
+use crate::algorithms::{self, Ctx, Nodes};
 use crate::error::CommError;
 use crate::store::Store;
 use crate::transport::Transport;
@@ -93,6 +93,8 @@ pub struct Communicator {
     scratch: Vec<u64>,
     broken: Option<String>,
     flight: VecDeque<OpRecord>,
+    /// How the ranks sit on hosts, when node-aware algorithms apply.
+    nodes: Option<Nodes>,
 }
 
 impl fmt::Debug for Communicator {
@@ -107,8 +109,15 @@ impl fmt::Debug for Communicator {
 }
 
 impl Communicator {
-    fn new(rank: usize, world: usize, transport: Box<dyn Transport>, timeout: Duration) -> Self {
+    fn new(
+        rank: usize,
+        world: usize,
+        transport: Box<dyn Transport>,
+        timeout: Duration,
+        nodes: Option<Nodes>,
+    ) -> Self {
         Communicator {
+            nodes,
             rank,
             world,
             transport,
@@ -128,10 +137,25 @@ impl Communicator {
     /// If `world` is 0.
     pub fn mem_group(world: usize) -> Vec<Communicator> {
         assert!(world > 0, "mem_group: world size must be at least 1");
+        Communicator::mem_group_on_hosts(&vec![0; world])
+    }
+
+    /// An in-process group whose rank `r` plays a rank on host `hosts[r]`,
+    /// for node-aware algorithms without processes. For tests.
+    ///
+    /// # Panics
+    /// If `hosts` is empty.
+    #[doc(hidden)]
+    pub fn mem_group_on_hosts(hosts: &[usize]) -> Vec<Communicator> {
+        let world = hosts.len();
+        assert!(world > 0, "mem_group: world size must be at least 1");
         MemTransport::group(world)
             .into_iter()
             .enumerate()
-            .map(|(rank, t)| Communicator::new(rank, world, Box::new(t), MEM_DEFAULT_TIMEOUT))
+            .map(|(rank, t)| {
+                let nodes = Nodes::from_hosts(hosts);
+                Communicator::new(rank, world, Box::new(t), MEM_DEFAULT_TIMEOUT, nodes)
+            })
             .collect()
     }
 
@@ -152,12 +176,13 @@ impl Communicator {
                 reason: format!("rank {rank} is not in a world of {world}"),
             });
         }
-        let transport = bootstrap::connect(store, rank, world, cfg)?;
+        let (transport, hosts) = bootstrap::connect(store, rank, world, cfg)?;
         Ok(Communicator::new(
             rank,
             world,
             Box::new(transport),
             cfg.default_timeout,
+            Nodes::from_hosts(&hosts),
         ))
     }
 
@@ -301,7 +326,12 @@ impl Communicator {
             });
         }
         let algorithm = match opts.algorithm {
-            Algorithm::Auto => algorithms::choose(kind, count * dtype.size(), self.world),
+            Algorithm::Auto => algorithms::choose(
+                kind,
+                count * dtype.size(),
+                self.world,
+                self.nodes.as_ref().map(Nodes::shape),
+            ),
             chosen => chosen,
         };
         let seq = self.seq;
@@ -315,6 +345,10 @@ impl Communicator {
                 transport: self.transport.as_mut(),
                 rank: self.rank,
                 world: self.world,
+                members: None,
+                tag: 0,
+                root,
+                nodes: self.nodes.as_ref(),
                 base: Header {
                     kind,
                     dtype,

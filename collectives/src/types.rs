@@ -202,6 +202,9 @@ impl FromStr for ReduceOp {
 /// - `Doubling`: recursive doubling, log2(n) exchanges of the whole buffer
 ///   (one round trip at 2 ranks): the lowest latency for small messages.
 ///   For `broadcast`, a binomial tree.
+/// - `Hierarchical`: node-aware, for n hosts of k ranks each: rings within
+///   each host (shared memory) and k rings across hosts, each carrying 1/k
+///   of the data. Where the ranks are not n × k with n, k > 1, the ring.
 /// - `Auto` (the default) picks from the message size and world size, with
 ///   crossovers measured on TCP (see `algorithms::choose`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -211,15 +214,17 @@ pub enum Algorithm {
     Ring,
     Tree,
     Doubling,
+    Hierarchical,
 }
 
 impl Algorithm {
     /// Every algorithm, in wire-code order.
-    pub const ALL: [Algorithm; 4] = [
+    pub const ALL: [Algorithm; 5] = [
         Algorithm::Auto,
         Algorithm::Ring,
         Algorithm::Tree,
         Algorithm::Doubling,
+        Algorithm::Hierarchical,
     ];
 
     pub fn name(self) -> &'static str {
@@ -228,6 +233,7 @@ impl Algorithm {
             Algorithm::Ring => "ring",
             Algorithm::Tree => "tree",
             Algorithm::Doubling => "doubling",
+            Algorithm::Hierarchical => "hierarchical",
         }
     }
 
@@ -251,7 +257,7 @@ impl FromStr for Algorithm {
             .ok_or_else(|| ParseError {
                 what: "algorithm",
                 got: s.to_owned(),
-                expected: "auto, ring, tree, doubling",
+                expected: "auto, ring, tree, doubling, hierarchical",
             })
     }
 }

@@ -1,11 +1,15 @@
 //! Every algorithm × transport (mem, tcp, shm) × world 1..8 × counts {0, 1, 7,
-//! 1000} × every dtype and reduce op, against a plain reference; a
-//! representative subset at 1,000,003 elements; and 1,024 ranks on `mem`.
+//! 1000} × every dtype and reduce op, against a plain reference; the
+//! node-aware algorithm on n × k topologies (threads, and ranks that claim
+//! hosts: shared memory within one, TCP across), and bit for bit against the
+//! flat ring; a representative subset at 1,000,003 elements; and 1,024 ranks
+//! on `mem`.
 
 mod common;
 
+use cohort_collectives::TransportKind;
 use cohort_collectives::{Algorithm, Communicator, Element, OpOptions, ReduceOp, shard_range};
-use common::{Kind, each_rank, group};
+use common::{Kind, each_rank, group, process_group};
 use half::{bf16, f16};
 
 /// Test-side arithmetic, independent of the crate's kernels.
@@ -213,6 +217,145 @@ fn matrix_tcp() {
 #[test]
 fn matrix_shm() {
     full_matrix(Kind::Shm);
+}
+
+/// n × k topologies, as each rank's host: contiguous ranks per node (as
+/// `cohort launch` numbers them) and interleaved ones.
+const TOPOLOGIES: &[&[usize]] = &[
+    &[0, 0, 1, 1],
+    &[0, 1, 0, 1],
+    &[0, 0, 0, 1, 1, 1],
+    &[0, 0, 1, 1, 2, 2],
+    &[0, 0, 0, 0, 1, 1, 1, 1],
+    &[0, 1, 2, 3, 0, 1, 2, 3],
+];
+
+fn node_aware_ops(comms: &mut [Communicator], label: &str) {
+    for comm in comms.iter_mut() {
+        // Small segments: count 1000 takes the multi-segment paths.
+        comm.set_max_segment_bytes(96);
+    }
+    each_rank(comms, |comm| {
+        for count in [0, 1, 7, 1000] {
+            let label = format!("{label} hierarchical");
+            let algo = Algorithm::Hierarchical;
+            ops_for::<f32>(comm, algo, count, &label);
+            ops_for::<f64>(comm, algo, count, &label);
+            ops_for::<f16>(comm, algo, count, &label);
+            ops_for::<bf16>(comm, algo, count, &label);
+            ops_for::<i32>(comm, algo, count, &label);
+            ops_for::<i64>(comm, algo, count, &label);
+            ops_for::<u8>(comm, algo, count, &label);
+        }
+        comm.barrier(&OpOptions::default()).unwrap();
+    });
+}
+
+#[test]
+fn matrix_node_aware_mem() {
+    for hosts in TOPOLOGIES {
+        let mut comms = Communicator::mem_group_on_hosts(hosts);
+        node_aware_ops(&mut comms, &format!("mem hosts {hosts:?}"));
+    }
+}
+
+#[test]
+fn matrix_node_aware_processes() {
+    for hosts in [TOPOLOGIES[1], TOPOLOGIES[3]] {
+        let mut comms = process_group(hosts.len(), TransportKind::Auto, |r| {
+            Some(format!("host-{}", hosts[r]))
+        });
+        node_aware_ops(&mut comms, &format!("auto hosts {hosts:?}"));
+    }
+}
+
+/// Where the summation order can't matter (integers, min, max, copies),
+/// the node-aware algorithm gives the flat ring's bits exactly, on data
+/// that is not small integers; float sums add within the node first and
+/// agree to rounding.
+#[test]
+fn node_aware_equals_the_flat_ring_bit_for_bit_where_the_order_is_free() {
+    const COUNT: usize = 10_007;
+    for hosts in [TOPOLOGIES[0], TOPOLOGIES[5]] {
+        let mut comms = Communicator::mem_group_on_hosts(hosts);
+        each_rank(&mut comms, |comm| {
+            let rank = comm.rank();
+            let noise = |i: usize| {
+                let x = (i as u64 * 2_654_435_761 + rank as u64 * 40_503) % 1_000_003;
+                x as f64 / 1_000_003.0 - 0.5
+            };
+            let with = |algorithm| OpOptions {
+                algorithm,
+                ..OpOptions::default()
+            };
+            let (flat, node) = (with(Algorithm::Ring), with(Algorithm::Hierarchical));
+            for op in ReduceOp::ALL {
+                let ints: Vec<i64> = (0..COUNT).map(|i| (noise(i) * 1e12) as i64).collect();
+                let (mut a, mut b) = (ints.clone(), ints);
+                comm.all_reduce(&mut a, op, &flat).unwrap();
+                comm.all_reduce(&mut b, op, &node).unwrap();
+                assert_eq!(a, b, "i64 {op} hosts {hosts:?}");
+
+                let floats: Vec<f32> = (0..COUNT).map(|i| noise(i) as f32).collect();
+                let (mut a, mut b) = (floats.clone(), floats.clone());
+                comm.all_reduce(&mut a, op, &flat).unwrap();
+                comm.all_reduce(&mut b, op, &node).unwrap();
+                if matches!(op, ReduceOp::Min | ReduceOp::Max) {
+                    assert_eq!(a, b, "f32 {op} hosts {hosts:?}");
+                } else {
+                    // Every |value| <= 0.5: a few roundings of sums of at
+                    // most `world` of them.
+                    let tolerance = 4.0 * f32::EPSILON * hosts.len() as f32;
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!((x - y).abs() <= tolerance, "{op}: {x} vs {y}");
+                    }
+                    if op == ReduceOp::Sum {
+                        // The other order really ran.
+                        assert!(a != b, "node-aware sums in the flat ring's order");
+                    }
+                }
+                let (mut a, mut b) = (floats.clone(), floats);
+                let shard = comm.reduce_scatter(&mut a, ReduceOp::Max, &flat).unwrap();
+                comm.reduce_scatter(&mut b, ReduceOp::Max, &node).unwrap();
+                assert_eq!(a[shard.clone()], b[shard], "reduce_scatter max");
+            }
+            let mine: Vec<f64> = (0..COUNT).map(noise).collect();
+            let (mut a, mut b) = (mine.clone(), mine);
+            comm.all_gather(&mut a, &flat).unwrap();
+            comm.all_gather(&mut b, &node).unwrap();
+            assert_eq!(a, b, "all_gather");
+            comm.broadcast(&mut a, 3, &flat).unwrap();
+            comm.broadcast(&mut b, 3, &node).unwrap();
+            assert_eq!(a, b, "broadcast");
+        });
+    }
+}
+
+/// `auto` takes the node-aware algorithm for large ops on n × k nodes, and
+/// not on one node or uneven ones.
+#[test]
+fn auto_goes_node_aware_on_n_by_k() {
+    for (hosts, node_aware) in [
+        (&[0, 0, 1, 1][..], true),
+        (&[0, 0, 0, 0][..], false),
+        (&[0, 0, 1][..], false),
+    ] {
+        let mut comms = Communicator::mem_group_on_hosts(hosts);
+        let algos = each_rank(&mut comms, |comm| {
+            let mut big = vec![1.0f32; 1 << 20];
+            comm.all_reduce(&mut big, ReduceOp::Sum, &OpOptions::default())
+                .unwrap();
+            let mut small = vec![1.0f32; 16];
+            comm.all_reduce(&mut small, ReduceOp::Sum, &OpOptions::default())
+                .unwrap();
+            let record = comm.flight_record();
+            (record[0].algorithm, record[1].algorithm)
+        });
+        for (big, small) in algos {
+            assert_eq!(big == Algorithm::Hierarchical, node_aware, "{hosts:?}");
+            assert_eq!(small, Algorithm::Doubling, "{hosts:?}");
+        }
+    }
 }
 
 /// Chunks differ in length by at most one element, so with a segment that

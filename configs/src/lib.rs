@@ -169,12 +169,12 @@ impl JobConfig {
         }
         if !matches!(
             self.parallel.algorithm.as_str(),
-            "auto" | "ring" | "tree" | "doubling"
+            "auto" | "ring" | "tree" | "doubling" | "hierarchical"
         ) {
             return err(
                 "parallel.algorithm",
                 format!(
-                    "unknown algorithm {:?}: use auto, ring, tree or doubling",
+                    "unknown algorithm {:?}: use auto, ring, tree, doubling or hierarchical",
                     self.parallel.algorithm
                 ),
             );

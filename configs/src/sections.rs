@@ -207,7 +207,8 @@ pub struct ParallelConfig {
     /// tensors only; an error where NCCL can't run). `cohort doctor` shows
     /// what `auto` picks here and why.
     pub backend: String,
-    /// Collective algorithm: `auto`, `ring`, `tree` or `doubling`.
+    /// Collective algorithm: `auto`, `ring`, `tree`, `doubling` or
+    /// `hierarchical` (node-aware).
     pub algorithm: String,
     /// How workers of the host-memory backend reach each other: `auto`
     /// (shared memory on one host, TCP between hosts), `tcp`, or `shm`

@@ -54,7 +54,8 @@ struct CollectivesArgs {
     /// Backend: tcp (host memory) or nccl (CUDA device memory, one GPU per rank).
     #[arg(long, default_value = "tcp")]
     backend: BenchBackend,
-    /// Algorithm of the TCP backend: auto, ring, tree or doubling (NCCL picks its own).
+    /// Algorithm of the host-memory backend: auto, ring, tree, doubling or
+    /// hierarchical (NCCL picks its own).
     #[arg(long, default_value = "auto")]
     algo: Algorithm,
     /// How the processes of the tcp backend reach each other: auto (shared

@@ -17,7 +17,7 @@ use super::tree::down;
 use crate::error::CommError;
 
 pub(crate) fn broadcast(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
-    let (n, root) = (ctx.world, ctx.base.root as usize);
+    let (n, root) = (ctx.world, ctx.root);
     let v = (ctx.rank + n - root) % n;
     let parent = v.checked_sub(1);
     let next: Vec<usize> = (v + 1 < n).then_some(v + 1).into_iter().collect();

@@ -108,9 +108,9 @@ fn lower_first(ctx: &Ctx<'_>, ours: &mut [u8], theirs: &mut [u8], theirs_lower: 
     }
 }
 
-/// Binomial-tree broadcast from `ctx.base.root`.
+/// Binomial-tree broadcast from `ctx.root`.
 pub(crate) fn broadcast(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
-    let (n, root) = (ctx.world, ctx.base.root as usize);
+    let (n, root) = (ctx.world, ctx.root);
     let v = (ctx.rank + n - root) % n;
     let to_rank = |v: usize| (v + root) % n;
     let es = ctx.elem();

@@ -8,7 +8,9 @@
 //! - [`ring`]: reduce-scatter, all-gather, and all-reduce as the two in turn;
 //! - [`tree`]: pipelined binary-tree all-reduce and broadcast;
 //! - [`chain`]: pipelined chain broadcast (the "ring" broadcast);
-//! - [`doubling`]: recursive-doubling all-reduce and binomial broadcast.
+//! - [`doubling`]: recursive-doubling all-reduce and binomial broadcast;
+//! - [`hierarchical`]: node-aware compositions of rings within and across
+//!   nodes.
 //!
 //! The front (`Communicator`) has already validated the arguments, resolved
 //! `Algorithm::Auto` with [`choose`], and handles world 1 and empty buffers.
@@ -20,17 +22,31 @@ use crate::error::CommError;
 use crate::transport::{Transport, Xfer};
 use crate::types::{Algorithm, DType, OpKind, ReduceOp, shard_range};
 use crate::wire::Header;
+pub(crate) use hierarchical::Nodes;
 
 pub(crate) mod chain;
 pub(crate) mod doubling;
+pub(crate) mod hierarchical;
 pub(crate) mod ring;
 pub(crate) mod tree;
 
 /// Everything an algorithm needs besides the buffer.
+///
+/// An algorithm may run over a group of the ranks (the node-aware
+/// algorithms run rings within a node and across nodes): `rank` and
+/// `world` are then this rank's position in the group and its size, peers
+/// are named by position, and [`Ctx::exchange`] turns positions into ranks
+/// (`members`) and tags every message with the phase (`tag`).
 pub(crate) struct Ctx<'a> {
     pub transport: &'a mut dyn Transport,
     pub rank: usize,
     pub world: usize,
+    /// The ranks of the group by position; `None`: every rank, in order.
+    pub members: Option<&'a [usize]>,
+    /// Or-ed into every message's `chunk` (a phase of a composed algorithm).
+    pub tag: u64,
+    /// The root of a broadcast, as a position in the group.
+    pub root: usize,
     /// The op's header; messages copy it and set `chunk` and `len`.
     pub base: Header,
     pub deadline: Instant,
@@ -42,6 +58,8 @@ pub(crate) struct Ctx<'a> {
     /// built on another, e.g. all-gather as a byte-wise max).
     pub red_dtype: DType,
     pub red_op: ReduceOp,
+    /// How the ranks sit on nodes, when node-aware algorithms can run.
+    pub nodes: Option<&'a Nodes>,
 }
 
 impl Ctx<'_> {
@@ -50,7 +68,33 @@ impl Ctx<'_> {
     }
 
     pub fn exchange(&mut self, xfers: &mut [Xfer<'_>]) -> Result<(), CommError> {
+        if self.members.is_some() || self.tag != 0 {
+            for x in xfers.iter_mut() {
+                x.regroup(self.members, self.tag);
+            }
+        }
         self.transport.exchange(xfers, self.deadline)
+    }
+
+    /// A context for the group `members` (positions in this context's
+    /// group), in which this rank is at `pos`, its messages tagged `tag`.
+    pub fn group<'c>(&'c mut self, members: &'c [usize], pos: usize, tag: u64) -> Ctx<'c> {
+        debug_assert!(self.members.is_none(), "groups don't nest");
+        Ctx {
+            transport: &mut *self.transport,
+            rank: pos,
+            world: members.len(),
+            members: Some(members),
+            tag,
+            root: 0,
+            base: self.base,
+            deadline: self.deadline,
+            seg_elems: self.seg_elems,
+            scratch: &mut *self.scratch,
+            red_dtype: self.red_dtype,
+            red_op: self.red_op,
+            nodes: None,
+        }
     }
 }
 
@@ -217,13 +261,19 @@ pub(crate) fn split_pair(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&
 /// for all-reduces and broadcasts; the ring (chain) above. Reduce-scatter
 /// and all-gather always use the ring: their tree variants move the whole
 /// buffer through every link.
-pub(crate) fn choose(kind: OpKind, bytes: usize, world: usize) -> Algorithm {
+pub(crate) fn choose(
+    kind: OpKind,
+    bytes: usize,
+    world: usize,
+    nodes: Option<(usize, usize)>,
+) -> Algorithm {
     let tree_max = (32usize << 10)
         .saturating_mul((world - 1) * (world - 1))
         .min(4 << 20);
     match kind {
         OpKind::Barrier => Algorithm::Doubling,
         OpKind::AllReduce if bytes <= DOUBLING_MAX => Algorithm::Doubling,
+        _ if nodes.is_some() && bytes >= HIERARCHICAL_MIN => Algorithm::Hierarchical,
         OpKind::AllReduce | OpKind::Broadcast if world > 2 && bytes <= tree_max => Algorithm::Tree,
         _ => Algorithm::Ring,
     }
@@ -231,12 +281,16 @@ pub(crate) fn choose(kind: OpKind, bytes: usize, world: usize) -> Algorithm {
 
 /// Largest all-reduce `choose` gives to recursive doubling.
 const DOUBLING_MAX: usize = 64 << 10;
+/// Smallest op `choose` gives to the node-aware algorithms (on n nodes of
+/// k ranks, n and k above 1).
+const HIERARCHICAL_MIN: usize = 256 << 10;
 
 /// All-reduce of `buf` (whole elements of `ctx.red_dtype`).
 pub(crate) fn all_reduce(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
     match ctx.base.algo {
         Algorithm::Tree => tree::all_reduce(ctx, buf),
         Algorithm::Doubling => doubling::all_reduce(ctx, buf),
+        Algorithm::Hierarchical => hierarchical::all_reduce(ctx, buf),
         Algorithm::Ring | Algorithm::Auto => ring::all_reduce(ctx, buf),
     }
 }
@@ -247,6 +301,7 @@ pub(crate) fn reduce_scatter(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), Co
         // The tree and doubling reduce everything everywhere; this rank's
         // shard is part of it.
         Algorithm::Tree | Algorithm::Doubling => all_reduce(ctx, buf),
+        Algorithm::Hierarchical => hierarchical::reduce_scatter(ctx, buf),
         Algorithm::Ring | Algorithm::Auto => ring::reduce_scatter(ctx, buf),
     }
 }
@@ -266,6 +321,7 @@ pub(crate) fn all_gather(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommEr
             ctx.red_op = ReduceOp::Max;
             all_reduce(ctx, buf)
         }
+        Algorithm::Hierarchical => hierarchical::all_gather(ctx, buf),
         Algorithm::Ring | Algorithm::Auto => ring::all_gather(ctx, buf),
     }
 }
@@ -275,6 +331,7 @@ pub(crate) fn broadcast(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommErr
     match ctx.base.algo {
         Algorithm::Tree => tree::broadcast(ctx, buf),
         Algorithm::Doubling => doubling::broadcast(ctx, buf),
+        Algorithm::Hierarchical => hierarchical::broadcast(ctx, buf),
         Algorithm::Ring | Algorithm::Auto => chain::broadcast(ctx, buf),
     }
 }

@@ -116,9 +116,9 @@ pub(crate) fn all_reduce(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommEr
     down(ctx, buf, parent, &kids, 0)
 }
 
-/// Broadcast from `ctx.base.root` down the binary tree.
+/// Broadcast from `ctx.root` down the binary tree.
 pub(crate) fn broadcast(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
-    let (n, root) = (ctx.world, ctx.base.root as usize);
+    let (n, root) = (ctx.world, ctx.root);
     let v = (ctx.rank + n - root) % n;
     let parent = (v > 0).then(|| (v - 1) / 2);
     let kids: Vec<usize> = children(v, n).collect();

@@ -119,17 +119,19 @@ fn spin_budget(local_ranks: usize, cores: usize) -> Duration {
     }
 }
 
-/// Bootstraps the pipes of `rank` through `store`.
+/// Bootstraps the pipes of `rank` through `store`; also every rank's host
+/// identity.
 pub(crate) fn connect(
     store: &dyn Store,
     rank: usize,
     world: usize,
     cfg: &TcpConfig,
-) -> Result<HostTransport, CommError> {
+) -> Result<(HostTransport, Vec<String>), CommError> {
     let deadline = Instant::now() + cfg.connect_timeout;
     let mut conns: Vec<Option<Conn>> = (0..world).map(|_| None).collect();
     if world == 1 {
-        return Ok(HostTransport::new(rank, conns, Duration::ZERO, None));
+        let transport = HostTransport::new(rank, conns, Duration::ZERO, None);
+        return Ok((transport, vec![String::new()]));
     }
     let tcp = TcpListener::bind((cfg.bind_host.as_str(), 0))
         .map_err(|e| CommError::io(format!("rank {rank}: listening on {}:0", cfg.bind_host), e))?;
@@ -250,7 +252,8 @@ pub(crate) fn connect(
         ),
         None => None,
     };
-    Ok(HostTransport::new(rank, conns, spin, bell))
+    let hosts = entries.into_iter().map(|e| e.host).collect();
+    Ok((HostTransport::new(rank, conns, spin, bell), hosts))
 }
 
 fn shm_failed(rank: usize, peer: usize, reason: String) -> CommError {

@@ -86,6 +86,21 @@ impl Xfer<'_> {
         }
     }
 
+    /// Names the peer by rank instead of by its position in `members`, and
+    /// or-s `tag` into the message's `chunk`.
+    pub fn regroup(&mut self, members: Option<&[usize]>, tag: u64) {
+        let (peer, header) = match self {
+            Xfer::Send { peer, header, .. }
+            | Xfer::Recv { peer, header, .. }
+            | Xfer::RecvReduce { peer, header, .. } => (peer, header),
+            Xfer::Idle => return,
+        };
+        if let Some(m) = members {
+            *peer = m[*peer];
+        }
+        header.chunk |= tag;
+    }
+
     /// Whether this transfer receives.
     pub fn receives(&self) -> bool {
         matches!(self, Xfer::Recv { .. } | Xfer::RecvReduce { .. })
