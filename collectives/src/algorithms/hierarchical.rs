@@ -21,7 +21,8 @@
 //!      -> (i, j) holds the total of its own shard S((i, j)), in place.
 //! all_gather: the same backwards: 3. ring j all-gathers the shards
 //!   S((·, j)); 4. each node all-gathers, local rank j bringing S((·, j)).
-//! all_reduce = 1, 2, (Avg: each rank divides its shard by N once), 3, 4.
+//! all_reduce: the same four phases (Avg: each rank divides its part by N
+//!   once, after 2), pipelined over pieces of the buffer (see `all_reduce`).
 //! broadcast: the root's node broadcasts within (a chain); ring j, a chain
 //!   from the root's node, carries piece j (shard j of k) to every node;
 //!   every other node all-gathers its k pieces within.
@@ -44,6 +45,7 @@
 
 use std::ops::Range;
 
+use super::pipeline::{self, Step};
 use super::ring::{self, Layout, Phases};
 use super::{Ctx, bytes, chain};
 use crate::error::CommError;
@@ -119,12 +121,11 @@ impl Nodes {
     }
 }
 
-/// The two halves of an all-reduce.
+/// The halves of an all-reduce.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Half {
     ReduceScatter,
     AllGather,
-    Both,
 }
 
 fn run(ctx: &mut Ctx<'_>, buf: &mut [u8], half: Half) -> Result<(), CommError> {
@@ -132,7 +133,6 @@ fn run(ctx: &mut Ctx<'_>, buf: &mut [u8], half: Half) -> Result<(), CommError> {
         return match half {
             Half::ReduceScatter => ring::reduce_scatter(ctx, buf),
             Half::AllGather => ring::all_gather(ctx, buf),
-            Half::Both => ring::all_reduce(ctx, buf),
         };
     };
     let world = ctx.world;
@@ -152,7 +152,6 @@ fn run(ctx: &mut Ctx<'_>, buf: &mut [u8], half: Half) -> Result<(), CommError> {
     let phases = match half {
         Half::ReduceScatter => Phases::ReduceScatter,
         Half::AllGather => Phases::AllGather,
-        Half::Both => Phases::Both,
     };
     ring::ring(
         &mut ctx.group(&across, i, INTER),
@@ -168,8 +167,72 @@ fn run(ctx: &mut Ctx<'_>, buf: &mut [u8], half: Half) -> Result<(), CommError> {
     Ok(())
 }
 
+/// The all-reduce, pipelined (see `pipeline`): the buffer goes in pieces
+/// of k segments, and each piece runs the four phases as one chain of
+/// 2(k-1) + 2(n-1) steps, a new piece starting at every exchange: while
+/// one piece crosses the links, the next ones are reduced within the
+/// nodes, so the links never wait for shared memory. Within a piece, local
+/// rank j's chunk is the j-th of k and, across nodes, node i's part of it
+/// the i-th of n.
 pub(crate) fn all_reduce(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {
-    run(ctx, buf, Half::Both)
+    let Some(nodes) = ctx.nodes else {
+        return ring::all_reduce(ctx, buf);
+    };
+    let (n, k) = nodes.shape();
+    let world = ctx.world;
+    let (i, j) = nodes.of[ctx.rank];
+    let count = buf.len() / ctx.elem();
+    let piece = k * ctx.seg_elems;
+    let node = &nodes.members[i];
+    let across = nodes.across(j);
+    let divide = (ctx.red_op == ReduceOp::Avg).then_some(world);
+    // Element ranges of piece p: its local chunk c, and part m of that.
+    let piece_range = |p: usize| p * piece..((p + 1) * piece).min(count);
+    let local = |p: usize, c: usize| {
+        let r = piece_range(p);
+        let s = shard_range(r.len(), k, c % k);
+        r.start + s.start..r.start + s.end
+    };
+    let part = |p: usize, m: usize| {
+        let c = local(p, j);
+        let s = shard_range(c.len(), n, m % n);
+        c.start + s.start..c.start + s.end
+    };
+    let (right, left) = (node[(j + 1) % k], node[(j + k - 1) % k]);
+    let (next, prev) = (across[(i + 1) % n], across[(i + n - 1) % n]);
+    let (rs, inter) = (k - 1, n - 1);
+    let step = |p: usize, d: usize| {
+        let mut st = Step {
+            send: None,
+            recv: None,
+            reduce: false,
+            divide: None,
+        };
+        if d < rs {
+            // Ring reduce-scatter within the node (see `ring`).
+            st.send = Some((right, local(p, j + 2 * k - 1 - d)));
+            st.recv = Some((left, local(p, j + 2 * k - 2 - d)));
+            st.reduce = true;
+        } else if d < rs + inter {
+            let e = d - rs;
+            st.send = Some((next, part(p, i + 2 * n - 1 - e)));
+            st.recv = Some((prev, part(p, i + 2 * n - 2 - e)));
+            st.reduce = true;
+            if e + 1 == inter {
+                st.divide = divide.map(|w| (part(p, i), w));
+            }
+        } else if d < rs + 2 * inter {
+            let e = d - rs - inter;
+            st.send = Some((next, part(p, i + n - e)));
+            st.recv = Some((prev, part(p, i + 2 * n - e - 1)));
+        } else {
+            let e = d - rs - 2 * inter;
+            st.send = Some((right, local(p, j + k - e)));
+            st.recv = Some((left, local(p, j + 2 * k - e - 1)));
+        }
+        st
+    };
+    pipeline::run(ctx, buf, count.div_ceil(piece), 2 * rs + 2 * inter, 1, step)
 }
 
 pub(crate) fn reduce_scatter(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {

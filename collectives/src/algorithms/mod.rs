@@ -27,6 +27,7 @@ pub(crate) use hierarchical::Nodes;
 pub(crate) mod chain;
 pub(crate) mod doubling;
 pub(crate) mod hierarchical;
+pub(crate) mod pipeline;
 pub(crate) mod ring;
 pub(crate) mod tree;
 
@@ -228,7 +229,8 @@ pub(crate) fn split_pair(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&
 }
 
 /// Picks the algorithm for `Algorithm::Auto`. A pure function of the op,
-/// its size and the world, so every rank picks the same one.
+/// its size, the world and the nodes (the same store entries on every
+/// rank), so every rank picks the same one.
 ///
 /// Measured over TCP on the 2-core development machine (AMD EPYC, quiet)
 /// with `cohort bench collectives --algo ring|tree --op all_reduce,broadcast
@@ -259,8 +261,36 @@ pub(crate) fn split_pair(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&
 /// ranks and a few MiB for 8 on this host. So: the tree up to
 /// 32 KiB·(n-1)² (288 KiB at 4 ranks, 1.5 MiB at 8), never above 4 MiB,
 /// for all-reduces and broadcasts; the ring (chain) above. Reduce-scatter
-/// and all-gather always use the ring: their tree variants move the whole
-/// buffer through every link.
+/// and all-gather use the ring: their tree variants move the whole buffer
+/// through every link.
+///
+/// Recursive doubling needs one round trip per doubling (one at 2 ranks,
+/// against the ring's two and the tree's two): all-reduces up to 64 KiB
+/// and barriers take it (see bench/RESULTS.md for 4 KiB at 2 ranks).
+///
+/// On n hosts of k ranks (n, k > 1), measured on 2 namespace hosts × 2
+/// ranks with `bench/collectives_netns.py --rate 1gbit`, mean time per op
+/// in microseconds:
+///
+/// ```text
+///                          4 KiB  16 KiB  64 KiB  256 KiB  1 MiB  4 MiB  16 MiB
+/// all_reduce   ring          199     279     531     2883  12145  50740  208861
+///              tree           57     555    1019     4740  31335 136927  558636
+///              doubling       84     123     997     4096  16809  69038  283941
+///              hierarchical   65     106     335     1959   8018  39179  141202
+/// reduce_scatter ring              183             1005          24561
+///              hierarchical           70              573          17167
+/// all_gather   ring                   81             1078          24408
+///              hierarchical           80              568          16523
+/// broadcast    chain                  47             1723          33614
+///              tree                   31             2993          67838
+///              hierarchical           65             1926          34214
+/// ```
+///
+/// So there all-reduces above 16 KiB (recursive doubling up to it, 55 us
+/// against 90 at 4 KiB on unlimited links) and reduce-scatters and
+/// all-gathers from 16 KiB go node-aware; broadcasts don't (the chain
+/// already puts the buffer on every link once).
 pub(crate) fn choose(
     kind: OpKind,
     bytes: usize,
@@ -270,10 +300,15 @@ pub(crate) fn choose(
     let tree_max = (32usize << 10)
         .saturating_mul((world - 1) * (world - 1))
         .min(4 << 20);
+    let node_aware = nodes.is_some();
     match kind {
         OpKind::Barrier => Algorithm::Doubling,
+        OpKind::AllReduce | OpKind::ReduceScatter | OpKind::AllGather
+            if node_aware && bytes > NODE_AWARE_FROM =>
+        {
+            Algorithm::Hierarchical
+        }
         OpKind::AllReduce if bytes <= DOUBLING_MAX => Algorithm::Doubling,
-        _ if nodes.is_some() && bytes >= HIERARCHICAL_MIN => Algorithm::Hierarchical,
         OpKind::AllReduce | OpKind::Broadcast if world > 2 && bytes <= tree_max => Algorithm::Tree,
         _ => Algorithm::Ring,
     }
@@ -281,9 +316,8 @@ pub(crate) fn choose(
 
 /// Largest all-reduce `choose` gives to recursive doubling.
 const DOUBLING_MAX: usize = 64 << 10;
-/// Smallest op `choose` gives to the node-aware algorithms (on n nodes of
-/// k ranks, n and k above 1).
-const HIERARCHICAL_MIN: usize = 256 << 10;
+/// On n × k nodes, ops above this many bytes go node-aware (see `choose`).
+const NODE_AWARE_FROM: usize = 16 << 10;
 
 /// All-reduce of `buf` (whole elements of `ctx.red_dtype`).
 pub(crate) fn all_reduce(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommError> {

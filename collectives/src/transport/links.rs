@@ -123,6 +123,9 @@ pub(crate) struct HostTransport {
     polled: Vec<usize>,
     /// Some call of the current pass moved bytes.
     moved: bool,
+    /// Per peer and direction, whether an earlier transfer of this pass is
+    /// still pending (see `pass`).
+    busy: Vec<bool>,
     /// How long to keep passing without blocking once nothing moves.
     spin: Duration,
     /// This process's doorbell, when it has shared-memory peers.
@@ -143,6 +146,7 @@ impl HostTransport {
             pollfds: Vec::new(),
             polled: Vec::new(),
             moved: false,
+            busy: Vec::new(),
             spin,
             bell,
         }
@@ -171,12 +175,31 @@ impl HostTransport {
     }
 
     /// One pass over every pending transfer; `Ok(true)` while any is left.
+    ///
+    /// Several transfers of one exchange may go the same way on one pipe
+    /// (a pipelined algorithm sends a peer several messages at once): they
+    /// move in the order given, each only once the ones before it are done,
+    /// so frames never interleave and the peer receives them in the order
+    /// it expects them.
     fn pass(&mut self, xfers: &mut [Xfer<'_>]) -> Result<bool, CommError> {
         let mut pending = false;
         self.moved = false;
+        self.busy.clear();
+        self.busy.resize(2 * self.conns.len(), false);
         for (i, xfer) in xfers.iter_mut().enumerate() {
-            if !self.progress[i].done && !self.advance(i, xfer)? {
+            if self.progress[i].done {
+                continue;
+            }
+            let lane = 2 * xfer.peer() + usize::from(xfer.receives());
+            if self.busy.get(lane) == Some(&true) {
                 pending = true;
+                continue;
+            }
+            if !self.advance(i, xfer)? {
+                pending = true;
+                if let Some(b) = self.busy.get_mut(lane) {
+                    *b = true;
+                }
             }
         }
         Ok(pending)
