@@ -27,8 +27,11 @@ test: setup
 fmt:
 	$(CARGO) fmt --all
 
+# cohort (TCP and shared memory) side by side with OpenMPI (tcp, vader) and Gloo;
+# bench/setup_mpi.sh installs OpenMPI and mpi4py (not needed by make test).
 bench-collectives: build
-	.venv/bin/python bench/collectives_vs_gloo.py
+	bash bench/setup_mpi.sh
+	.venv/bin/python bench/collectives_vs_peers.py
 
 # The GPU path's checks (scripts/gpu_check.sh) need an NVIDIA GPU. For a GPU
 # machine without Rust, gpu-bundle leaves stripped binaries in target/gpu/

@@ -1,26 +1,38 @@
 #!/usr/bin/env python3
-"""cohort's TCP collectives side by side with PyTorch's Gloo backend.
+"""cohort's collectives side by side with OpenMPI and PyTorch's Gloo, on one host.
 
-One invocation runs `cohort bench collectives` and then the same ops, sizes,
-dtype, world size and iteration counts through torch.distributed (gloo, N
-spawned processes on 127.0.0.1, a free port), timed the same way: refill the buffer,
-barrier, time the op alone, barrier (all untimed but the op); the reported
-time is the slowest rank's mean over the timed iterations. Prints both with the ratio per
-size and writes everything as JSON.
+Sides (--sides, comma-separated; every side runs the same ops, sizes, dtype,
+world size and iteration counts):
 
-On a shared or noisy machine one run says little: `--repeats R` runs the pair R
-times, alternating cohort and Gloo, and reports per size the median time of each
-side, the median of the R per-round busbw ratios and their range.
+  cohort-tcp   cohort bench collectives --transport tcp (loopback TCP)
+  cohort-shm   cohort bench collectives --transport shm (shared memory)
+  mpi-tcp      OpenMPI through mpi4py, --mca btl self,tcp on loopback
+  mpi-vader    OpenMPI through mpi4py, --mca btl self,vader (shared memory)
+  gloo         torch.distributed, gloo backend, 127.0.0.1
 
-    .venv/bin/python bench/collectives_vs_gloo.py --nproc 2 --max-bytes 64M
-    .venv/bin/python bench/collectives_vs_gloo.py --nproc 4 --min-bytes 64M --max-bytes 64M --repeats 5
-    COHORT_BIN=target/collectives/release/cohort .venv/bin/python bench/collectives_vs_gloo.py
+Every side is timed the same way: refill the buffer, barrier, time the op
+alone, barrier; an iteration's time is its slowest rank's; per size the mean,
+median and p99 of those times and the busbw (nccl-tests' factors). The OpenMPI
+sides need bench/setup_mpi.sh (OpenMPI and mpi4py; not needed by make test).
+
+One pass says little on a shared machine: --repeats R runs R rounds, each
+running every side once in turn, and reports per size the median over rounds
+of each side's numbers, the per-round ratios of cohort against its peer
+(cohort-tcp/mpi-tcp, cohort-shm/mpi-vader, each cohort side/gloo), and in how
+many rounds cohort's mean was at most the peer's and its p99 at most twice
+the peer's.
+
+    bash bench/setup_mpi.sh
+    .venv/bin/python bench/collectives_vs_peers.py --nproc 2 --min-bytes 4K --max-bytes 4K --iters 500 --repeats 5
+    .venv/bin/python bench/collectives_vs_peers.py --nproc 4 --min-bytes 64M --max-bytes 64M --sides cohort-shm,mpi-vader
+    COHORT_BIN=target/release/cohort .venv/bin/python bench/collectives_vs_peers.py --sides cohort-tcp,gloo
 """
 
 import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -28,26 +40,18 @@ import sys
 import tempfile
 import time
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-DTYPES = {
-    "f32": torch.float32,
-    "f64": torch.float64,
-    "f16": torch.float16,
-    "bf16": torch.bfloat16,
-    "i32": torch.int32,
-    "i64": torch.int64,
-    "u8": torch.uint8,
-}
-
+DTYPES = ["f32", "f64", "f16", "bf16", "i32", "i64", "u8"]
+SIDES = ["cohort-tcp", "cohort-shm", "mpi-tcp", "mpi-vader", "gloo"]
+# (cohort side, peer side) pairs compared.
+PAIRS = [("cohort-tcp", "mpi-tcp"), ("cohort-shm", "mpi-vader"),
+         ("cohort-tcp", "gloo"), ("cohort-shm", "gloo")]
 BUSBW = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
     "reduce_scatter": lambda n: (n - 1) / n,
     "all_gather": lambda n: (n - 1) / n,
     "broadcast": lambda n: 1.0,
 }
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_size(s):
@@ -64,6 +68,14 @@ def sizes(args):
     return out
 
 
+def summary(times):
+    t = sorted(times)
+    n = len(t)
+    median = t[n // 2] if n % 2 else (t[n // 2 - 1] + t[n // 2]) / 2
+    p99 = t[max(1, -(-n * 99 // 100)) - 1]
+    return sum(t) / n, median, p99
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,21 +83,23 @@ def free_port():
 
 
 def gloo_worker(rank, world, port, args, out_path):
+    import torch
+    import torch.distributed as dist
+
+    dtypes = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16,
+              "bf16": torch.bfloat16, "i32": torch.int32, "i64": torch.int64, "u8": torch.uint8}
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    dtype = DTYPES[args.dtype]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dtype = dtypes[args.dtype]
     elem = torch.empty(0, dtype=dtype).element_size()
     rows = []
     for op in args.op.split(","):
         for nbytes in sizes(args):
             count = nbytes // elem
-            pristine = (torch.arange(count) + 3 * rank) % 11
-            pristine = pristine.to(dtype)
+            pristine = ((torch.arange(count) + 3 * rank) % 11).to(dtype)
             buf = torch.empty(count, dtype=dtype)
             shard = count // world
-            total, error = 0.0, None
+            times, error = [], None
             for it in range(args.warmup + args.iters):
                 buf.copy_(pristine)
                 dist.barrier()
@@ -97,8 +111,7 @@ def gloo_worker(rank, world, port, args, out_path):
                         dist.broadcast(buf, 0)
                     elif op == "all_gather":
                         dist.all_gather_into_tensor(
-                            buf[: shard * world], buf[rank * shard : (rank + 1) * shard].clone()
-                        )
+                            buf[: shard * world], buf[rank * shard: (rank + 1) * shard].clone())
                     elif op == "reduce_scatter":
                         out = torch.empty(shard, dtype=dtype)
                         dist.reduce_scatter_tensor(out, buf[: shard * world])
@@ -107,136 +120,156 @@ def gloo_worker(rank, world, port, args, out_path):
                     error = str(e).splitlines()[0]
                     break
                 if it >= args.warmup:
-                    total += took
+                    times.append(took * 1e6)
                 dist.barrier()
             if error is not None:
                 rows.append({"op": op, "bytes": count * elem, "error": error})
                 continue
-            mean = torch.tensor([total * 1e6 / args.iters], dtype=torch.float64)
-            dist.all_reduce(mean, op=dist.ReduceOp.MAX)
-            t = mean.item()
-            algbw = count * elem / t / 1e3 if t > 0 else 0.0
-            rows.append(
-                {
-                    "op": op,
-                    "dtype": args.dtype,
-                    "bytes": count * elem,
-                    "count": count,
-                    "world": world,
-                    "time_us": t,
-                    "algbw_gbps": algbw,
-                    "busbw_gbps": algbw * BUSBW[op](world),
-                }
-            )
+            t = torch.tensor(times, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            mean, median, p99 = summary(t.tolist())
+            algbw = count * elem / mean / 1e3 if mean > 0 else 0.0
+            rows.append({"op": op, "dtype": args.dtype, "bytes": count * elem, "count": count,
+                         "world": world, "time_us": mean, "median_us": median, "p99_us": p99,
+                         "algbw_gbps": algbw, "busbw_gbps": algbw * BUSBW[op](world)})
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
     dist.destroy_process_group()
 
 
-def run_cohort(args, out_path):
-    cmd = [
-        args.cohort, "bench", "collectives",
-        f"--nproc={args.nproc}", f"--op={args.op}", f"--algo={args.algo}",
-        f"--dtype={args.dtype}", f"--min-bytes={args.min_bytes}",
-        f"--max-bytes={args.max_bytes}", f"--factor={args.factor}",
-        f"--iters={args.iters}", f"--warmup={args.warmup}", f"--json={out_path}",
-    ]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=None if args.repeats == 1 else subprocess.DEVNULL)
+def run_cohort(args, transport, out_path):
+    cmd = [args.cohort, "bench", "collectives", f"--nproc={args.nproc}", f"--op={args.op}",
+           f"--algo={args.algo}", f"--transport={transport}", f"--dtype={args.dtype}",
+           f"--min-bytes={args.min_bytes}", f"--max-bytes={args.max_bytes}",
+           f"--factor={args.factor}", f"--iters={args.iters}", f"--warmup={args.warmup}",
+           f"--json={out_path}"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(out_path) as f:
+        return json.load(f)
+
+
+def run_mpi(args, btl, out_path):
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.nproc),
+           "--mca", "btl", btl]
+    if "tcp" in btl:
+        cmd += ["--mca", "btl_tcp_if_include", "lo"]
+    cmd += [sys.executable, os.path.join(HERE, "mpi_collectives.py"), f"--op={args.op}",
+            f"--dtype={args.dtype}", "--sizes=" + ",".join(map(str, sizes(args))),
+            f"--iters={args.iters}", f"--warmup={args.warmup}", f"--json={out_path}"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(out_path) as f:
         return json.load(f)
 
 
 def run_gloo(args, out_path):
-    print(f"# torch {torch.__version__} gloo: {args.nproc} processes on 127.0.0.1", flush=True)
+    import torch.multiprocessing as mp
+
     mp.spawn(gloo_worker, args=(args.nproc, free_port(), args, out_path), nprocs=args.nproc)
     with open(out_path) as f:
         return json.load(f)
+
+
+def run_side(side, args, out_path):
+    if side.startswith("cohort-"):
+        return run_cohort(args, side.split("-", 1)[1], out_path)
+    if side == "mpi-tcp":
+        return run_mpi(args, "self,tcp", out_path)
+    if side == "mpi-vader":
+        return run_mpi(args, "self,vader", out_path)
+    return run_gloo(args, out_path)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cohort", default=os.environ.get("COHORT_BIN", "target/release/cohort"),
                    help="the cohort binary (env COHORT_BIN; default target/release/cohort)")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated: " + ", ".join(SIDES))
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--op", default="all_reduce",
                    help="comma-separated: all_reduce,reduce_scatter,all_gather,broadcast")
-    p.add_argument("--algo", default="auto")
-    p.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
+    p.add_argument("--algo", default="auto", help="cohort's algorithm")
+    p.add_argument("--dtype", default="f32", choices=DTYPES)
     p.add_argument("--min-bytes", default="4K")
     p.add_argument("--max-bytes", default="64M")
     p.add_argument("--factor", type=int, default=4)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="rounds, alternating cohort and gloo; the table shows medians")
-    p.add_argument("--json", default="bench/out/collectives_vs_gloo.json", help="where to write all rows")
+    p.add_argument("--repeats", type=int, default=1, help="rounds, each running every side once")
+    p.add_argument("--json", default="bench/out/collectives_vs_peers.json", help="where to write all rows")
     args = p.parse_args()
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown or not sides:
+        sys.exit(f"error: unknown sides {unknown}: use {', '.join(SIDES)}")
     if args.repeats < 1:
         sys.exit("error: --repeats must be at least 1")
-    if not os.path.exists(args.cohort):
+    if any(s.startswith("cohort-") for s in sides) and not os.path.exists(args.cohort):
         sys.exit(f"error: {args.cohort} not found: build it (cargo build --release --bin cohort) "
                  "or point --cohort / COHORT_BIN at it")
+    if any(s.startswith("mpi-") for s in sides) and (
+            not shutil.which("mpirun") or subprocess.run(
+                [sys.executable, "-c", "import mpi4py"], capture_output=True).returncode):
+        sys.exit("error: the mpi sides need OpenMPI and mpi4py: run bash bench/setup_mpi.sh")
 
     load_before = os.getloadavg()
-    rounds = []  # (cohort rows, gloo rows) per round
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    rounds = []  # per round: {side: rows}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            if args.repeats > 1:
-                print(f"# round {r + 1}/{args.repeats}", flush=True)
-            ours = run_cohort(args, os.path.join(tmp, f"cohort{r}.json"))
-            theirs = run_gloo(args, os.path.join(tmp, f"gloo{r}.json"))
-            rounds.append((ours, theirs))
+            print(f"# round {r + 1}/{args.repeats}: {', '.join(sides)}", flush=True)
+            rounds.append({s: run_side(s, args, os.path.join(tmp, f"{s}-{r}.json")) for s in sides})
     load_after = os.getloadavg()
 
-    machine = {
-        "cpus": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "kernel": platform.release(),
-        "torch": torch.__version__,
-        "load_before": load_before,
-        "load_after": load_after,
-    }
-    print()
-    print(f"# {args.nproc} ranks, {args.dtype}, {os.cpu_count()} CPUs, {args.repeats} round(s) "
-          f"alternating cohort and gloo, load average {load_before[0]:.1f} before / "
-          f"{load_after[0]:.1f} after" + ("; medians over the rounds" if args.repeats > 1 else ""))
-    print(f"| op | size | cohort algo | cohort time (us) | gloo time (us) | cohort busbw (GB/s) "
-          f"| gloo busbw (GB/s) | busbw ratio (cohort/gloo) | time ratio (cohort/gloo) |"
-          + (" busbw ratio range |" if args.repeats > 1 else ""))
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.repeats > 1 else ""))
     med = statistics.median
+    print()
+    print(f"# {args.nproc} ranks, {args.op}, {args.dtype}, {args.iters} timed + {args.warmup} warmup "
+          f"iterations, {os.cpu_count()} CPUs, {args.repeats} round(s), {started}, load average "
+          f"{load_before[0]:.1f} before / {load_after[0]:.1f} after; medians over the rounds")
+    print("| op | size | side | mean (us) | median (us) | p99 (us) | busbw (GB/s) |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    keyed = [{s: {(row["op"], row["bytes"]): row for row in rows} for s, rows in rnd.items()}
+             for rnd in rounds]
+    keys = [(row["op"], row["bytes"]) for row in rounds[0][sides[0]]]
     table = []
-    for i, r in enumerate(rounds[0][0]):
-        key = (r["op"], r["bytes"])
-        ours_k = [rows[i] for rows, _ in rounds]
-        theirs_k = [{(g["op"], g["bytes"]): g for g in gl}.get(key) for _, gl in rounds]
-        if any(g is None or "error" in g for g in theirs_k):
-            g = next((g for g in theirs_k if g is not None and "error" in g), None)
-            why = g["error"] if g else "not run"
-            print(f"| {r['op']} | {r['bytes']} | {r['algo']} | {med(o['time_us'] for o in ours_k):.1f} | "
-                  f"n/a ({why}) | {med(o['busbw_gbps'] for o in ours_k):.3f} | n/a | n/a | n/a |")
-            table.append({"cohort": ours_k, "gloo": theirs_k})
-            continue
-        bw_ratios = [o["busbw_gbps"] / g["busbw_gbps"] if g["busbw_gbps"] else float("inf")
-                     for o, g in zip(ours_k, theirs_k)]
-        t_ratios = [o["time_us"] / g["time_us"] for o, g in zip(ours_k, theirs_k)]
-        bw_ratio, t_ratio = med(bw_ratios), med(t_ratios)
-        line = (f"| {r['op']} | {r['bytes']} | {r['algo']} | {med(o['time_us'] for o in ours_k):.1f} | "
-                f"{med(g['time_us'] for g in theirs_k):.1f} | {med(o['busbw_gbps'] for o in ours_k):.3f} | "
-                f"{med(g['busbw_gbps'] for g in theirs_k):.3f} | {bw_ratio:.2f}x | {t_ratio:.3f} |")
-        if args.repeats > 1:
-            line += f" {min(bw_ratios):.2f}-{max(bw_ratios):.2f}x |"
-        print(line)
-        table.append({"cohort": ours_k, "gloo": theirs_k, "busbw_ratio": bw_ratio,
-                      "time_ratio": t_ratio, "busbw_ratios": bw_ratios, "time_ratios": t_ratios})
+    for key in keys:
+        for s in sides:
+            rows = [k[s].get(key) for k in keyed]
+            if any(r is None or "error" in r for r in rows):
+                why = next((r["error"] for r in rows if r and "error" in r), "not run")
+                print(f"| {key[0]} | {key[1]} | {s} | n/a ({why}) | | | |")
+                continue
+            print(f"| {key[0]} | {key[1]} | {s} | {med(r['time_us'] for r in rows):.1f} | "
+                  f"{med(r['median_us'] for r in rows):.1f} | {med(r['p99_us'] for r in rows):.1f} | "
+                  f"{med(r['busbw_gbps'] for r in rows):.3f} |")
+    print()
+    print("| op | size | cohort / peer | mean ratio | p99 ratio | busbw ratio | per-round mean ratios "
+          "| rounds with mean <= 1.0x and p99 <= 2x |")
+    print("|---|---:|---|---:|---:|---:|---|---:|")
+    for key in keys:
+        for ours, theirs in PAIRS:
+            if ours not in sides or theirs not in sides:
+                continue
+            pairs = [(k[ours].get(key), k[theirs].get(key)) for k in keyed]
+            if any(a is None or b is None or "error" in b for a, b in pairs):
+                continue
+            t = [a["time_us"] / b["time_us"] for a, b in pairs]
+            p99 = [a["p99_us"] / b["p99_us"] for a, b in pairs]
+            bw = [a["busbw_gbps"] / b["busbw_gbps"] if b["busbw_gbps"] else float("inf") for a, b in pairs]
+            met = sum(1 for x, y in zip(t, p99) if x <= 1.0 and y <= 2.0)
+            print(f"| {key[0]} | {key[1]} | {ours} / {theirs} | {med(t):.2f}x | {med(p99):.2f}x | "
+                  f"{med(bw):.2f}x | {' '.join(f'{x:.2f}' for x in t)} | {met} of {len(pairs)} |")
+            table.append({"op": key[0], "bytes": key[1], "ours": ours, "theirs": theirs,
+                          "time_ratios": t, "p99_ratios": p99, "busbw_ratios": bw, "rounds_met": met})
+    machine = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+               "kernel": platform.release(), "started": started,
+               "load_before": load_before, "load_after": load_after}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "machine": machine, "rows": table}, f, indent=1)
+        json.dump({"args": vars(args), "machine": machine, "rounds": rounds, "ratios": table}, f, indent=1)
     print(f"\n# wrote {args.json}")
-    if any(r["wrong"] for ours, _ in rounds for r in ours):
-        sys.exit("error: cohort reported wrong results")
+    if any(r.get("wrong") for rnd in rounds for rows in rnd.values() for r in rows):
+        sys.exit("error: a side reported wrong results")
 
 
 if __name__ == "__main__":
