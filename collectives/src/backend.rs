@@ -1,5 +1,6 @@
-//! Which collective backend a job's ranks use: `tcp` (host memory over TCP,
-//! the fallback that always works) or `nccl` (CUDA device memory through
+//! Which collective backend a job's ranks use: `tcp` (host memory: shared
+//! memory within a host and TCP between hosts, the fallback that always
+//! works; see `parallel.transport`) or `nccl` (CUDA device memory through
 //! NVIDIA's NCCL). A pure function of what the config asks for, where the
 //! training tensors live and whether NCCL is usable here, so `cohort doctor`,
 //! `cohort launch` and the worker agree, and tests need no GPU.
@@ -10,7 +11,8 @@ use std::str::FromStr;
 /// The backend a job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// Host memory over TCP (CUDA tensors are staged through host memory).
+    /// Host memory: shared memory within a host, TCP between hosts (CUDA
+    /// tensors are staged through host memory).
     Tcp,
     /// CUDA device memory through NCCL.
     Nccl,
@@ -70,7 +72,9 @@ pub fn choose(
         )),
         (BackendRequest::Auto, false, _) => Ok((
             Backend::Tcp,
-            "CPU tensors: NCCL needs CUDA tensors, so collectives go over TCP".into(),
+            "CPU tensors: NCCL needs CUDA tensors, so collectives run in host memory \
+             (shared memory on one host, TCP between hosts)"
+                .into(),
         )),
         (BackendRequest::Tcp, cuda, _) => Ok((
             Backend::Tcp,
