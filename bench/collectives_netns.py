@@ -2,10 +2,9 @@
 """cohort's collectives across simulated hosts: network namespaces on one
 machine, each host's link rate-limited with tc tbf.
 
-Makes --hosts namespaces (each a "host": its own network stack and address in
-198.18.0.0/15, wired by a veth pair to a bridge in a switch namespace),
-limits every link to --rate in both directions (tbf on the host's side and on
-the switch's side), and runs `cohort bench collectives` in its worker mode
+Makes --hosts hosts with scripts/netns-hosts.sh (each a network namespace
+with its own address in 198.18.0.0/15 and hostname, on one bridge), limits
+every link to --rate in both directions (tc tbf), and runs `cohort bench collectives` in its worker mode
 with --ranks-per-host ranks in each host (rank = host × k + local rank, as
 cohort launch numbers them), bootstrapping through a file store both hosts
 see. Hosts on namespaces share the kernel and /dev/shm but not their network,
@@ -19,8 +18,8 @@ host and direction, 2(n-1)/n of the buffer if it is node-aware and
 2(N-1)/N (N = n·k ranks) as a flat ring, so the bound time is those bytes
 over the link's rate (payload only: TCP and IP headers take ~4% of the wire).
 
-Needs root (ip netns, tc). Everything it makes is named cohort-bench-<pid>-*
-and removed at the end, also on failure or Ctrl-C.
+Needs root (ip netns, tc). The net it makes is named cohort-bench-<pid> and
+removed at the end, also on failure or Ctrl-C.
 
     sudo .venv/bin/python bench/collectives_netns.py --rate 1gbit --min-bytes 64M --max-bytes 64M --repeats 5
     sudo .venv/bin/python bench/collectives_netns.py --rate off --algos ring,tree,doubling,hierarchical
@@ -37,10 +36,15 @@ import tempfile
 import time
 
 NAME = f"cohort-bench-{os.getpid()}"
+NETNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "netns-hosts.sh")
 
 
 def sh(*cmd, check=True):
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def netns(*args, check=True):
+    return sh("bash", NETNS, *args, check=check)
 
 
 def parse_rate(rate):
@@ -53,48 +57,28 @@ def parse_rate(rate):
 
 
 class Hosts:
-    """n namespace hosts on a bridge; removed on close."""
+    """n hosts made by scripts/netns-hosts.sh (see there); removed on close."""
 
     def __init__(self, n, rate):
-        self.n, self.made = n, []
-        self.sw = f"{NAME}-sw"
-        self.ns(self.sw)
-        sh("ip", "-n", self.sw, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.sw, "link", "set", "br0", "up")
-        for i in range(n):
-            ns = self.host(i)
-            self.ns(ns)
-            sh("ip", "-n", self.sw, "link", "add", f"h{i}", "type", "veth", "peer", "name", "eth0",
-               "netns", ns)
-            sh("ip", "-n", self.sw, "link", "set", f"h{i}", "master", "br0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/15", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            if rate != "off":
-                # Both directions: the host's egress, and the switch port's
-                # egress towards the host. The bucket holds 256 KB: enough
-                # for the timer's granularity and GSO segments, little next
-                # to the buffers timed (a fuller bucket refills in the
-                # barriers between iterations and flatters the link).
-                for where, dev in ((ns, "eth0"), (self.sw, f"h{i}")):
-                    sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root",
-                       "tbf", "rate", rate, "burst", "256kb", "latency", "100ms")
+        self.n = n
+        netns("up", NAME, str(n))
+        self.up = True
+        if rate != "off":
+            for i in range(n):
+                netns("limit", NAME, str(i), rate)
 
-    def ns(self, name):
-        sh("ip", "netns", "add", name)
-        self.made.append(name)
-
-    def host(self, i):
-        return f"{NAME}-h{i}"
+    def exec(self, i, *cmd):
+        """The command line that runs `cmd` on host i."""
+        return [NETNS, "exec", NAME, str(i), *cmd]
 
     @staticmethod
     def addr(i):
-        return f"198.18.0.{i + 1}"
+        return netns("addr", NAME, str(i)).stdout.strip()
 
     def close(self):
-        for name in reversed(self.made):
-            sh("ip", "netns", "del", name, check=False)
-        self.made = []
+        if self.up:
+            netns("down", NAME, check=False)
+            self.up = False
 
 
 LINK_CHECK = r"""
@@ -124,12 +108,11 @@ else:
 
 def link_check(hosts, megabytes):
     """Goodput host 0 -> host 1 over two TCP connections, bytes per second."""
-    recv = subprocess.Popen(["ip", "netns", "exec", hosts.host(1), sys.executable, "-c",
-                             LINK_CHECK, "recv", "", "0"])
+    recv = subprocess.Popen(hosts.exec(1, sys.executable, "-c", LINK_CHECK, "recv", "", "0"))
     try:
         for _ in range(100):
-            out = sh("ip", "netns", "exec", hosts.host(0), sys.executable, "-c", LINK_CHECK,
-                     "send", hosts.addr(1), str(megabytes), check=False)
+            out = sh(*hosts.exec(0, sys.executable, "-c", LINK_CHECK, "send", hosts.addr(1),
+                                 str(megabytes)), check=False)
             if out.returncode == 0:
                 return float(out.stdout)
             time.sleep(0.05)
@@ -145,17 +128,17 @@ def run_job(hosts, args, algo, out_dir):
     store = tempfile.mkdtemp(dir=out_dir)
     token = os.urandom(16).hex()
     procs = []
+    addrs = [hosts.addr(i) for i in range(hosts.n)]
     try:
         for rank in range(world):
             i = rank // args.ranks_per_host
-            env = dict(os.environ, COHORT_TOKEN=token, COHORT_HOST=hosts.addr(i),
+            env = dict(os.environ, COHORT_TOKEN=token, COHORT_HOST=addrs[i],
                        COHORT_COLLECTIVE_TIMEOUT_S=str(args.timeout))
-            cmd = ["ip", "netns", "exec", hosts.host(i), args.cohort, "bench", "collectives",
-                   f"--nproc={world}", f"--op={args.op}", f"--algo={algo}",
+            cmd = hosts.exec(i, args.cohort, "bench", "collectives", f"--nproc={world}", f"--op={args.op}", f"--algo={algo}",
                    f"--transport={args.transport}", f"--dtype={args.dtype}",
                    f"--min-bytes={args.min_bytes}", f"--max-bytes={args.max_bytes}",
                    f"--factor={args.factor}", f"--iters={args.iters}", f"--warmup={args.warmup}",
-                   f"--worker-rank={rank}", f"--store={store}"]
+                   f"--worker-rank={rank}", f"--store={store}")
             procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, text=True))
