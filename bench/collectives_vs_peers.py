@@ -15,7 +15,9 @@ alone, barrier; an iteration's time is its slowest rank's; per size the mean,
 median and p99 of those times and the busbw (nccl-tests' factors). The OpenMPI
 sides need bench/setup_mpi.sh (OpenMPI and mpi4py; not needed by make test).
 
-One pass says little on a shared machine: --repeats R runs R rounds, each
+Placement is the same for cohort and OpenMPI: unbound (mpirun --bind-to none),
+or with --bind every rank on its own core (mpirun --bind-to core, cohort bench
+collectives --bind). One pass says little on a shared machine: --repeats R runs R rounds, each
 running every side once in turn, and reports per size the median over rounds
 of each side's numbers, the per-round ratios of cohort against its peer
 (cohort-tcp/mpi-tcp, cohort-shm/mpi-vader, each cohort side/gloo), and in how
@@ -140,6 +142,7 @@ def gloo_worker(rank, world, port, args, out_path):
 
 def run_cohort(args, transport, out_path):
     cmd = [args.cohort, "bench", "collectives", f"--nproc={args.nproc}", f"--op={args.op}",
+           *(["--bind"] if args.bind else []),
            f"--algo={args.algo}", f"--transport={transport}", f"--dtype={args.dtype}",
            f"--min-bytes={args.min_bytes}", f"--max-bytes={args.max_bytes}",
            f"--factor={args.factor}", f"--iters={args.iters}", f"--warmup={args.warmup}",
@@ -151,7 +154,7 @@ def run_cohort(args, transport, out_path):
 
 def run_mpi(args, btl, out_path):
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.nproc),
-           "--mca", "btl", btl]
+           "--bind-to", "core" if args.bind else "none", "--mca", "btl", btl]
     if "tcp" in btl:
         cmd += ["--mca", "btl_tcp_if_include", "lo"]
     cmd += [sys.executable, os.path.join(HERE, "mpi_collectives.py"), f"--op={args.op}",
@@ -196,6 +199,9 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1, help="rounds, each running every side once")
+    p.add_argument("--bind", action="store_true",
+                   help="bind rank r to core r on the cohort and OpenMPI sides (mpirun --bind-to core, "
+                        "cohort bench collectives --bind); unbound otherwise (Gloo is never bound)")
     p.add_argument("--json", default="bench/out/collectives_vs_peers.json", help="where to write all rows")
     args = p.parse_args()
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -223,7 +229,8 @@ def main():
 
     med = statistics.median
     print()
-    print(f"# {args.nproc} ranks, {args.op}, {args.dtype}, {args.iters} timed + {args.warmup} warmup "
+    print(f"# {args.nproc} ranks ({'bound to cores' if args.bind else 'unbound'}), {args.op}, "
+          f"{args.dtype}, {args.iters} timed + {args.warmup} warmup "
           f"iterations, {os.cpu_count()} CPUs, {args.repeats} round(s), {started}, load average "
           f"{load_before[0]:.1f} before / {load_after[0]:.1f} after; medians over the rounds")
     print("| op | size | side | mean (us) | median (us) | p99 (us) | busbw (GB/s) |")

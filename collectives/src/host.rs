@@ -1,4 +1,5 @@
-//! Which ranks share this host, and how many cores they share.
+//! Which ranks share this host, how many cores they share, and whether this
+//! rank has a core of its own.
 //!
 //! Ranks compare host identities published in the store. Hostnames alone
 //! don't tell hosts apart: hosts made of network namespaces on one machine
@@ -28,9 +29,29 @@ pub(crate) fn identity() -> String {
     id.split_whitespace().collect()
 }
 
-/// Cores this process may run on.
+/// Cores the ranks of this host share: those this process may run on, or,
+/// when it is bound to a single core (`pinned`), every online core (its
+/// peers are bound to the others).
 pub(crate) fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+    let mine = std::thread::available_parallelism().map_or(1, usize::from);
+    if pinned() {
+        // SAFETY: sysconf has no preconditions.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        usize::try_from(online).unwrap_or(1).max(mine)
+    } else {
+        mine
+    }
+}
+
+/// This thread may run on one core only (bound, as `mpirun` binds ranks by
+/// default or `taskset -c` does).
+pub(crate) fn pinned() -> bool {
+    // SAFETY: a zeroed cpu_set_t is a valid, empty set; the call fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
+            && libc::CPU_COUNT(&set) == 1
+    }
 }
 
 #[cfg(test)]

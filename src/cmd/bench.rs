@@ -62,6 +62,10 @@ struct CollectivesArgs {
     /// memory on one host), tcp, or shm.
     #[arg(long, default_value = "auto")]
     transport: TransportKind,
+    /// Bind rank r to core r (modulo the cores this process may use), as
+    /// mpirun does by default; unbound otherwise.
+    #[arg(long)]
+    bind: bool,
     /// Element type: f32, f64, f16, bf16, i32, i64, u8.
     #[arg(long, default_value = "f32")]
     dtype: DType,
@@ -268,6 +272,7 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
 
+    let cores = allowed_cores().context("reading this process's CPU affinity")?;
     let mut children = Children(Vec::with_capacity(world));
     let mut rank0_out = None;
     for rank in 0..world {
@@ -285,11 +290,20 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
             } else {
                 Stdio::null()
             });
-        // SAFETY: prctl is async-signal-safe; it makes the worker die with us
-        // even if this process is killed without a chance to clean up.
+        let core = a.bind.then(|| cores[rank % cores.len()]);
+        // SAFETY: prctl and sched_setaffinity are async-signal-safe; the
+        // first makes the worker die with us even if this process is killed
+        // without a chance to clean up, the second binds it to `core`.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(core) = core {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(core, &mut set);
+                    if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -313,7 +327,12 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
     });
 
     let how = match a.backend {
-        BenchBackend::Tcp => format!("this host (transport {}), algo {}", a.transport, a.algo),
+        BenchBackend::Tcp => format!(
+            "this host (transport {}{}), algo {}",
+            a.transport,
+            if a.bind { ", bound to cores" } else { "" },
+            a.algo
+        ),
         BenchBackend::Nccl => format!("one GPU each (NCCL {})", nccl_version()),
     };
     println!(
@@ -396,6 +415,22 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The cores this process may run on, in order.
+fn allowed_cores() -> std::io::Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is a valid, empty set; the call fills it.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        set
+    };
+    // SAFETY: CPU_ISSET reads a valid set for indexes below CPU_SETSIZE.
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
 }
 
 fn forwarded_args(a: &CollectivesArgs) -> Vec<String> {

@@ -32,7 +32,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use super::links::{Conn, HostTransport};
+use super::links::{Conn, HostTransport, Spin};
 use super::shm::Local;
 use super::tcp::{TcpConfig, TcpPipe, tune};
 use crate::auth::{self, Acceptor, ListenerId, Me, Refusal, Target};
@@ -107,15 +107,20 @@ fn unix_addr(listener: &ListenerId) -> io::Result<SocketAddr> {
     SocketAddr::from_abstract_name(format!("cohort-collectives/{}", auth::hex(listener)))
 }
 
-/// How long a waiting rank polls its pipes (yielding the core between
-/// tries) before it blocks in `poll(2)`; see `links`. With more ranks on
-/// this host than cores, a spinning rank would only keep its peers off
-/// the cores they need, so it blocks at once.
-fn spin_budget(local_ranks: usize, cores: usize) -> Duration {
-    if local_ranks > cores {
-        Duration::ZERO
-    } else {
-        SPIN
+/// How long a waiting rank polls its pipes before it blocks in `poll(2)`,
+/// and whether it yields its core between polls; see `links`. With more
+/// ranks on this host than cores, a spinning rank would only keep its peers
+/// off the cores they need, so it blocks at once. A rank bound to a core of
+/// its own holds it (a peer can't be waiting for that core); any other
+/// yields, so a peer the scheduler put on the same core can run.
+fn spin_budget(local_ranks: usize, cores: usize, pinned: bool) -> Spin {
+    Spin {
+        budget: if local_ranks > cores {
+            Duration::ZERO
+        } else {
+            SPIN
+        },
+        yield_core: !pinned,
     }
 }
 
@@ -130,7 +135,7 @@ pub(crate) fn connect(
     let deadline = Instant::now() + cfg.connect_timeout;
     let mut conns: Vec<Option<Conn>> = (0..world).map(|_| None).collect();
     if world == 1 {
-        let transport = HostTransport::new(rank, conns, Duration::ZERO, None);
+        let transport = HostTransport::new(rank, conns, Spin::default(), None);
         return Ok((transport, vec![String::new()]));
     }
     let tcp = TcpListener::bind((cfg.bind_host.as_str(), 0))
@@ -202,7 +207,7 @@ pub(crate) fn connect(
     };
     let ring_of = |p: usize| shm_peers.iter().position(|&q| q == p);
     let local_ranks = entries.iter().filter(|e| e.host == me.host).count();
-    let spin = spin_budget(local_ranks, host::cores());
+    let spin = spin_budget(local_ranks, host::cores(), host::pinned());
 
     for (peer, entry) in entries.iter().enumerate().skip(rank + 1) {
         let target = Target {

@@ -11,10 +11,10 @@
 //! buffer as the bytes arrive.
 //!
 //! The loop moves every transfer forward with non-blocking calls. When
-//! nothing moves it first spins for up to `spin` (yielding the core
-//! between passes: a peer's message usually comes within microseconds,
-//! while a wake-up from `poll(2)` costs a context switch and, on an idle
-//! core of a VM, tens of microseconds), then blocks in `poll(2)` on what
+//! nothing moves it first spins for up to `spin` (a peer's message usually
+//! comes within microseconds, while a wake-up from `poll(2)` costs a context
+//! switch and, on an idle core of a VM, tens of microseconds), yielding the
+//! core between passes unless the rank has a core of its own, then blocks in `poll(2)` on what
 //! each pending transfer waits on. A shared-memory peer writes memory, not
 //! a descriptor, so before blocking on one this process arms its doorbell
 //! (a flag the peer checks after every write), makes one more pass so no
@@ -113,6 +113,15 @@ enum Target<'x> {
     },
 }
 
+/// How a rank waits before it blocks: for up to `budget` it keeps passing
+/// over its pipes, between passes yielding its core (`yield_core`) or only
+/// pausing the CPU.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Spin {
+    pub budget: Duration,
+    pub yield_core: bool,
+}
+
 /// One rank's pipes to its peers.
 pub(crate) struct HostTransport {
     rank: usize,
@@ -126,19 +135,16 @@ pub(crate) struct HostTransport {
     /// Per peer and direction, whether an earlier transfer of this pass is
     /// still pending (see `pass`).
     busy: Vec<bool>,
-    /// How long to keep passing without blocking once nothing moves.
-    spin: Duration,
+    /// Per peer, whether this exchange watches it as a bystander.
+    watch: Vec<bool>,
+    /// How to wait once nothing moves, before blocking.
+    spin: Spin,
     /// This process's doorbell, when it has shared-memory peers.
     bell: Option<Doorbell>,
 }
 
 impl HostTransport {
-    pub fn new(
-        rank: usize,
-        conns: Vec<Option<Conn>>,
-        spin: Duration,
-        bell: Option<Doorbell>,
-    ) -> Self {
+    pub fn new(rank: usize, conns: Vec<Option<Conn>>, spin: Spin, bell: Option<Doorbell>) -> Self {
         HostTransport {
             rank,
             conns,
@@ -147,6 +153,7 @@ impl HostTransport {
             polled: Vec::new(),
             moved: false,
             busy: Vec::new(),
+            watch: Vec::new(),
             spin,
             bell,
         }
@@ -576,11 +583,42 @@ impl Transport for HostTransport {
                 done: matches!(xfer, Xfer::Idle),
             });
         }
+        // Peers watched as bystanders once probing (see `check_bystanders`).
+        let mut watch = std::mem::take(&mut self.watch);
+        watch.clear();
+        watch.resize(self.conns.len(), false);
+        let result = self.drive(xfers, deadline, started, &mut watch);
+        self.watch = watch;
+        result
+    }
+
+    fn set_spin(&mut self, budget: Duration) {
+        self.spin.budget = budget;
+    }
+
+    fn abort(&mut self, reason: &str) {
+        let text = &reason.as_bytes()[..reason.len().min(MAX_REASON as usize)];
+        let mut notice = wire::encode_abort(text.len()).to_vec();
+        notice.extend_from_slice(text);
+        for mut conn in self.conns.iter_mut().filter_map(Option::take) {
+            let at_boundary = conn.at_boundary();
+            conn.pipe.abort(&notice, at_boundary);
+        }
+    }
+}
+
+impl HostTransport {
+    /// The exchange loop (see the module's doc).
+    fn drive(
+        &mut self,
+        xfers: &mut [Xfer<'_>],
+        deadline: Instant,
+        started: Instant,
+        watch: &mut [bool],
+    ) -> Result<(), CommError> {
         let op = xfers.iter().find_map(Xfer::header).copied();
         let mut probed = false;
         let mut idle_since = started;
-        // Peers watched as bystanders once probing (see `check_bystanders`).
-        let mut watch = vec![false; self.conns.len()];
         loop {
             for conn in self.conns.iter_mut().flatten() {
                 if conn.ctrl_pending() {
@@ -595,8 +633,12 @@ impl Transport for HostTransport {
                 idle_since = Instant::now();
                 continue;
             }
-            if idle_since.elapsed() < self.spin {
-                std::thread::yield_now();
+            if idle_since.elapsed() < self.spin.budget {
+                if self.spin.yield_core {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             let now = Instant::now();
@@ -610,7 +652,7 @@ impl Transport for HostTransport {
                 continue;
             }
             if let (true, Some(op)) = (probed, &op) {
-                self.check_bystanders(op, &mut watch)?;
+                self.check_bystanders(op, watch)?;
             }
             if now >= deadline {
                 let stuck = xfers
@@ -626,7 +668,7 @@ impl Transport for HostTransport {
                     waited: now - started,
                 });
             }
-            let bell = self.wait_set(xfers, probed, &watch) && self.bell.is_some();
+            let bell = self.wait_set(xfers, probed, watch) && self.bell.is_some();
             if bell {
                 let b = self.bell.as_ref().expect("checked above");
                 b.arm();
@@ -685,20 +727,6 @@ impl Transport for HostTransport {
                     });
                 }
             }
-        }
-    }
-
-    fn set_spin(&mut self, budget: Duration) {
-        self.spin = budget;
-    }
-
-    fn abort(&mut self, reason: &str) {
-        let text = &reason.as_bytes()[..reason.len().min(MAX_REASON as usize)];
-        let mut notice = wire::encode_abort(text.len()).to_vec();
-        notice.extend_from_slice(text);
-        for mut conn in self.conns.iter_mut().filter_map(Option::take) {
-            let at_boundary = conn.at_boundary();
-            conn.pipe.abort(&notice, at_boundary);
         }
     }
 }
