@@ -16,21 +16,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from collectives_vs_peers import BUSBW, summary
+
 DTYPES = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64, "u8": np.uint8}
-BUSBW = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "broadcast": lambda n: 1.0,
-}
-
-
-def summary(times):
-    t = sorted(times)
-    n = len(t)
-    median = t[n // 2] if n % 2 else (t[n // 2 - 1] + t[n // 2]) / 2
-    p99 = t[max(1, -(-n * 99 // 100)) - 1]
-    return sum(t) / n, median, p99
 
 
 def main():

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use cohort_collectives::{
-    Algorithm, CommError, Communicator, MemStore, OpOptions, ReduceOp, Store,
+    Algorithm, CommError, Communicator, MemStore, OpOptions, ReduceOp, Store, TcpConfig,
 };
 use common::{Kind, each_rank, group, tcp_config};
 
@@ -193,24 +193,35 @@ fn dead_peer_fails_survivors_quickly() {
     }
 }
 
-#[test]
-fn strangers_and_wrong_tokens_are_dropped() {
-    let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let listener_rank = {
-        let store = store.clone();
-        std::thread::spawn(move || {
-            Communicator::connect_tcp(store.as_ref(), 1, 2, &tcp_config(b"right"))
-        })
+/// Rank 1 of 2 bootstrapping through `store` on its own thread, and the TCP
+/// address it listens on once it has published it.
+fn listening_rank_1(
+    store: &Arc<dyn Store>,
+    cfg: &TcpConfig,
+) -> (
+    std::thread::JoinHandle<Result<Communicator, CommError>>,
+    String,
+) {
+    let rank = {
+        let (store, cfg) = (store.clone(), cfg.clone());
+        std::thread::spawn(move || Communicator::connect_tcp(store.as_ref(), 1, 2, &cfg))
     };
-    let addr = store
+    let entry = store
         .wait(&["addr/1".into()], Duration::from_secs(10))
         .unwrap()
         .remove(0);
-    let addr = String::from_utf8(addr).unwrap();
-    let addr = addr.split_whitespace().next().unwrap();
+    let entry = String::from_utf8(entry).unwrap();
+    let addr = entry.split_whitespace().next().unwrap().to_owned();
+    (rank, addr)
+}
+
+#[test]
+fn strangers_and_wrong_tokens_are_dropped() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (listener_rank, addr) = listening_rank_1(&store, &tcp_config(b"right"));
 
     // A stranger speaking garbage is dropped.
-    let mut stranger = TcpStream::connect(addr).unwrap();
+    let mut stranger = TcpStream::connect(&addr).unwrap();
     stranger.write_all(&[0xAB; 64]).unwrap();
     stranger
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -248,17 +259,8 @@ fn idle_strangers_do_not_hold_up_the_bootstrap() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let mut cfg = tcp_config(b"tok");
     cfg.connect_timeout = Duration::from_secs(5);
-    let listener_rank = {
-        let (store, cfg) = (store.clone(), cfg.clone());
-        std::thread::spawn(move || Communicator::connect_tcp(store.as_ref(), 1, 2, &cfg))
-    };
-    let entry = store
-        .wait(&["addr/1".into()], Duration::from_secs(10))
-        .unwrap()
-        .remove(0);
-    let addr = String::from_utf8(entry).unwrap();
-    let addr = addr.split_whitespace().next().unwrap();
-    let idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let (listener_rank, addr) = listening_rank_1(&store, &cfg);
+    let idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&addr).unwrap()).collect();
 
     let started = Instant::now();
     let mut zero = Communicator::connect_tcp(store.as_ref(), 0, 2, &cfg)
@@ -297,16 +299,7 @@ fn a_rank_of_another_group_is_refused_with_the_reason() {
             format!("127.0.0.1:1 listener={} host=h", "00".repeat(16)).as_bytes(),
         )
         .unwrap();
-    let listener_rank = {
-        let (store, cfg) = (store.clone(), cfg.clone());
-        std::thread::spawn(move || Communicator::connect_tcp(store.as_ref(), 1, 2, &cfg))
-    };
-    let entry = store
-        .wait(&["addr/1".into()], Duration::from_secs(10))
-        .unwrap()
-        .remove(0);
-    let entry = String::from_utf8(entry).unwrap();
-    let addr = entry.split_whitespace().next().unwrap();
+    let (listener_rank, addr) = listening_rank_1(&store, &cfg);
     // The other group's store holds the same address under another listener.
     let other: Arc<dyn Store> = Arc::new(MemStore::new());
     other

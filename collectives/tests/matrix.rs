@@ -179,6 +179,17 @@ fn ops_for<T: TestElem>(comm: &mut Communicator, algo: Algorithm, count: usize, 
     check(&what, &buf, |i| T::value(root, i, ReduceOp::Sum), 0..count);
 }
 
+/// Every collective of every dtype on `comm` for `count` elements.
+fn ops_for_every_dtype(comm: &mut Communicator, algo: Algorithm, count: usize, label: &str) {
+    ops_for::<f32>(comm, algo, count, label);
+    ops_for::<f64>(comm, algo, count, label);
+    ops_for::<f16>(comm, algo, count, label);
+    ops_for::<bf16>(comm, algo, count, label);
+    ops_for::<i32>(comm, algo, count, label);
+    ops_for::<i64>(comm, algo, count, label);
+    ops_for::<u8>(comm, algo, count, label);
+}
+
 fn full_matrix(kind: Kind) {
     for world in 1..=8 {
         let mut comms = group(kind, world);
@@ -190,13 +201,7 @@ fn full_matrix(kind: Kind) {
             for algo in Algorithm::ALL {
                 for count in [0, 1, 7, 1000] {
                     let label = format!("{kind:?} world {world} {algo}");
-                    ops_for::<f32>(comm, algo, count, &label);
-                    ops_for::<f64>(comm, algo, count, &label);
-                    ops_for::<f16>(comm, algo, count, &label);
-                    ops_for::<bf16>(comm, algo, count, &label);
-                    ops_for::<i32>(comm, algo, count, &label);
-                    ops_for::<i64>(comm, algo, count, &label);
-                    ops_for::<u8>(comm, algo, count, &label);
+                    ops_for_every_dtype(comm, algo, count, &label);
                 }
             }
             comm.barrier(&OpOptions::default()).unwrap();
@@ -238,14 +243,7 @@ fn node_aware_ops(comms: &mut [Communicator], label: &str) {
     each_rank(comms, |comm| {
         for count in [0, 1, 7, 1000] {
             let label = format!("{label} hierarchical");
-            let algo = Algorithm::Hierarchical;
-            ops_for::<f32>(comm, algo, count, &label);
-            ops_for::<f64>(comm, algo, count, &label);
-            ops_for::<f16>(comm, algo, count, &label);
-            ops_for::<bf16>(comm, algo, count, &label);
-            ops_for::<i32>(comm, algo, count, &label);
-            ops_for::<i64>(comm, algo, count, &label);
-            ops_for::<u8>(comm, algo, count, &label);
+            ops_for_every_dtype(comm, Algorithm::Hierarchical, count, &label);
         }
         comm.barrier(&OpOptions::default()).unwrap();
     });

@@ -8,23 +8,31 @@ use std::os::unix::net::UnixStream;
 /// Most descriptors one message carries.
 const MAX_FDS: usize = 4;
 
+/// A message of one iovec and a control buffer of `space` bytes (kept in
+/// `control`).
+fn message(iov: &mut libc::iovec, control: &mut Vec<u64>, space: usize) -> libc::msghdr {
+    control.resize(space.div_ceil(8), 0);
+    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    msg
+}
+
 /// Sends `data` (non-empty) and `fds` in one message.
 pub(crate) fn send(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     assert!(!data.is_empty() && fds.len() <= MAX_FDS);
     let fd_bytes = std::mem::size_of_val(fds) as u32;
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut control = Vec::new();
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
     };
-    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let msg = message(&mut iov, &mut control, space);
     // SAFETY: the control buffer holds CMSG_SPACE(fd_bytes) bytes, so the
     // first header and its data fit; the iovec points at live memory.
     let n = unsafe {
@@ -52,17 +60,12 @@ pub(crate) fn recv(sock: &UnixStream, data: &mut [u8], nfds: usize) -> io::Resul
     let fd_bytes = (MAX_FDS * std::mem::size_of::<RawFd>()) as u32;
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut control = Vec::new();
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
         iov_len: data.len(),
     };
-    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let mut msg = message(&mut iov, &mut control, space);
     // SAFETY: buffers as described in msg, all live.
     let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
