@@ -142,11 +142,12 @@ def run_job(hosts, args, algo, out_dir):
             procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, text=True))
-        out, _ = procs[0].communicate(timeout=args.timeout)
+        out, err0 = procs[0].communicate(timeout=args.timeout)
         for rank, p in enumerate(procs):
             p.wait(timeout=args.timeout)
             if p.returncode != 0:
-                sys.exit(f"error: rank {rank} ({algo}) failed:\n{p.stderr.read()}")
+                err = err0 if rank == 0 else p.stderr.read()
+                sys.exit(f"error: rank {rank} ({algo}) failed:\n{err}")
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     finally:
         for p in procs:

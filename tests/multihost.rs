@@ -52,7 +52,11 @@ fn quickstart(dir: &Path, ckpt: &str, steps: u32, flags: &[&str]) -> Command {
         .args(["--set", &format!("train.max_steps={steps}")])
         .args(["--set", "train.eval_every=0"])
         .args(["--set", &format!("checkpoint.every={steps}")])
-        .args(["--set", &format!("checkpoint.dir={ckpt}")]);
+        .args(["--set", &format!("checkpoint.dir={ckpt}")])
+        // The flat ring on any topology, so both runs add in the same
+        // order: on 2 hosts x 2 `auto` would take the node-aware
+        // all-reduce, which adds within a host first (equal to rounding).
+        .args(["--set", "parallel.algorithm=ring"]);
     cmd
 }
 

@@ -72,8 +72,8 @@ pub fn choose(
         )),
         (BackendRequest::Auto, false, _) => Ok((
             Backend::Tcp,
-            "CPU tensors: NCCL needs CUDA tensors, so collectives run in host memory \
-             (shared memory on one host, TCP between hosts)"
+            "CPU tensors: NCCL needs CUDA tensors, so collectives run in host memory: \
+             shared memory on one host, TCP between hosts"
                 .into(),
         )),
         (BackendRequest::Tcp, cuda, _) => Ok((

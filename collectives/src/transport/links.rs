@@ -14,8 +14,8 @@
 //! nothing moves it first spins for up to `spin` (a peer's message usually
 //! comes within microseconds, while a wake-up from `poll(2)` costs a context
 //! switch and, on an idle core of a VM, tens of microseconds), yielding the
-//! core between passes unless the rank has a core of its own, then blocks in `poll(2)` on what
-//! each pending transfer waits on. A shared-memory peer writes memory, not
+//! core between passes unless the rank has a core of its own, then blocks
+//! in `poll(2)` on what each pending transfer waits on. A shared-memory peer writes memory, not
 //! a descriptor, so before blocking on one this process arms its doorbell
 //! (a flag the peer checks after every write), makes one more pass so no
 //! wake-up is lost, and polls the doorbell too. After `PROBE_AFTER` it
