@@ -27,6 +27,12 @@ enum Command {
     Ckpt(cmd::ckpt::CkptArgs),
     /// Benchmark the collectives (nccl-tests style): `cohort bench collectives --nproc 4`.
     Bench(cmd::bench::BenchArgs),
+    /// Run by `launch` itself: kills the job's processes once the launcher is gone.
+    #[command(name = "__reap", hide = true)]
+    Reap {
+        #[arg(value_name = "COOKIE")]
+        cookie: std::ffi::OsString,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +67,9 @@ fn main() -> ExitCode {
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Ckpt(args) => cmd::ckpt::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Reap { cookie } => Ok(ExitCode::from(
+            u8::try_from(cohort_launcher::reaper::reap_main(&cookie)).unwrap_or(1),
+        )),
     };
     match result {
         Ok(code) => code,

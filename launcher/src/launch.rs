@@ -197,6 +197,12 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
         source,
     })?;
     let console = Arc::new(Console::new());
+    if let Err(why) = crate::reaper::start(None) {
+        console.err(&format!(
+            "[cohort] warning: {why}; if this launcher is killed, programs its workers \
+             started may outlive it"
+        ));
+    }
     let timing = options.timing;
     runtime()?.block_on(async move {
         let (hosted, addr, host) = match &options.coordinator {

@@ -9,6 +9,7 @@
 //!   for workers, and [`worker_store`]: the store a worker's ranks bootstrap
 //!   through, from its [`cohort_contract::WorkerEnv`].
 //! - [`launch`]: `cohort launch` / `cohort coordinator` as library calls.
+//! - [`reaper`]: no process of a job outlives its launcher.
 //! - [`sched`]: a node's place in a Slurm or Kubernetes job, from their env.
 
 pub mod agent;
@@ -18,8 +19,10 @@ pub mod console;
 pub mod coordinator;
 pub mod decision;
 mod error;
+pub mod fatal;
 mod kv;
 pub mod launch;
+pub mod reaper;
 pub mod sched;
 pub mod store;
 pub mod worker;

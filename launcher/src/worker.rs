@@ -6,7 +6,9 @@
 //! line to the launcher's terminal, prefixed `[rank N]`, and to
 //! `attempt_<g>/rank_<r>.log`; the last lines are kept for the root-cause
 //! summary. Stopping is: the signal (SIGTERM, or the SIGINT being forwarded)
-//! to the group, a grace period, then SIGKILL to the group.
+//! to the group, a grace period, then SIGKILL to the group, then to every
+//! process left with this launcher's cookie (see [`crate::reaper`]: also
+//! what makes the workers die with a launcher that was killed).
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -27,6 +29,7 @@ use tokio::sync::mpsc;
 use crate::LauncherError;
 use crate::console::Console;
 use crate::decision::StepMark;
+use crate::reaper;
 use cohort_contract::WorkerProgress;
 
 /// Lines of a worker's output kept for the root-cause summary.
@@ -269,6 +272,7 @@ impl WorkerGroup {
                 break;
             }
         }
+        kill_escaped();
     }
 
     /// SIGKILL to the process group of every worker not known to have
@@ -289,6 +293,17 @@ impl Drop for WorkerGroup {
         if !self.all_exited() {
             self.kill_groups();
         }
+        kill_escaped();
+    }
+}
+
+/// Kills the programs the workers started outside their process groups
+/// (`setsid`, job control): every process left with this launcher's cookie.
+/// Only this node's workers of the generation just stopped carry it.
+fn kill_escaped() {
+    let killed = reaper::kill_marked(reaper::cookie(), Duration::from_secs(2));
+    if killed > 0 {
+        tracing::info!("killed {killed} process(es) the workers left outside their groups");
     }
 }
 
@@ -333,18 +348,37 @@ fn spawn_one(
         path: spec.log_path.clone(),
         source,
     })?;
-    let mut child = tokio::process::Command::new(&spec.program)
+    let mut command = tokio::process::Command::new(&spec.program);
+    command
         .args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(reaper::COOKIE_VAR, reaper::cookie())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|source| LauncherError::Spawn {
-            program: spec.program.to_string_lossy().into_owned(),
-            source,
-        })?;
+        .process_group(0);
+    let launcher = std::process::id() as i32;
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only async-signal-safe functions (prctl, getppid).
+    unsafe {
+        command.pre_exec(move || {
+            // The parent-death signal fires when the thread that forked
+            // exits: workers are spawned from the runtime's long-lived
+            // threads (never from spawn_blocking, whose threads come and go).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher died before the signal was armed.
+            if libc::getppid() != launcher {
+                return Err(std::io::Error::other("the launcher exited"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| LauncherError::Spawn {
+        program: spec.program.to_string_lossy().into_owned(),
+        source,
+    })?;
     // The worker leads its own group (process_group(0)): its pid is the group
     // id. A freshly spawned child always has one; never 0, which killpg
     // would take for the launcher's own group.
@@ -358,6 +392,7 @@ fn spawn_one(
             });
         }
     };
+    reaper::track(pgid);
     let log = Arc::new(Mutex::new(log));
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
     let mut copies = Vec::new();
@@ -398,6 +433,7 @@ fn spawn_one(
             Ok(status) => status,
             Err(_) => ExitStatus::from_raw(libc::SIGKILL),
         };
+        reaper::untrack(pgid);
         // Let the output drain before the exit is reported (for the log tail),
         // but don't wait on programs the worker left holding its pipes.
         for copy in copies {

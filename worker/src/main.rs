@@ -41,6 +41,8 @@ fn main() -> ExitCode {
     // coordinator's store, and a vectored write (writev) to a connection
     // the coordinator has closed would otherwise kill it with SIGPIPE. If
     // its launcher is gone, its next println! fails and it exits.
+    // A SIGSEGV or SIGBUS sent to it kills it the first time.
+    cohort_launcher::fatal::default_for_sent_signals();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
