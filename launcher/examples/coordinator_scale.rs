@@ -103,6 +103,7 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     nproc,
                     master_port: 29500,
                     options: Some(JobOptions::default()),
+                    ..JoinRequest::default()
                 })
                 .await?
                 .into_inner();

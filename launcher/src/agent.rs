@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub host: String,
     pub nproc: u32,
     pub nnodes: NodeRange,
+    /// `--node-rank`: the node rank this node must have (static ranks).
+    pub node_rank: Option<u32>,
+    /// `--role`: its workers' ROLE_NAME.
+    pub role: String,
     pub max_restarts: u32,
     pub hang_timeout: Duration,
     pub heartbeat_interval: Duration,
@@ -167,6 +171,8 @@ impl Agent {
                     max_nodes: self.config.nnodes.max,
                     max_restarts: self.config.max_restarts,
                 }),
+                node_rank: self.config.node_rank,
+                role: self.config.role.clone(),
             };
             let mut client = self.client.clone();
             let response = tokio::select! {

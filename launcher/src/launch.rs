@@ -66,6 +66,11 @@ impl Default for Timing {
 pub struct LaunchOptions {
     pub nnodes: NodeRange,
     pub nproc_per_node: u32,
+    /// `--node-rank`: this node's rank, fixed (static ranks); `None`: the
+    /// coordinator's choice, kept across generations.
+    pub node_rank: Option<u32>,
+    /// `--role`: the workers' ROLE_NAME.
+    pub role: String,
     pub coordinator: CoordinatorMode,
     pub max_restarts: u32,
     pub hang_timeout: Duration,
@@ -252,6 +257,8 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
             host,
             nproc: options.nproc_per_node,
             nnodes: options.nnodes,
+            node_rank: options.node_rank,
+            role: options.role.clone(),
             max_restarts: options.max_restarts,
             hang_timeout: options.hang_timeout,
             heartbeat_interval: timing.heartbeat_interval,

@@ -58,6 +58,13 @@ pub struct LaunchArgs {
     /// Workers on this node [default: 1].
     #[arg(long, value_name = "N")]
     nproc_per_node: Option<u32>,
+    /// This node's rank, fixed (torchrun's static ranks) [default: the
+    /// coordinator's choice, kept by a node that rejoins].
+    #[arg(long, value_name = "N")]
+    node_rank: Option<u32>,
+    /// The workers' role (ROLE_NAME; ROLE_RANK counts the workers of the same role).
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    role: String,
     /// Join the coordinator at HOST:PORT (multi-node: every node but the first).
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "coordinator_bind")]
     coordinator: Option<String>,
@@ -191,6 +198,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             None => 1,
         },
     };
+    let scheduled_node_rank = placement.as_ref().map(|p| p.node_rank);
     let (scheduled_coordinator, scheduled_job_id) = placement
         .map(|p| (Some(p.coordinator), Some(p.job_id)))
         .unwrap_or_default();
@@ -207,6 +215,8 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     let options = LaunchOptions {
         nnodes,
         nproc_per_node,
+        node_rank: args.node_rank.or(scheduled_node_rank),
+        role: args.role,
         coordinator,
         max_restarts: args
             .max_restarts

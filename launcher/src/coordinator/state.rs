@@ -51,6 +51,9 @@ struct Pending {
     host: String,
     nproc: u32,
     master_port: u32,
+    /// `--node-rank`.
+    node_rank: Option<u32>,
+    role: String,
     joined_at: Instant,
 }
 
@@ -85,6 +88,9 @@ pub struct JobState {
     /// The place of every member of the running generation.
     assignments: HashMap<String, Assignment>,
     members: HashMap<String, Member>,
+    /// The node rank each node had in the last generation it was part of:
+    /// a node that rejoins keeps it (files a rank saved locally stay with it).
+    node_ranks: HashMap<String, u32>,
     /// Why the last generation ended, for agents that ask late.
     last_restart_reason: String,
     /// Nodes that said goodbye after the job finished.
@@ -118,6 +124,7 @@ impl JobState {
             pending_ids: HashSet::new(),
             assignments: HashMap::new(),
             members: HashMap::new(),
+            node_ranks: HashMap::new(),
             last_restart_reason: String::new(),
             left: HashSet::new(),
             last_progress: None,
@@ -202,6 +209,9 @@ impl JobState {
         if matches!(self.phase, Phase::Finished(_)) {
             return Ok(());
         }
+        if let Some(rank) = req.node_rank {
+            self.check_static_rank(&req.node_id, rank)?;
+        }
         if !self.pending_ids.insert(req.node_id.clone()) {
             self.pending.retain(|p| p.node_id != req.node_id);
         }
@@ -210,6 +220,12 @@ impl JobState {
             host: req.host.clone(),
             nproc: req.nproc,
             master_port: req.master_port,
+            node_rank: req.node_rank,
+            role: if req.role.is_empty() {
+                DEFAULT_ROLE.to_owned()
+            } else {
+                req.role.clone()
+            },
             joined_at: now,
         });
         let message = format!(
@@ -219,6 +235,28 @@ impl JobState {
         self.emit(EventKind::NodeJoined, message);
         self.try_form(now);
         Ok(())
+    }
+
+    /// `--node-rank rank` of `node_id`: below the job's node count and not
+    /// asked for by another waiting node.
+    fn check_static_rank(&self, node_id: &str, rank: u32) -> Result<(), Refusal> {
+        if let Some(range) = self.range.filter(|r| rank >= r.max) {
+            return Err(Refusal::InvalidArgument(format!(
+                "--node-rank {rank} is not below --nnodes {range}: give the nodes ranks 0 to {}",
+                range.max - 1
+            )));
+        }
+        match self
+            .pending
+            .iter()
+            .find(|p| p.node_rank == Some(rank) && p.node_id != node_id)
+        {
+            Some(other) => Err(Refusal::InvalidArgument(format!(
+                "--node-rank {rank} is already taken by node {} ({}): give each node its own --node-rank",
+                other.node_id, other.host
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// A node's `Join` went away before its generation formed.
@@ -262,36 +300,54 @@ impl JobState {
         let Formation::Form { nodes } = decision else {
             return;
         };
-        let chosen: Vec<Pending> = self.pending.drain(..nodes).collect();
+        let mut chosen: Vec<Pending> = self.pending.drain(..nodes).collect();
         for p in &chosen {
             self.pending_ids.remove(&p.node_id);
         }
-        let world_size: u32 = chosen.iter().map(|p| p.nproc).sum();
-        let (master_addr, master_port) = (chosen[0].host.clone(), chosen[0].master_port);
+        let asked: Vec<Option<u32>> = chosen.iter().map(|p| p.node_rank).collect();
+        let held: Vec<Option<u32>> = chosen
+            .iter()
+            .map(|p| self.node_ranks.get(&p.node_id).copied())
+            .collect();
+        let ranks = node_ranks(&asked, &held);
+        let mut ranked: Vec<(u32, Pending)> = ranks.into_iter().zip(chosen.drain(..)).collect();
+        ranked.sort_by_key(|(rank, _)| *rank);
+        let world_size: u32 = ranked.iter().map(|(_, p)| p.nproc).sum();
+        let (master_addr, master_port) = (ranked[0].1.host.clone(), ranked[0].1.master_port);
         let job_id = self.job_id.clone().unwrap_or_default();
         self.assignments.clear();
         self.members.clear();
         self.left.clear();
         let mut offset = 0;
-        for (node_rank, p) in chosen.into_iter().enumerate() {
+        let mut role_offsets: HashMap<String, u32> = HashMap::new();
+        let mut role_worlds: HashMap<String, u32> = HashMap::new();
+        for (_, p) in &ranked {
+            *role_worlds.entry(p.role.clone()).or_default() += p.nproc;
+        }
+        for (node_rank, p) in ranked {
+            let role_offset = role_offsets.entry(p.role.clone()).or_default();
+            self.node_ranks.insert(p.node_id.clone(), node_rank);
             self.assignments.insert(
                 p.node_id.clone(),
                 Assignment {
                     job_id: job_id.clone(),
                     generation: self.generation,
                     restart_count: self.restart_count,
-                    node_rank: node_rank as u32,
+                    node_rank,
                     nnodes: nodes as u32,
                     world_size,
                     rank_offset: offset,
                     master_addr: master_addr.clone(),
                     master_port,
+                    role_rank_offset: *role_offset,
+                    role_world_size: role_worlds[&p.role],
                 },
             );
+            *role_offset += p.nproc;
             self.members.insert(
                 p.node_id,
                 Member {
-                    node_rank: node_rank as u32,
+                    node_rank,
                     host: p.host,
                     last_heartbeat: now,
                     done: false,
@@ -516,6 +572,34 @@ impl JobState {
     }
 }
 
+/// torchrun's role when `--role` is not given.
+pub const DEFAULT_ROLE: &str = "default";
+
+/// The node ranks `0..n` of the `n` nodes of a new generation, in their
+/// order: the rank a node `asked` for (`--node-rank`) if below `n`, else the
+/// one it `held` in the last generation it was part of if still free, else
+/// the lowest free one (in join order).
+fn node_ranks(asked: &[Option<u32>], held: &[Option<u32>]) -> Vec<u32> {
+    let n = asked.len() as u32;
+    let mut ranks: Vec<Option<u32>> = vec![None; asked.len()];
+    let mut taken = vec![false; asked.len()];
+    for wants in [asked, held] {
+        for (i, rank) in wants.iter().enumerate() {
+            if let Some(r) = rank.filter(|r| *r < n && !taken[*r as usize])
+                && ranks[i].is_none()
+            {
+                ranks[i] = Some(r);
+                taken[r as usize] = true;
+            }
+        }
+    }
+    let mut free = (0..n).filter(|r| !taken[*r as usize]);
+    ranks
+        .into_iter()
+        .map(|r| r.or_else(|| free.next()).expect("as many ranks as nodes"))
+        .collect()
+}
+
 /// The progress line of the job from its workers' last heartbeats.
 fn summarize<'a>(workers: impl Iterator<Item = &'a WorkerStatus>) -> Progress {
     let mut p = Progress::default();
@@ -563,6 +647,7 @@ mod tests {
                 nproc: 2,
                 master_port: 1000,
                 options: Some(JobOptions::default()),
+                ..JoinRequest::default()
             },
         )
         .unwrap();
@@ -621,6 +706,108 @@ mod tests {
                 EventKind::GenerationFormed as i32
             ]
         );
+    }
+
+    fn join_as(j: &mut JobState, node: &str, node_rank: Option<u32>, role: &str) {
+        j.register(
+            Instant::now(),
+            &JoinRequest {
+                job_id: "job".into(),
+                node_id: node.into(),
+                host: format!("host-{node}"),
+                nproc: 2,
+                master_port: 1000,
+                options: Some(JobOptions::default()),
+                node_rank,
+                role: role.into(),
+            },
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_node_that_rejoins_keeps_its_node_rank() {
+        let mut j = job(NodeRange::exactly(2), 3);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        assert_eq!(assignment(&j, "a").node_rank, 0);
+        j.report_failure(failure(1, 0));
+        // b is back first, but node 0 is still a, on a's host.
+        join(&mut j, t0, "b");
+        join(&mut j, t0, "a");
+        let (a, b) = (assignment(&j, "a"), assignment(&j, "b"));
+        assert_eq!(a.generation, 1);
+        assert_eq!((a.node_rank, a.rank_offset), (0, 0));
+        assert_eq!((b.node_rank, b.rank_offset), (1, 2));
+        assert_eq!(b.master_addr, "host-a");
+        // A new node takes the rank a lost node left free.
+        j.report_failure(failure(1, 1));
+        join(&mut j, t0, "c");
+        join(&mut j, t0, "b");
+        assert_eq!(assignment(&j, "c").node_rank, 0);
+        assert_eq!(assignment(&j, "b").node_rank, 1);
+        assert_eq!(assignment(&j, "b").master_addr, "host-c");
+    }
+
+    #[test]
+    fn node_ranks_asked_for_held_and_free() {
+        assert_eq!(node_ranks(&[None, None, None], &[None; 3]), [0, 1, 2]);
+        assert_eq!(node_ranks(&[None, None], &[Some(1), Some(0)]), [1, 0]);
+        // Asked beats held; out of range counts as nothing.
+        assert_eq!(
+            node_ranks(&[None, Some(0), Some(7)], &[Some(0), Some(2), None]),
+            [1, 0, 2]
+        );
+        assert_eq!(node_ranks(&[None, None], &[Some(1), Some(1)]), [1, 0]);
+    }
+
+    #[test]
+    fn static_node_ranks_and_roles() {
+        let mut j = job(NodeRange::exactly(3), 0);
+        join_as(&mut j, "a", Some(2), "trainer");
+        join_as(&mut j, "b", Some(0), "trainer");
+        let taken = j
+            .register(
+                Instant::now(),
+                &JoinRequest {
+                    job_id: "job".into(),
+                    node_id: "x".into(),
+                    nproc: 1,
+                    node_rank: Some(2),
+                    ..JoinRequest::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            taken.to_string(),
+            "--node-rank 2 is already taken by node a (host-a): give each node its own --node-rank"
+        );
+        let too_big = j
+            .register(
+                Instant::now(),
+                &JoinRequest {
+                    job_id: "job".into(),
+                    node_id: "x".into(),
+                    nproc: 1,
+                    node_rank: Some(3),
+                    ..JoinRequest::default()
+                },
+            )
+            .unwrap_err();
+        assert!(too_big.to_string().contains("give the nodes ranks 0 to 2"));
+        join_as(&mut j, "c", None, "");
+        let (a, b, c) = (
+            assignment(&j, "a"),
+            assignment(&j, "b"),
+            assignment(&j, "c"),
+        );
+        assert_eq!((b.node_rank, c.node_rank, a.node_rank), (0, 1, 2));
+        assert_eq!((b.rank_offset, c.rank_offset, a.rank_offset), (0, 2, 4));
+        // Role ranks count the workers of the same role, in node-rank order.
+        assert_eq!((b.role_rank_offset, b.role_world_size), (0, 4));
+        assert_eq!((c.role_rank_offset, c.role_world_size), (0, 2));
+        assert_eq!((a.role_rank_offset, a.role_world_size), (2, 4));
     }
 
     #[test]
