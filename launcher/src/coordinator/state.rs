@@ -638,19 +638,7 @@ mod tests {
     }
 
     fn join(j: &mut JobState, now: Instant, node: &str) {
-        j.register(
-            now,
-            &JoinRequest {
-                job_id: "job".into(),
-                node_id: node.into(),
-                host: format!("host-{node}"),
-                nproc: 2,
-                master_port: 1000,
-                options: Some(JobOptions::default()),
-                ..JoinRequest::default()
-            },
-        )
-        .unwrap();
+        join_as(j, now, node, None, "");
     }
 
     fn assignment(j: &JobState, node: &str) -> Assignment {
@@ -708,9 +696,9 @@ mod tests {
         );
     }
 
-    fn join_as(j: &mut JobState, node: &str, node_rank: Option<u32>, role: &str) {
+    fn join_as(j: &mut JobState, now: Instant, node: &str, node_rank: Option<u32>, role: &str) {
         j.register(
-            Instant::now(),
+            now,
             &JoinRequest {
                 job_id: "job".into(),
                 node_id: node.into(),
@@ -765,8 +753,8 @@ mod tests {
     #[test]
     fn static_node_ranks_and_roles() {
         let mut j = job(NodeRange::exactly(3), 0);
-        join_as(&mut j, "a", Some(2), "trainer");
-        join_as(&mut j, "b", Some(0), "trainer");
+        join_as(&mut j, Instant::now(), "a", Some(2), "trainer");
+        join_as(&mut j, Instant::now(), "b", Some(0), "trainer");
         let taken = j
             .register(
                 Instant::now(),
@@ -796,7 +784,7 @@ mod tests {
             )
             .unwrap_err();
         assert!(too_big.to_string().contains("give the nodes ranks 0 to 2"));
-        join_as(&mut j, "c", None, "");
+        join_as(&mut j, Instant::now(), "c", None, "");
         let (a, b, c) = (
             assignment(&j, "a"),
             assignment(&j, "b"),
