@@ -1,6 +1,7 @@
-//! A fatal signal sent to a training worker kills it the first time: the
-//! launcher reports the rank killed by SIGSEGV (Rust's stack-overflow
-//! handler used to swallow the first one).
+//! Signals to one training worker of a real job: a fatal signal kills it
+//! the first time (Rust's stack-overflow handler used to swallow the first
+//! SIGSEGV), and a rank stopped with SIGSTOP is named as the hang's cause,
+//! not its peer that stalls in the collective waiting for it.
 
 mod launch_util;
 mod worker_bin;
@@ -8,34 +9,18 @@ mod worker_bin;
 use std::path::Path;
 use std::time::Duration;
 
-use launch_util::{FAST, Proc, alive, cohort, eventually};
+use launch_util::{FAST, Proc, alive, cohort, eventually, worker_pid};
 
-/// The pid of the live process whose env has `COHORT_JOB_ID=<job>` and `RANK=<rank>`.
-fn worker_pid(job: &str, rank: u32) -> Option<i32> {
-    let job = format!("COHORT_JOB_ID={job}").into_bytes();
-    let rank = format!("RANK={rank}").into_bytes();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|&pid| {
-            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-                let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
-                vars.contains(&job.as_slice()) && vars.contains(&rank.as_slice()) && alive(pid)
-            })
-        })
-}
-
-#[test]
-fn the_first_sigsegv_kills_a_worker() {
+/// `cohort launch` of the quickstart (2 ranks) for a very long run, in `dir`.
+fn long_job(dir: &Path, job: &str, extra: &[&str]) -> Proc {
     worker_bin::ensure();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = tempfile::tempdir().unwrap();
-    let job = format!("segv-{}", std::process::id());
     let mut cmd = cohort();
-    cmd.current_dir(dir.path())
+    cmd.current_dir(dir)
         .arg("launch")
         .args(FAST)
-        .args(["--max-restarts", "0", "--job-id", &job, "--log-dir", "logs"])
+        .args(["--max-restarts", "0", "--job-id", job, "--log-dir", "logs"])
+        .args(extra)
         .arg(repo.join("configs/quickstart.toml"))
         .args([
             "--set",
@@ -47,7 +32,14 @@ fn the_first_sigsegv_kills_a_worker() {
             "--set",
             "checkpoint.every=0",
         ]);
-    let mut launcher = Proc::spawn(cmd);
+    Proc::spawn(cmd)
+}
+
+#[test]
+fn the_first_sigsegv_kills_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = format!("segv-{}", std::process::id());
+    let mut launcher = long_job(dir.path(), &job, &[]);
     launcher.wait_line("step ", false, Duration::from_secs(60));
     let pid = worker_pid(&job, 0).expect("the worker of rank 0");
     // SAFETY: kill has no memory-safety preconditions.
@@ -66,4 +58,24 @@ fn the_first_sigsegv_kills_a_worker() {
         "{}",
         launcher.err
     );
+}
+
+#[test]
+fn a_stopped_rank_is_named_as_the_cause_of_the_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = format!("stop-{}", std::process::id());
+    let mut launcher = long_job(dir.path(), &job, &["--hang-timeout", "3"]);
+    launcher.wait_line("step ", false, Duration::from_secs(60));
+    let pid = worker_pid(&job, 1).expect("the worker of rank 1");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let status = launcher.wait(Duration::from_secs(60));
+    assert!(!status.success());
+    let err = &launcher.err;
+    assert!(err.contains("root cause: rank 1 on node"), "{err}");
+    assert!(err.contains("its process is stopped"), "{err}");
+    assert!(err.contains("its peers (rank(s) 0) wait in"), "{err}");
+    assert!(err.contains("evidence: process states"), "{err}");
 }

@@ -6,20 +6,11 @@ mod launch_util;
 
 use std::time::Duration;
 
-use launch_util::{FAST, Proc, alive, cohort, eventually, script};
+use launch_util::{FAST, Proc, cohort, eventually, processes_with_env, script};
 
-/// The live processes whose environment has `COHORT_JOB_ID=<job>`.
+/// The live processes of the job `job`.
 fn job_processes(job: &str) -> Vec<i32> {
-    let mark = format!("COHORT_JOB_ID={job}").into_bytes();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == mark.as_slice()))
-        })
-        .filter(|&pid| alive(pid))
-        .collect()
+    processes_with_env(&[&format!("COHORT_JOB_ID={job}")])
 }
 
 /// Kills what a failed test left behind.

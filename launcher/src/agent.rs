@@ -17,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::LauncherError;
 use crate::client::{Client, connect, error_chain, rpc_error};
 use crate::console::Console;
-use crate::decision::{NodeRange, find_hung_worker};
+use crate::decision::{NodeRange, find_hang_culprit, find_hung_worker};
 use crate::worker::{WorkerGroup, WorkerSpec, attempt_dir, describe_exit};
 
 /// What each worker runs.
@@ -403,8 +403,13 @@ impl Agent {
                     group.refresh_progress(now, &self.console);
                     if !reported {
                         let marks = group.step_marks();
-                        if let Some((rank, reason)) = find_hung_worker(now, &marks, self.config.hang_timeout) {
+                        if let Some((first, stalled)) = find_hung_worker(now, &marks, self.config.hang_timeout) {
                             reported = true;
+                            // The first rank seen stalled is rarely the cause.
+                            let (rank, reason) = match find_hang_culprit(&group.hang_evidence()) {
+                                Some((culprit, why)) => (culprit, format!("{why}; rank {first} was the first seen stalled: {stalled}")),
+                                None => (first, format!("{stalled}; every rank stalled at the same step and none is stopped, so this is the first one seen (evidence: step marks)")),
+                            };
                             let failure = Self::failure_of(group, rank, reason);
                             if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false).await?) {
                                 return Ok(next);

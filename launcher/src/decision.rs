@@ -8,6 +8,7 @@
 //! - [`find_lost_nodes`]: which members stopped heartbeating?
 //! - [`decide_recovery`]: after a failure, restart or give up?
 //! - [`find_hung_worker`]: which worker made no step progress for too long?
+//! - [`find_hang_culprit`]: of the ranks that stalled, which one caused it?
 
 use std::fmt;
 use std::str::FromStr;
@@ -243,9 +244,92 @@ pub fn find_hung_worker(
     })
 }
 
+/// What the agent sees of one running rank when a hang is detected.
+#[derive(Clone, Copy, Debug)]
+pub struct RankEvidence {
+    pub rank: u32,
+    /// The last step it reported (`None`: it reports no steps).
+    pub step: Option<u64>,
+    /// Its process is stopped (state `T` or `t` in `/proc/PID/stat`: a
+    /// SIGSTOP, a terminal stop, a debugger).
+    pub stopped: bool,
+}
+
+fn ranks_list(ranks: impl Iterator<Item = u32>) -> String {
+    ranks.map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The root cause of a hang: in a collective every rank waits for every
+/// other, so when one rank stops, all of them stall, and the first stalled
+/// one is rarely the cause. The culprit is the rank that is *not* inside the
+/// collective its peers wait in:
+///
+/// 1. a rank whose process is stopped (it can't be in any collective);
+/// 2. else a rank behind its peers' step (it never reached the collective
+///    of the step they are in).
+///
+/// Returns the rank and the reason, naming the evidence used; `None` when
+/// no rank stands out (every rank stalled at the same step, none stopped).
+pub fn find_hang_culprit(evidence: &[RankEvidence]) -> Option<(u32, String)> {
+    let peers_of = |rank: u32| ranks_list(evidence.iter().map(|e| e.rank).filter(|&r| r != rank));
+    if let Some(stopped) = evidence.iter().find(|e| e.stopped) {
+        let peers = peers_of(stopped.rank);
+        let at = stopped
+            .step
+            .map_or_else(String::new, |s| format!(" at step {s}"));
+        return Some((
+            stopped.rank,
+            format!(
+                "hung: its process is stopped{at} (state T: SIGSTOP, a terminal stop or a debugger), so it is not in the collective its peers (rank(s) {peers}) wait in (evidence: process states, step marks)"
+            ),
+        ));
+    }
+    let steps: Vec<(u32, u64)> = evidence
+        .iter()
+        .filter_map(|e| Some((e.rank, e.step?)))
+        .collect();
+    let max = steps.iter().map(|&(_, s)| s).max()?;
+    let &(rank, step) = steps.iter().min_by_key(|&&(r, s)| (s, r))?;
+    if step == max {
+        return None;
+    }
+    let ahead = ranks_list(steps.iter().filter(|&&(_, s)| s > step).map(|&(r, _)| r));
+    Some((
+        rank,
+        format!(
+            "hung: at step {step} while rank(s) {ahead} reached step {max}: it never entered the collective they wait in (evidence: step marks)"
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hang_culprit_is_the_rank_outside_the_collective() {
+        let ev = |rank, step, stopped| RankEvidence {
+            rank,
+            step: Some(step),
+            stopped,
+        };
+        // Rank 1 stopped: both stalled at step 7, rank 0 first; rank 1 is named.
+        let (rank, reason) =
+            find_hang_culprit(&[ev(0, 7, false), ev(1, 7, true), ev(2, 7, false)]).unwrap();
+        assert_eq!(rank, 1);
+        assert!(reason.contains("process is stopped at step 7"), "{reason}");
+        assert!(reason.contains("(rank(s) 0, 2) wait in"), "{reason}");
+        assert!(reason.contains("evidence: process states"), "{reason}");
+        // Rank 2 is behind.
+        let (rank, reason) =
+            find_hang_culprit(&[ev(0, 8, false), ev(1, 8, false), ev(2, 7, false)]).unwrap();
+        assert_eq!(rank, 2);
+        assert!(reason.contains("rank(s) 0, 1 reached step 8"), "{reason}");
+        assert!(reason.contains("evidence: step marks"), "{reason}");
+        // Nobody stands out.
+        assert_eq!(find_hang_culprit(&[ev(0, 8, false), ev(1, 8, false)]), None);
+        assert_eq!(find_hang_culprit(&[]), None);
+    }
 
     #[test]
     fn node_range_parses_and_rejects() {

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::LauncherError;
 use crate::console::Console;
-use crate::decision::StepMark;
+use crate::decision::{RankEvidence, StepMark};
 use crate::reaper;
 use cohort_contract::WorkerProgress;
 
@@ -208,6 +208,19 @@ impl WorkerGroup {
             .iter()
             .filter(|w| w.exit.is_none())
             .filter_map(|w| w.mark)
+            .collect()
+    }
+
+    /// What each running worker shows of itself, for the hang culprit.
+    pub fn hang_evidence(&self) -> Vec<RankEvidence> {
+        self.workers
+            .iter()
+            .filter(|w| w.exit.is_none())
+            .map(|w| RankEvidence {
+                rank: w.rank,
+                step: w.progress.as_ref().map(|p| p.step),
+                stopped: process_stopped(w.pgid),
+            })
             .collect()
     }
 
@@ -452,6 +465,15 @@ fn spawn_one(
         progress: None,
         mark: None,
         status_error_logged: false,
+    })
+}
+
+/// The process `pid` is stopped (`T`: by a signal, `t`: by a tracer).
+fn process_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state == 'T' || state == 't')
     })
 }
 

@@ -214,3 +214,27 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The live processes whose environment holds every one of `vars` (`NAME=value`).
+pub fn processes_with_env(vars: &[&str]) -> Vec<i32> {
+    let marks: Vec<&[u8]> = vars.iter().map(|v| v.as_bytes()).collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                let have: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+                marks.iter().all(|m| have.contains(m))
+            })
+        })
+        .filter(|&pid| alive(pid))
+        .collect()
+}
+
+/// The live worker of `rank` in the job `job` (by its env contract).
+pub fn worker_pid(job: &str, rank: u32) -> Option<i32> {
+    processes_with_env(&[&format!("COHORT_JOB_ID={job}"), &format!("RANK={rank}")])
+        .first()
+        .copied()
+}
