@@ -69,6 +69,11 @@ struct CollectivesArgs {
     /// Element type: f32, f64, f16, bf16, i32, i64, u8.
     #[arg(long, default_value = "f32")]
     dtype: DType,
+    /// The reduction of all_reduce and reduce_scatter: sum, or avg (through
+    /// NCCL, avg launches a kernel even at world 1 where an in-place sum
+    /// does nothing). Results are checked either way.
+    #[arg(long, default_value = "sum")]
+    reduce: BenchReduce,
     /// Smallest buffer (bytes; K, M, G suffixes are powers of 1024).
     #[arg(long, default_value = "1K", value_parser = parse_size)]
     min_bytes: usize,
@@ -99,6 +104,21 @@ struct CollectivesArgs {
     /// Worker mode: the FileStore directory.
     #[arg(long, hide = true)]
     store: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchReduce {
+    Sum,
+    Avg,
+}
+
+impl BenchReduce {
+    fn op(self) -> ReduceOp {
+        match self {
+            BenchReduce::Sum => ReduceOp::Sum,
+            BenchReduce::Avg => ReduceOp::Avg,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -251,6 +271,13 @@ fn parent(a: &CollectivesArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let world = usize::from(a.nproc);
+    // The checked values are exact only while every sum stays small: under
+    // avg each rank's values are scaled by the world size (up to 10·N·N).
+    if a.reduce == BenchReduce::Avg && a.dtype == DType::U8 && world > 5 {
+        bail!(
+            "--reduce avg with --dtype u8 overflows u8 above 5 ranks (--nproc {world}): use sum, or another dtype"
+        );
+    }
     if a.backend == BenchBackend::Nccl {
         let ready = nccl::probe().map_err(|why| anyhow::anyhow!("--backend nccl: {why}"))?;
         if world > ready.driver.devices {
@@ -442,6 +469,7 @@ fn forwarded_args(a: &CollectivesArgs) -> Vec<String> {
         format!("--algo={}", a.algo),
         format!("--transport={}", a.transport),
         format!("--dtype={}", a.dtype),
+        format!("--reduce={}", a.reduce.op()),
         format!("--min-bytes={}", a.min_bytes),
         format!("--max-bytes={}", a.max_bytes),
         format!("--factor={}", a.factor),
@@ -487,6 +515,10 @@ bench_elem!(
 
 /// Values repeat with this period, so expected results are a small table.
 const PERIOD: usize = 11;
+
+/// Written over a host buffer before a device result is copied into it:
+/// never an expected value (those are small and non-negative; -1 is 255 in u8, above any u8 sum checked here).
+const POISON: i64 = -1;
 
 fn value(rank: usize, i: usize) -> i64 {
     ((i + 3 * rank) % PERIOD) as i64
@@ -583,15 +615,16 @@ fn nccl_op(
     op: BenchOp,
     count: usize,
     dtype: DType,
+    reduce: ReduceOp,
 ) -> anyhow::Result<()> {
     let s = Stream::DEFAULT;
     // SAFETY: `dev` holds `count` elements of `dtype` on this rank's GPU and
     // lives until the synchronize below.
     unsafe {
         match op {
-            BenchOp::AllReduce => nccl.all_reduce(dev.ptr(), count, dtype, ReduceOp::Sum, s)?,
+            BenchOp::AllReduce => nccl.all_reduce(dev.ptr(), count, dtype, reduce, s)?,
             BenchOp::ReduceScatter => {
-                nccl.reduce_scatter(dev.ptr(), count, dtype, ReduceOp::Sum, s)?;
+                nccl.reduce_scatter(dev.ptr(), count, dtype, reduce, s)?;
             }
             BenchOp::AllGather => nccl.all_gather(dev.ptr(), count, dtype, s)?,
             BenchOp::Broadcast => nccl.broadcast(dev.ptr(), count, dtype, 0, s)?,
@@ -614,9 +647,14 @@ fn measure<T: BenchElem>(
         algorithm: a.algo,
         timeout: None,
     };
+    // Under avg every rank's values are scaled by the world size, so the
+    // average is the same exact integers as the unscaled sum.
+    let reduce = a.reduce.op();
+    let scale = if reduce == ReduceOp::Avg { world } else { 1 } as i64;
+    let value = |rank, i| value(rank, i) * scale;
     let mine: [T; PERIOD] = table(|i| value(rank, i));
     let root0: [T; PERIOD] = table(|i| value(0, i));
-    let sum: [T; PERIOD] = table(|i| (0..world).map(|r| value(r, i)).sum());
+    let reduced: [T; PERIOD] = table(|i| (0..world).map(|r| value(r, i)).sum::<i64>() / scale);
     let owners: Vec<[T; PERIOD]> = (0..world).map(|r| table(|i| value(r, i))).collect();
     let shard = shard_range(count, world, rank);
     let mut buf = vec![T::from_i64(0); count];
@@ -644,11 +682,11 @@ fn measure<T: BenchElem>(
         comm.barrier(&quiet)?;
         let started = Instant::now();
         match gpu.as_mut() {
-            Some((nccl, dev)) => nccl_op(nccl, dev, op, count, T::DTYPE)?,
+            Some((nccl, dev)) => nccl_op(nccl, dev, op, count, T::DTYPE, reduce)?,
             None => match op {
-                BenchOp::AllReduce => comm.all_reduce(&mut buf, ReduceOp::Sum, &opts)?,
+                BenchOp::AllReduce => comm.all_reduce(&mut buf, reduce, &opts)?,
                 BenchOp::ReduceScatter => {
-                    comm.reduce_scatter(&mut buf, ReduceOp::Sum, &opts)?;
+                    comm.reduce_scatter(&mut buf, reduce, &opts)?;
                 }
                 BenchOp::AllGather => comm.all_gather(&mut buf, &opts)?,
                 BenchOp::Broadcast => comm.broadcast(&mut buf, 0, &opts)?,
@@ -659,13 +697,16 @@ fn measure<T: BenchElem>(
             times_us.push(took.as_secs_f64() * 1e6);
         }
         if let Some((_, dev)) = gpu.as_ref() {
+            // Poisoned first: a read-back that never happened leaves no
+            // right answer behind (at world 1 the input is the answer).
+            buf.fill(T::from_i64(POISON));
             dev.copy_to_host(bytemuck::cast_slice_mut(&mut buf))
                 .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
         }
         comm.barrier(&quiet)?;
         wrong += match op {
-            BenchOp::AllReduce => count_wrong(&buf, 0..count, &sum),
-            BenchOp::ReduceScatter => count_wrong(&buf, shard.clone(), &sum),
+            BenchOp::AllReduce => count_wrong(&buf, 0..count, &reduced),
+            BenchOp::ReduceScatter => count_wrong(&buf, shard.clone(), &reduced),
             BenchOp::AllGather => (0..world)
                 .map(|r| count_wrong(&buf, shard_range(count, world, r), &owners[r]))
                 .sum(),
