@@ -101,9 +101,53 @@ pub fn choose(
     }
 }
 
+/// The CUDA device a worker trains on, and whether NCCL can have one GPU
+/// per rank on this host: local rank `local_rank` of `local_world` with
+/// `visible` devices visible to the process.
+///
+/// - One visible device: ordinal 0, usable by NCCL. That is how schedulers
+///   give each process its GPU (`CUDA_VISIBLE_DEVICES` per worker); if the
+///   workers really share it, NCCL's own duplicate-GPU check says so.
+/// - At least one device per local rank: ordinal `local_rank`.
+/// - Fewer devices than local ranks (but more than one): ranks share GPUs,
+///   `local_rank % visible`; NCCL is not usable (one GPU per rank), and
+///   the reason is given.
+pub fn cuda_device(
+    local_rank: usize,
+    local_world: usize,
+    visible: usize,
+) -> Result<(usize, Result<(), String>), String> {
+    match visible {
+        0 => Err("no CUDA device is visible to this process".into()),
+        1 => Ok((0, Ok(()))),
+        n if n >= local_world => Ok((local_rank, Ok(()))),
+        n => Ok((
+            local_rank % n,
+            Err(format!(
+                "{local_world} workers on this node share {n} GPUs, and NCCL needs one GPU per rank"
+            )),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One GPU visible per process, as schedulers set CUDA_VISIBLE_DEVICES
+    /// per worker: every rank uses its device 0 and NCCL is usable.
+    #[test]
+    fn a_single_visible_device_is_ordinal_zero_for_every_rank() {
+        for rank in 0..8 {
+            assert_eq!(cuda_device(rank, 8, 1), Ok((0, Ok(()))));
+        }
+        assert_eq!(cuda_device(3, 8, 8), Ok((3, Ok(()))));
+        assert_eq!(cuda_device(1, 2, 4), Ok((1, Ok(()))));
+        let (dev, nccl) = cuda_device(3, 4, 2).unwrap();
+        assert_eq!(dev, 1);
+        assert!(nccl.unwrap_err().contains("4 workers on this node share 2 GPUs"));
+        assert!(cuda_device(0, 1, 0).unwrap_err().contains("no CUDA device"));
+    }
 
     #[test]
     fn auto_takes_nccl_only_for_cuda_tensors_with_nccl_usable() {

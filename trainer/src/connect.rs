@@ -72,13 +72,11 @@ pub fn connect_backend(
     let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
     let usable = if !cuda {
         Err("not needed".into())
-    } else if env.local_world > gpus {
-        Err(format!(
-            "{} workers on this node share {gpus} GPU(s), and NCCL needs one GPU per rank",
-            env.local_world
-        ))
     } else {
-        nccl::probe().map(|r| r.nccl.version)
+        // One GPU per rank (see `backend::cuda_device`), then NCCL itself.
+        backend::cuda_device(env.local_rank, env.local_world, gpus)
+            .and_then(|(_, one_per_rank)| one_per_rank)
+            .and_then(|()| nccl::probe().map(|r| r.nccl.version))
     };
     let (backend, why) = backend::choose(request, cuda, usable.as_deref().map_err(String::as_str))
         .map_err(TrainError::Config)?;

@@ -12,8 +12,16 @@
 //! Bootstrap: rank 0 asks NCCL for a unique id and publishes it in the store
 //! under `nccl/unique_id` (the coordinator's key-value store under `cohort
 //! launch`); every rank waits for it there and joins with
-//! `ncclCommInitRankConfig` in non-blocking mode, polling with a deadline, so
-//! a rank that never arrives makes the others fail instead of hang.
+//! `ncclCommInitRankConfig` on a thread of its own, waited for with a
+//! deadline, so a rank that never arrives makes the others fail instead of
+//! hang.
+//!
+//! Blocking, with a watchdog, as PyTorch's ProcessGroupNCCL: the communicator
+//! is blocking, so an op's NCCL call returns once the work is enqueued (a
+//! non-blocking communicator answers `ncclInProgress` and finishes each call
+//! on a helper thread, polled; 0.1-1 ms per op). A call that blocks on a
+//! peer that is gone is ended by the [`watchdog`] thread, which aborts the
+//! communicator at the call's deadline.
 //!
 //! Ordering with other GPU work: each op is enqueued on the CUDA stream the
 //! caller names and returns without waiting. [`Stream::DEFAULT`] is the
@@ -36,9 +44,11 @@
 
 mod device;
 pub mod probe;
+mod watchdog;
 
 use std::ffi::{CStr, c_int, c_void};
 use std::ops::Range;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{result as cu, sys as cusys};
@@ -47,6 +57,7 @@ use cudarc::nccl::sys as nc;
 use device::primary_context;
 pub use device::{DeviceBuffer, Stream};
 pub use probe::{CudaDriver, NcclLibrary, NcclReady, probe};
+use watchdog::{Cause, Watchdog};
 
 use crate::error::CommError;
 use crate::store::Store;
@@ -68,6 +79,9 @@ pub struct NcclCommunicator {
     /// A small device buffer for barriers.
     token: DeviceBuffer,
     broken: Option<String>,
+    /// Aborts `comm` when a call outlives its deadline; the one place that
+    /// aborts it at all.
+    watchdog: Watchdog,
 }
 
 // SAFETY: the NCCL communicator and CUDA context handles may be used from any
@@ -140,31 +154,22 @@ impl NcclCommunicator {
         };
         let token =
             DeviceBuffer::new(device, 8).map_err(|e| fail("allocating device memory", e))?;
-        let mut config = config_initializer();
-        // Non-blocking: init and ops return at once and are polled with a deadline.
-        config.blocking = 0;
-        let mut comm: nc::ncclComm_t = std::ptr::null_mut();
-        let deadline = Instant::now() + timeout;
-        // SAFETY: valid out-pointers; the device's context is current.
-        let rc = unsafe {
-            nc::ncclCommInitRankConfig(&mut comm, world as c_int, id, rank as c_int, &mut config)
-        };
-        let joined = started(rc)
-            .and_then(|()| wait_ready(comm, deadline))
-            .map_err(|e| match e {
-                Wait::Failed(detail) => detail,
-                Wait::TimedOut => format!(
-                    "the other ranks did not join within {timeout:?} (are all {world} started, \
-                     each on its own GPU, and can they reach each other?)"
-                ),
-            });
-        if let Err(detail) = joined {
-            if !comm.is_null() {
-                // SAFETY: a communicator handle NCCL returned; never used again.
-                unsafe { nc::ncclCommAbort(comm) };
-            }
-            return Err(fail("joining the NCCL communicator", detail));
-        }
+        let comm = init_blocking(ctx, id, rank, world, timeout)
+            .map_err(|detail| fail("joining the NCCL communicator", detail))?;
+        let (comm_addr, ctx_addr) = (comm as usize, ctx as usize);
+        let watchdog = Watchdog::start(
+            format!("nccl-watchdog-{rank}"),
+            Box::new(move || {
+                // SAFETY: the communicator NCCL returned, aborted once (the
+                // watchdog guarantees it) and never used afterwards; its
+                // context is made current on the calling thread first.
+                unsafe {
+                    let _ = cu::ctx::set_current(ctx_addr as cusys::CUcontext);
+                    nc::ncclCommAbort(comm_addr as nc::ncclComm_t);
+                }
+            }),
+        )
+        .map_err(|e| fail("starting the watchdog thread", e.to_string()))?;
         Ok(NcclCommunicator {
             comm,
             ctx,
@@ -174,6 +179,7 @@ impl NcclCommunicator {
             default_timeout: timeout,
             token,
             broken: None,
+            watchdog,
         })
     }
 
@@ -427,18 +433,19 @@ impl NcclCommunicator {
         if let Err(e) = unsafe { cu::ctx::set_current(self.ctx) } {
             return Err(self.break_with(what, probe::driver_error(e)));
         }
-        let deadline = Instant::now() + self.default_timeout;
-        let result = enqueue(self.comm, self.rank)
-            .into_iter()
-            .try_for_each(started)
-            .and_then(|()| wait_ready(self.comm, deadline))
-            .map_err(|e| match e {
-                Wait::Failed(detail) => detail,
-                Wait::TimedOut => format!(
-                    "NCCL did not accept the op within {:?}",
-                    self.default_timeout
-                ),
-            });
+        let timeout = self.default_timeout;
+        let (comm, rank) = (self.comm, self.rank);
+        let (results, timed_out) = self
+            .watchdog
+            .guard(Instant::now() + timeout, || enqueue(comm, rank));
+        let result = if timed_out {
+            Err(format!(
+                "the NCCL call did not return within {timeout:?}: a rank may have died or \
+                 stopped before connecting (see the other ranks' logs)"
+            ))
+        } else {
+            results.into_iter().try_for_each(nccl_ok)
+        };
         result.map_err(|detail| {
             // SAFETY: the communicator handle is valid until drop.
             let last = unsafe { CStr::from_ptr(nc::ncclGetLastError(self.comm)) };
@@ -471,9 +478,11 @@ impl NcclCommunicator {
             detail,
         };
         if self.broken.is_none() {
-            // SAFETY: a valid communicator, aborted once and never used again.
-            unsafe { nc::ncclCommAbort(self.comm) };
-            self.broken = Some(err.to_string());
+            let cause = match self.watchdog.abort() {
+                Cause::Deadline => format!("{err} (aborted by the watchdog)"),
+                Cause::Owner => err.to_string(),
+            };
+            self.broken = Some(cause);
         }
         err
     }
@@ -481,16 +490,10 @@ impl NcclCommunicator {
 
 impl Drop for NcclCommunicator {
     fn drop(&mut self) {
-        if self.broken.is_some() {
-            return;
-        }
-        // SAFETY: a valid communicator, released once. Abort rather than
-        // destroy: destroy waits for outstanding work, which could hang if a
-        // peer is gone; anything the program needed it has synchronised on.
-        unsafe {
-            let _ = cu::ctx::set_current(self.ctx);
-            nc::ncclCommAbort(self.comm);
-        }
+        // Abort rather than destroy: destroy waits for outstanding work, which
+        // could hang if a peer is gone; anything the program needed it has
+        // synchronised on. A no-op when already aborted.
+        self.watchdog.abort();
     }
 }
 
@@ -542,38 +545,63 @@ fn per_shard(
     results
 }
 
-enum Wait {
-    Failed(String),
-    TimedOut,
-}
-
-/// An NCCL call's result: accepted (done or in progress), or the error.
-fn started(rc: nc::ncclResult_t) -> Result<(), Wait> {
-    match rc {
-        nc::ncclResult_t::ncclSuccess | nc::ncclResult_t::ncclInProgress => Ok(()),
-        other => Err(Wait::Failed(nccl_error(other))),
-    }
-}
-
-/// Polls a non-blocking communicator until its pending call is done.
-fn wait_ready(comm: nc::ncclComm_t, deadline: Instant) -> Result<(), Wait> {
-    loop {
-        let mut state = nc::ncclResult_t::ncclInProgress;
-        // SAFETY: a valid communicator and out-pointer.
-        let rc = unsafe { nc::ncclCommGetAsyncError(comm, &mut state) };
-        if rc != nc::ncclResult_t::ncclSuccess {
-            return Err(Wait::Failed(nccl_error(rc)));
-        }
-        match state {
-            nc::ncclResult_t::ncclSuccess => return Ok(()),
-            nc::ncclResult_t::ncclInProgress => {
-                if Instant::now() >= deadline {
-                    return Err(Wait::TimedOut);
+/// `ncclCommInitRankConfig` for a blocking communicator, on a thread of its
+/// own (a blocking init can't be interrupted): it waits for the other ranks
+/// at most `timeout`. When they never come the thread stays blocked in NCCL
+/// and the caller gets the error; the process is then on its way out.
+fn init_blocking(
+    ctx: cusys::CUcontext,
+    id: nc::ncclUniqueId,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<nc::ncclComm_t, String> {
+    let (tx, rx) = mpsc::channel();
+    let ctx_addr = ctx as usize;
+    std::thread::Builder::new()
+        .name(format!("nccl-init-{rank}"))
+        .spawn(move || {
+            let mut config = config_initializer();
+            config.blocking = 1;
+            let mut comm: nc::ncclComm_t = std::ptr::null_mut();
+            // SAFETY: the context of this rank's device, made current here;
+            // valid out-pointers.
+            let rc = unsafe {
+                match cu::ctx::set_current(ctx_addr as cusys::CUcontext) {
+                    Ok(()) => nc::ncclCommInitRankConfig(
+                        &mut comm,
+                        world as c_int,
+                        id,
+                        rank as c_int,
+                        &mut config,
+                    ),
+                    Err(_) => nc::ncclResult_t::ncclUnhandledCudaError,
                 }
-                std::thread::sleep(Duration::from_micros(50));
+            };
+            let _ = tx.send((rc, comm as usize));
+        })
+        .map_err(|e| format!("starting a thread for NCCL's init: {e}"))?;
+    match rx.recv_timeout(timeout) {
+        Ok((nc::ncclResult_t::ncclSuccess, comm)) => Ok(comm as nc::ncclComm_t),
+        Ok((rc, comm)) => {
+            let mut detail = nccl_error(rc);
+            if comm != 0 {
+                // SAFETY: the handle NCCL returned with the error: its last
+                // error names the cause; aborted once, never used again.
+                unsafe {
+                    let last = CStr::from_ptr(nc::ncclGetLastError(comm as nc::ncclComm_t));
+                    if !last.is_empty() {
+                        detail = format!("{detail}: {}", last.to_string_lossy());
+                    }
+                    nc::ncclCommAbort(comm as nc::ncclComm_t);
+                }
             }
-            other => return Err(Wait::Failed(nccl_error(other))),
+            Err(detail)
         }
+        Err(_) => Err(format!(
+            "the other ranks did not join within {timeout:?} (are all {world} started, each on \
+             its own GPU, and can they reach each other?)"
+        )),
     }
 }
 
