@@ -165,3 +165,57 @@ fn resume_never_starts_from_scratch_even_with_checkpoints_present() {
     let out = job.launch("ck", 20, &["--resume", "never"], &[]);
     assert!(!out.contains("resumed from"), "{out}");
 }
+
+/// Flips a byte near the end of `file`.
+fn corrupt(file: &Path) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn when_every_checkpoint_is_corrupt_resuming_is_refused() {
+    let job = Job::new();
+    job.launch("ck", 20, &[], &[]);
+    for step in ["step-00000010", "step-00000020"] {
+        corrupt(&job.ckpt("ck").join(step).join("rank-00000.safetensors"));
+    }
+    let (ok, out) = job.try_launch("ck", 30, &[], &[]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("exit status: 1"), "{out}");
+    assert!(out.contains("no checkpoint in"), "{out}");
+    assert!(
+        out.contains("step-00000010: ") && out.contains("step-00000020: "),
+        "{out}"
+    );
+    assert!(!out.contains("done: 30 steps"), "{out}");
+    // Starting over is a choice the user makes.
+    let out = job.launch("ck", 30, &["--resume", "never"], &[]);
+    assert!(out.contains("done: 30 steps"), "{out}");
+}
+
+#[test]
+fn a_garbage_latest_is_ignored_by_every_ckpt_command_and_rewritten() {
+    let job = Job::new();
+    job.launch("ck", 20, &[], &[]);
+    let root = job.ckpt("ck");
+    std::fs::write(root.join("latest"), b"\xff\xfegarbage").unwrap();
+    for command in ["verify", "inspect"] {
+        let mut cmd = cohort();
+        cmd.args(["ckpt", command]).arg(&root);
+        let (status, out, err) = run(cmd, DEADLINE);
+        assert!(status.success(), "ckpt {command}: {out}{err}");
+        assert!(
+            err.contains("ignoring") && err.contains("step-00000020"),
+            "{err}"
+        );
+    }
+    let straight = job.export("ck");
+    // A resume at the final step commits nothing, and still repairs `latest`.
+    let out = job.launch("ck", 20, &[], &[]);
+    assert!(out.contains("at step 20"), "{out}");
+    let latest = std::fs::read_to_string(root.join("latest")).unwrap();
+    assert_eq!(latest.trim(), "step-00000020");
+    assert!(job.export("ck") == straight);
+}

@@ -8,23 +8,23 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum CkptError {
     /// An operating-system call on `path` failed.
-    #[error("could not {op} {}: {source}", path.display())]
+    #[error("could not {op} {}: {error}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        // In the message, not a `#[source]`: a `{:#}` chain would print it twice.
+        error: io::Error,
     },
 
     /// `Saver::new` could not create or write a probe file in the root.
     #[error(
-        "checkpoint directory {} is not writable ({source}); point the checkpoint directory at a writable path on storage every rank can see",
+        "checkpoint directory {} is not writable ({error}); point the checkpoint directory at a writable path on storage every rank can see",
         root.display()
     )]
     NotWritable {
         root: PathBuf,
-        #[source]
-        source: io::Error,
+        // In the message, not a `#[source]`: a `{:#}` chain would print it twice.
+        error: io::Error,
     },
 
     /// The path given is neither a step directory nor a checkpoint root.
@@ -33,6 +33,17 @@ pub enum CkptError {
         path.display()
     )]
     NotACheckpoint { path: PathBuf, detail: String },
+
+    /// Checkpoints exist under a root, but none of them verifies.
+    #[error(
+        "no checkpoint in {} verifies, so there is nothing to resume from:\n  {}\nrepair or remove them, resume from a copy (--resume PATH), or start over on purpose with --resume never",
+        root.display(),
+        failures.join("\n  ")
+    )]
+    NoneVerifies {
+        root: PathBuf,
+        failures: Vec<String>,
+    },
 
     /// `manifest.json` is missing, truncated, not JSON, or inconsistent.
     #[error("bad manifest {}: {detail}", path.display())]
@@ -94,6 +105,6 @@ pub enum CkptError {
 impl CkptError {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
         let path = path.into();
-        move |source| CkptError::Io { op, path, source }
+        move |error| CkptError::Io { op, path, error }
     }
 }

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 pub use error::CkptError;
 pub use format::Manifest;
 pub use load::{
-    ExportSummary, VerifyReport, export, find_resumable, load, read_manifest, resolve, verify,
+    ExportSummary, VerifyReport, export, find_resumable, latest_needs_repair, load, read_manifest,
+    resolve, step_dirs, verify,
 };
 pub use save::{Saver, SaverOptions};
 

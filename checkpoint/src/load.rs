@@ -31,22 +31,16 @@ pub fn resolve(path: &Path) -> Result<PathBuf, CkptError> {
     }
     let latest = path.join(LATEST_FILE);
     if latest.exists() {
-        let text = fs::read_to_string(&latest).map_err(CkptError::io("read", &latest))?;
-        let name = text.trim();
-        if format::parse_step_dir_name(name).is_none() {
-            return Err(not_ckpt(format!(
-                "{} holds {name:?}, not a step directory name",
-                latest.display()
-            )));
+        match read_latest(path) {
+            Ok(dir) => return Ok(dir),
+            Err(why) => match newest_step_dir(path)? {
+                Some(dir) => {
+                    warn_latest(&why, &dir);
+                    return Ok(dir);
+                }
+                None => return Err(not_ckpt(why)),
+            },
         }
-        let dir = path.join(name);
-        if !dir.join(MANIFEST_FILE).exists() {
-            return Err(not_ckpt(format!(
-                "{} points to {name}, which has no {MANIFEST_FILE}",
-                latest.display()
-            )));
-        }
-        return Ok(dir);
     }
     let is_step = path
         .file_name()
@@ -59,6 +53,80 @@ pub fn resolve(path: &Path) -> Result<PathBuf, CkptError> {
     Err(not_ckpt(format!(
         "it holds neither {MANIFEST_FILE} nor {LATEST_FILE}"
     )))
+}
+
+/// The step directory `root/latest` names, or why it names none.
+fn read_latest(root: &Path) -> Result<PathBuf, String> {
+    let latest = root.join(LATEST_FILE);
+    let bytes =
+        fs::read(&latest).map_err(|e| format!("{} can't be read ({e})", latest.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let name = text.trim();
+    if format::parse_step_dir_name(name).is_none() {
+        let shown: String = name.chars().take(40).collect();
+        return Err(format!(
+            "{} holds {shown:?}, not a step directory name",
+            latest.display()
+        ));
+    }
+    let dir = root.join(name);
+    if !dir.join(MANIFEST_FILE).exists() {
+        return Err(format!(
+            "{} points to {name}, which has no {MANIFEST_FILE}",
+            latest.display()
+        ));
+    }
+    Ok(dir)
+}
+
+fn warn_latest(why: &str, dir: &Path) {
+    tracing::warn!(
+        "ignoring {why}; using the newest step directory, {} (the next commit rewrites `latest`)",
+        dir.display()
+    );
+}
+
+/// The committed step directories under `root`, newest first.
+pub fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>, CkptError> {
+    let entries = match fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(CkptError::io("list", root)(e)),
+    };
+    let mut steps = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(CkptError::io("list", root))?;
+        if let Some(step) = entry
+            .file_name()
+            .to_str()
+            .and_then(format::parse_step_dir_name)
+        {
+            steps.push((step, entry.path()));
+        }
+    }
+    steps.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
+    Ok(steps)
+}
+
+/// The newest step directory under `root` that has a manifest.
+fn newest_step_dir(root: &Path) -> Result<Option<PathBuf>, CkptError> {
+    Ok(step_dirs(root)?
+        .into_iter()
+        .map(|(_, dir)| dir)
+        .find(|dir| dir.join(MANIFEST_FILE).exists()))
+}
+
+/// When `root/latest` does not name a committed step, the newest committed
+/// step it should name (with a warning saying why), so the caller can
+/// rewrite it; `None` when `latest` is fine or there is no step.
+pub fn latest_needs_repair(root: &Path) -> Result<Option<PathBuf>, CkptError> {
+    if !root.join(LATEST_FILE).exists() && step_dirs(root)?.is_empty() {
+        return Ok(None);
+    }
+    let Err(why) = read_latest(root) else {
+        return Ok(None);
+    };
+    Ok(newest_step_dir(root)?.inspect(|dir| warn_latest(&why, dir)))
 }
 
 /// The manifest of the step `path` names (see [`resolve`]).
@@ -254,38 +322,32 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CkptError> {
 }
 
 /// The newest committed step under `root` that verifies, or `None` if there
-/// is none (or no `root`). Each newer step that fails is skipped with a
-/// warning naming the file and the problem.
+/// is no step (or no `root`). Each newer step that fails is skipped with a
+/// warning naming the file and the problem; when steps exist but none
+/// verifies, that is an error naming each one and why (starting over from
+/// step 0 would silently throw the run away).
 pub fn find_resumable(root: &Path) -> Result<Option<PathBuf>, CkptError> {
-    let entries = match fs::read_dir(root) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(CkptError::io("list", root)(e)),
-    };
-    let mut steps = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(CkptError::io("list", root))?;
-        if let Some(step) = entry
-            .file_name()
-            .to_str()
-            .and_then(format::parse_step_dir_name)
-        {
-            steps.push((step, entry.path()));
-        }
-    }
-    steps.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
+    let steps = step_dirs(root)?;
+    let mut failures = Vec::new();
     for (_, dir) in steps {
-        match verify(&dir) {
+        let problems: Vec<String> = match verify(&dir) {
             Ok(report) if report.is_ok() => return Ok(Some(dir)),
-            Ok(report) => {
-                for problem in report.problems {
-                    tracing::warn!("skipping checkpoint {}: {problem}", dir.display());
-                }
-            }
-            Err(problem) => tracing::warn!("skipping checkpoint {}: {problem}", dir.display()),
+            Ok(report) => report.problems.iter().map(ToString::to_string).collect(),
+            Err(problem) => vec![problem.to_string()],
+        };
+        for problem in &problems {
+            tracing::warn!("skipping checkpoint {}: {problem}", dir.display());
         }
+        failures.push(format!("{}: {}", dir.display(), problems.join("; ")));
     }
-    Ok(None)
+    if failures.is_empty() {
+        Ok(None)
+    } else {
+        Err(CkptError::NoneVerifies {
+            root: root.to_path_buf(),
+            failures,
+        })
+    }
 }
 
 /// What [`export`] wrote.

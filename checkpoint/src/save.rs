@@ -112,6 +112,9 @@ impl Saver {
             return Err(CkptError::Invalid("commit_timeout must be positive".into()));
         }
         check_writable(root, rank)?;
+        if rank == 0 {
+            repair_latest(root)?;
+        }
         let writer = Writer {
             root: root.to_path_buf(),
             rank,
@@ -192,14 +195,35 @@ impl Drop for Saver {
 }
 
 fn check_writable(root: &Path, rank: usize) -> Result<(), CkptError> {
-    let not_writable = |source| CkptError::NotWritable {
+    let not_writable = |error| CkptError::NotWritable {
         root: root.to_path_buf(),
-        source,
+        error,
     };
     fs::create_dir_all(root).map_err(not_writable)?;
     let probe = root.join(format!(".write-probe-{rank}-{}", std::process::id()));
-    fs::write(&probe, b"cohort").map_err(not_writable)?;
+    if let Err(e) = fs::write(&probe, b"cohort") {
+        // A full disk can fail the write after creating the file.
+        let _ = fs::remove_file(&probe);
+        return Err(not_writable(e));
+    }
     fs::remove_file(&probe).map_err(not_writable)
+}
+
+/// A `latest` that names no committed step (garbage, a step since removed)
+/// is rewritten to the newest committed step at start, so a job that
+/// resumes at its final step, and so commits nothing, still leaves a good
+/// one (loaders already fall back to the newest step, with a warning).
+fn repair_latest(root: &Path) -> Result<(), CkptError> {
+    if let Some(dir) = crate::latest_needs_repair(root)? {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        format::write_file_atomic(&root.join(LATEST_FILE), format!("{name}\n").as_bytes())?;
+        format::fsync_dir(root)?;
+        tracing::warn!(
+            "rewrote {} to name {name}",
+            root.join(LATEST_FILE).display()
+        );
+    }
+    Ok(())
 }
 
 impl Writer {
@@ -261,9 +285,27 @@ impl Writer {
         .or_else(invalid)
     }
 
-    /// Steps 1 to 4 of the protocol for this rank.
+    /// Steps 1 to 4 of the protocol for this rank; a failed save removes
+    /// what it wrote (rank 0, whose commit failed: the whole partial
+    /// directory), so failures leave no `.partial-step-*` behind.
     fn write(&self, meta: Meta, shard: Shard) -> Result<(), CkptError> {
         let partial = self.root.join(format::partial_dir_name(meta.step));
+        let result = self.write_steps(meta, shard, &partial);
+        if result.is_err() {
+            if self.rank == 0 {
+                let _ = fs::remove_dir_all(&partial);
+            } else {
+                let _ = fs::remove_file(partial.join(format::shard_file_name(self.rank)));
+                let _ = fs::remove_file(partial.join(format::done_file_name(self.rank)));
+                // Only once the other ranks' files are gone too.
+                let _ = fs::remove_dir(&partial);
+            }
+        }
+        result
+    }
+
+    fn write_steps(&self, meta: Meta, shard: Shard, partial: &Path) -> Result<(), CkptError> {
+        let partial = partial.to_path_buf();
         fs::create_dir_all(&partial).map_err(CkptError::io("create", &partial))?;
         let done_path = partial.join(format::done_file_name(self.rank));
         // A record left by a crashed earlier save of this step must not

@@ -395,6 +395,82 @@ fn missing_rank_times_out_and_the_error_surfaces_on_finish() {
         find_resumable(dir.path()).unwrap(),
         Some(dir.path().join("step-00000001"))
     );
+    // The failed save left nothing behind: no partial directory, no probe.
+    let names: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with('.')),
+        "left behind: {names:?}"
+    );
+}
+
+#[test]
+fn when_no_checkpoint_verifies_resuming_is_refused_naming_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    save_steps(root, 2, &[1, 2], opts(3, true));
+    flip_byte(&root.join("step-00000002/rank-00001.safetensors"), 500);
+    fs::remove_file(root.join("step-00000001/rank-00000.safetensors")).unwrap();
+    let err = find_resumable(root).unwrap_err();
+    assert!(matches!(err, CkptError::NoneVerifies { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("step-00000002: ") && text.contains("rank-00001.safetensors"),
+        "{text}"
+    );
+    assert!(text.contains("step-00000001: missing shard file"), "{text}");
+    assert!(text.contains("--resume never"), "{text}");
+}
+
+#[test]
+fn a_garbage_latest_falls_back_to_the_newest_step_and_is_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    save_steps(root, 1, &[1, 2], opts(3, true));
+    for garbage in [
+        &b"step-0000000x\n"[..],
+        &[0xff, 0xfe, 0x00, 0x80][..],
+        b"step-00000009\n",
+    ] {
+        fs::write(root.join("latest"), garbage).unwrap();
+        let (m, params, _) = load_all(root, 1);
+        assert_eq!((m.step, params), (2, model(2).0));
+        assert_eq!(verify(root).unwrap().manifest.step, 2);
+        assert_eq!(
+            find_resumable(root).unwrap(),
+            Some(root.join("step-00000002"))
+        );
+        // A writer starting on this root (even one that commits nothing)
+        // rewrites it.
+        drop(Saver::new(root, 0, 1, opts(3, true)).unwrap());
+        assert_eq!(latest(root), "step-00000002");
+    }
+}
+
+#[test]
+fn io_errors_say_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    fs::write(&file, b"a file").unwrap();
+    let Err(err) = Saver::new(&file.join("x"), 0, 1, opts(3, true)) else {
+        panic!("a root under a file is not writable");
+    };
+    let text = anyhow_like_chain(&err);
+    assert_eq!(text.matches("Not a directory").count(), 1, "{text}");
+}
+
+/// The error with its `source()` chain, as `{:#}` of anyhow prints it.
+fn anyhow_like_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Kills the child process if the test ends before it does.
