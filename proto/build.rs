@@ -4,6 +4,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/coordinator.proto";
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Boxed: a failure without an error file stays small.
+        .boxed(".cohort.v1.FailureInfo.error")
+        .compile_fds(fds)?;
     Ok(())
 }

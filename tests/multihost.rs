@@ -3,6 +3,7 @@
 //! first one hosting the coordinator. Skipped (with a message) only where
 //! this process can't make network namespaces.
 
+mod fixtures;
 mod launch_util;
 mod netns;
 mod worker_bin;
@@ -348,74 +349,104 @@ while True:
     );
 }
 
-/// A PyTorch DDP program with the default init (env://, as under torchrun)
-/// on 2 hosts x 2 workers: every rank averages the same gradient.
-#[test]
-fn pytorch_ddp_with_the_default_init_runs_across_two_hosts() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = repo.join(".venv/bin/python");
-    let probe = Command::new(&python)
-        .args(["-c", "import torch.distributed"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        println!("skipped: torch can't be imported with {}", python.display());
-        return;
-    }
-    let Some(net) = Net::new(2) else { return };
+/// `PROGRAM` under `cohort launch FLAGS` on 2 hosts x 1 worker (each host's
+/// name on loopback in its own hosts file), host0 hosting the coordinator
+/// as node 0: both succeeded, their stdout (host0's first), each one's stderr.
+fn on_two_hosts(flags: &[&str], program: &[&OsStr]) -> Option<(bool, String, [String; 2])> {
+    let net = Net::with_loopback_names(2)?;
     let dir = tempfile::tempdir().unwrap();
     let flags = [
         FAST,
-        &["--nnodes", "2", "--nproc-per-node", "2", "--token", "ddp"],
+        &[
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--token",
+            "torchrun",
+        ],
+        flags,
     ]
     .concat();
-    let fixture = repo.join("tests/fixtures/env_init.py");
-    let program = [python.as_os_str(), fixture.as_os_str()];
-    let launch = |extra: &[String]| run_program(&flags, dir.path(), extra, &program);
-    let (mut host0, port) = first_node(net.host(0), launch);
-    let join = ["--coordinator".to_owned(), format!("host0:{port}")];
+    let launch = |extra: &[String]| {
+        let mut cmd = run_program(&flags, dir.path(), extra, program);
+        cmd.current_dir(dir.path());
+        cmd
+    };
+    let rank0 = ["--node-rank".to_owned(), "0".to_owned()];
+    let (mut host0, port) = first_node(net.host(0), |bind| launch(&[bind, &rank0].concat()));
+    let join = [
+        "--coordinator".to_owned(),
+        format!("host0:{port}"),
+        "--node-rank".to_owned(),
+        "1".to_owned(),
+    ];
     let mut host1 = Proc::spawn(net.host(1).inside(launch(&join)));
     let (s0, s1) = (host0.wait(LIMIT), host1.wait(LIMIT));
-    let both = format!(
-        "host0:\n{}{}\nhost1:\n{}{}",
-        host0.out, host0.err, host1.out, host1.err
-    );
-    assert!(s0.success() && s1.success(), "{both}");
-    let lines: Vec<&str> = host0
-        .out
-        .lines()
-        .chain(host1.out.lines())
-        .filter(|l| l.contains("env init ok: "))
-        .collect();
-    assert_eq!(lines.len(), 4, "{both}");
-    let digests: std::collections::BTreeSet<&str> = lines
-        .iter()
-        .map(|l| l.rsplit(' ').next().unwrap())
-        .collect();
-    assert_eq!(
-        digests.len(),
-        1,
-        "the ranks' averaged gradients differ:\n{both}"
-    );
-    // Ranks 2n and 2n+1 are node n, both on the host of that node (which
-    // host joins first is a race).
-    let mut host_of_node = [None, None];
-    for rank in 0..4 {
-        let prefix = format!(
-            "[rank {rank}] env init ok: rank {rank} of 4 (local rank {} of 2, node {}), host ",
-            rank % 2,
-            rank / 2
+    Some((
+        s0.success() && s1.success(),
+        format!("{}{}", host0.out, host1.out),
+        [host0.err.clone(), host1.err.clone()],
+    ))
+}
+
+/// A PyTorch DDP program with the default init (env://, as under torchrun)
+/// on 2 hosts x 1 worker whose host names resolve to a loopback address:
+/// Gloo uses the interface cohort names (GLOO_SOCKET_IFNAME), not the name.
+#[test]
+fn pytorch_ddp_with_the_default_init_runs_across_two_hosts() {
+    let Some(python) = fixtures::python() else {
+        return;
+    };
+    let script = fixtures::fixture("env_init.py");
+    let Some((ok, out, err)) = on_two_hosts(&[], &[python.as_os_str(), script.as_os_str()]) else {
+        return;
+    };
+    let err = err.concat();
+    assert!(ok, "{out}{err}");
+    fixtures::check_env_init(&out, 2);
+    for (rank, host) in [(0, "host0"), (1, "host1")] {
+        let line = format!(
+            "[rank {rank}] env init ok: rank {rank} of 2 (local rank 0 of 1, node {rank}), host {host}, "
         );
-        let line = lines
-            .iter()
-            .find(|l| l.starts_with(&prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?}...:\n{both}"));
-        let host = line[prefix.len()..].split(',').next().unwrap();
-        assert!(host == "host0" || host == "host1", "{line}");
-        let known = host_of_node[rank / 2].get_or_insert(host);
-        assert_eq!(*known, host, "node {} on two hosts:\n{both}", rank / 2);
+        assert!(out.contains(&line), "no {line:?}:\n{out}{err}");
     }
-    assert_ne!(
-        host_of_node[0], host_of_node[1],
-        "both nodes on one host:\n{both}"
-    );
+}
+
+#[test]
+fn a_snapshot_is_resumed_on_two_hosts() {
+    let Some(python) = fixtures::python() else {
+        return;
+    };
+    let script = fixtures::fixture("elastic_snapshot.py");
+    let snapshot = tempfile::tempdir().unwrap();
+    let snapshot = snapshot.path().join("snapshot.pt");
+    let program = [python.as_os_str(), script.as_os_str(), snapshot.as_os_str()];
+    let Some((ok, out, err)) = on_two_hosts(&["--max-restarts", "1"], &program) else {
+        return;
+    };
+    let err = err.concat();
+    assert!(ok, "{out}{err}");
+    fixtures::check_snapshot_resume(&out, &err);
+}
+
+#[test]
+fn the_late_raiser_on_the_other_host_is_named_with_its_value_error() {
+    let Some(python) = fixtures::python() else {
+        return;
+    };
+    let script = fixtures::fixture("record_late_raise.py");
+    let program = [python.as_os_str(), script.as_os_str()];
+    let Some((ok, out, err)) = on_two_hosts(&["--max-restarts", "0"], &program) else {
+        return;
+    };
+    assert!(!ok, "{out}{}", err.concat());
+    // Both launchers name rank 1 on host1, although rank 0 on host0 exited first.
+    for err in &err {
+        fixtures::check_late_raiser_named(err);
+        assert!(
+            err.contains("[cohort] root cause: rank 1 on node host1-"),
+            "{err}"
+        );
+    }
 }

@@ -119,18 +119,35 @@ pub struct WorkerEnv {
     pub local_world: usize,
     /// `GROUP_RANK`: this node's rank (default 0).
     pub node_rank: usize,
+    /// `GROUP_WORLD_SIZE`: the nodes in the job (default 1).
+    pub group_world: usize,
+    /// `ROLE_NAME`, `ROLE_RANK`, `ROLE_WORLD_SIZE`.
+    pub role: Role,
+    /// `TORCHELASTIC_MAX_RESTARTS` (default 0).
+    pub max_restarts: u32,
+    /// `TORCHELASTIC_ERROR_FILE`: where `@record` writes this worker's
+    /// uncaught exception.
+    pub error_file: Option<PathBuf>,
+    /// `TORCH_NCCL_ASYNC_ERROR_HANDLING`, as given.
+    pub nccl_async_error_handling: Option<String>,
+    /// `GLOO_SOCKET_IFNAME`, as given.
+    pub gloo_socket_ifname: Option<String>,
+    /// `NCCL_SOCKET_IFNAME`, as given.
+    pub nccl_socket_ifname: Option<String>,
     /// `MASTER_ADDR`: node 0's address, for PyTorch's `env://`.
     pub master_addr: Option<String>,
     /// `MASTER_PORT`: a free port on node 0, for PyTorch's `env://`.
     pub master_port: Option<u16>,
     /// `COHORT_COORDINATOR`: the coordinator's `HOST:PORT`.
     pub coordinator: Option<String>,
-    /// `COHORT_JOB_ID`.
+    /// `COHORT_JOB_ID` (read from `TORCHELASTIC_RUN_ID` when unset, and
+    /// written to both).
     pub job_id: Option<String>,
     /// `COHORT_GENERATION`: the rendezvous round this worker belongs to.
     pub generation: Option<u64>,
     /// `COHORT_RESTART_COUNT`: how many times the job has restarted (0 on
-    /// the first run).
+    /// the first run); read from `TORCHELASTIC_RESTART_COUNT` when unset,
+    /// and written to both.
     pub restart_count: u64,
     /// The collectives' part: token, host, op timeout.
     pub comm: CommEnv,
@@ -162,6 +179,13 @@ impl Default for WorkerEnv {
             world: 1,
             local_world: 1,
             node_rank: 0,
+            group_world: 1,
+            role: Role::default(),
+            max_restarts: 0,
+            error_file: None,
+            nccl_async_error_handling: None,
+            gloo_socket_ifname: None,
+            nccl_socket_ifname: None,
             master_addr: None,
             master_port: None,
             coordinator: None,
@@ -176,6 +200,69 @@ impl Default for WorkerEnv {
             inject_fault: None,
             omp_num_threads: None,
         }
+    }
+}
+
+/// The workers' role, torch.distributed.elastic's way: a name (`--role`)
+/// and this worker's place among the workers of every node of that role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Role {
+    /// `ROLE_NAME` (default `default`, torchrun's).
+    pub name: String,
+    /// `ROLE_RANK` (default: `RANK`).
+    pub rank: usize,
+    /// `ROLE_WORLD_SIZE` (default: `WORLD_SIZE`).
+    pub world: usize,
+}
+
+impl Default for Role {
+    fn default() -> Self {
+        Role {
+            name: "default".to_owned(),
+            rank: 0,
+            world: 1,
+        }
+    }
+}
+
+/// Which of the variables cohort sets for a worker only where the user did
+/// not the launcher's own environment sets (the workers inherit those).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserSet {
+    pub omp_num_threads: bool,
+    pub nccl_async_error_handling: bool,
+    pub gloo_socket_ifname: bool,
+    pub nccl_socket_ifname: bool,
+}
+
+impl UserSet {
+    /// From this process's environment (an empty variable counts as unset).
+    pub fn from_env() -> Self {
+        Self::from_lookup(|name| std::env::var_os(name))
+    }
+
+    /// As [`UserSet::from_env`], reading variables through `get`.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<OsString>) -> Self {
+        let set = |name| get(name).is_some_and(|v| !v.is_empty());
+        UserSet {
+            omp_num_threads: set(var::OMP_NUM_THREADS),
+            nccl_async_error_handling: set(var::TORCH_NCCL_ASYNC_ERROR_HANDLING),
+            gloo_socket_ifname: set(var::GLOO_SOCKET_IFNAME),
+            nccl_socket_ifname: set(var::NCCL_SOCKET_IFNAME),
+        }
+    }
+
+    /// Fills in what torchrun (and cohort) set where the user did not:
+    /// `OMP_NUM_THREADS` (see [`omp_num_threads_for`]),
+    /// `TORCH_NCCL_ASYNC_ERROR_HANDLING=1`, and `GLOO_SOCKET_IFNAME` and
+    /// `NCCL_SOCKET_IFNAME` naming `ifname`, the interface that carries the
+    /// node's address.
+    pub fn apply(&self, env: &mut WorkerEnv, ifname: Option<&str>) {
+        env.omp_num_threads = omp_num_threads_for(env.local_world, self.omp_num_threads);
+        let unless = |user: bool, value: Option<&str>| value.filter(|_| !user).map(str::to_owned);
+        env.nccl_async_error_handling = unless(self.nccl_async_error_handling, Some("1"));
+        env.gloo_socket_ifname = unless(self.gloo_socket_ifname, ifname);
+        env.nccl_socket_ifname = unless(self.nccl_socket_ifname, ifname);
     }
 }
 
@@ -212,18 +299,39 @@ impl WorkerEnv {
                 ),
             });
         }
+        let job_id = match v.string(var::JOB_ID)? {
+            Some(id) => Some(id),
+            None => v.string(var::TORCHELASTIC_RUN_ID)?,
+        };
+        let restart_count = match v.num(var::RESTART_COUNT)? {
+            Some(n) => n,
+            None => v.num(var::TORCHELASTIC_RESTART_COUNT)?.unwrap_or(0),
+        };
         Ok(WorkerEnv {
             rank,
             local_rank: v.num(var::LOCAL_RANK)?.unwrap_or(rank),
             world,
             local_world: v.num(var::LOCAL_WORLD_SIZE)?.unwrap_or(1).max(1),
             node_rank: v.num(var::GROUP_RANK)?.unwrap_or(0),
+            group_world: v.num(var::GROUP_WORLD_SIZE)?.unwrap_or(1).max(1),
+            role: Role {
+                name: v
+                    .string(var::ROLE_NAME)?
+                    .unwrap_or_else(|| Role::default().name),
+                rank: v.num(var::ROLE_RANK)?.unwrap_or(rank),
+                world: v.num(var::ROLE_WORLD_SIZE)?.unwrap_or(world),
+            },
+            max_restarts: v.num(var::TORCHELASTIC_MAX_RESTARTS)?.unwrap_or(0),
+            error_file: v.path(var::TORCHELASTIC_ERROR_FILE),
+            nccl_async_error_handling: v.string(var::TORCH_NCCL_ASYNC_ERROR_HANDLING)?,
+            gloo_socket_ifname: v.string(var::GLOO_SOCKET_IFNAME)?,
+            nccl_socket_ifname: v.string(var::NCCL_SOCKET_IFNAME)?,
             master_addr: v.string(var::MASTER_ADDR)?,
             master_port: v.num(var::MASTER_PORT)?,
             coordinator: v.string(var::COORDINATOR)?,
-            job_id: v.string(var::JOB_ID)?,
+            job_id,
             generation: v.num(var::GENERATION)?,
-            restart_count: v.num(var::RESTART_COUNT)?.unwrap_or(0),
+            restart_count,
             comm: v.comm()?,
             log_dir: v.path(var::LOG_DIR),
             status_file: v.path(var::STATUS_FILE),
@@ -238,16 +346,31 @@ impl WorkerEnv {
     }
 
     /// The variables to start this worker with: every field that is set
-    /// (the ranks, sizes and restart count always), read back by
+    /// (the ranks, sizes, role, restart counts and
+    /// `TORCHELASTIC_USE_AGENT_STORE=False` always), read back by
     /// [`WorkerEnv::from_lookup`] as this value.
     pub fn vars(&self) -> Vec<(&'static str, OsString)> {
+        let n = |n: usize| OsString::from(n.to_string());
         let mut vars: Vec<(&'static str, OsString)> = vec![
-            (var::RANK, self.rank.to_string().into()),
-            (var::LOCAL_RANK, self.local_rank.to_string().into()),
-            (var::WORLD_SIZE, self.world.to_string().into()),
-            (var::LOCAL_WORLD_SIZE, self.local_world.to_string().into()),
-            (var::GROUP_RANK, self.node_rank.to_string().into()),
+            (var::RANK, n(self.rank)),
+            (var::LOCAL_RANK, n(self.local_rank)),
+            (var::WORLD_SIZE, n(self.world)),
+            (var::LOCAL_WORLD_SIZE, n(self.local_world)),
+            (var::GROUP_RANK, n(self.node_rank)),
+            (var::GROUP_WORLD_SIZE, n(self.group_world)),
+            (var::ROLE_NAME, self.role.name.clone().into()),
+            (var::ROLE_RANK, n(self.role.rank)),
+            (var::ROLE_WORLD_SIZE, n(self.role.world)),
             (var::RESTART_COUNT, self.restart_count.to_string().into()),
+            (
+                var::TORCHELASTIC_RESTART_COUNT,
+                self.restart_count.to_string().into(),
+            ),
+            (
+                var::TORCHELASTIC_MAX_RESTARTS,
+                self.max_restarts.to_string().into(),
+            ),
+            (var::TORCHELASTIC_USE_AGENT_STORE, "False".into()),
         ];
         let mut set = |name: &'static str, value: Option<OsString>| {
             if let Some(value) = value {
@@ -263,6 +386,14 @@ impl WorkerEnv {
         );
         set(var::COORDINATOR, string(&self.coordinator));
         set(var::JOB_ID, string(&self.job_id));
+        set(var::TORCHELASTIC_RUN_ID, string(&self.job_id));
+        set(var::TORCHELASTIC_ERROR_FILE, path(&self.error_file));
+        set(
+            var::TORCH_NCCL_ASYNC_ERROR_HANDLING,
+            string(&self.nccl_async_error_handling),
+        );
+        set(var::GLOO_SOCKET_IFNAME, string(&self.gloo_socket_ifname));
+        set(var::NCCL_SOCKET_IFNAME, string(&self.nccl_socket_ifname));
         set(
             var::GENERATION,
             self.generation.map(|g| g.to_string().into()),
@@ -481,6 +612,17 @@ mod tests {
             world: 8,
             local_world: 4,
             node_rank: 1,
+            group_world: 2,
+            role: Role {
+                name: "trainer".into(),
+                rank: 1,
+                world: 4,
+            },
+            max_restarts: 3,
+            error_file: Some("/logs/job-1/attempt_3/rank_5.error.json".into()),
+            nccl_async_error_handling: Some("1".into()),
+            gloo_socket_ifname: Some("eth0".into()),
+            nccl_socket_ifname: Some("eth0".into()),
             master_addr: Some("198.18.0.1".into()),
             master_port: Some(29500),
             coordinator: Some("198.18.0.1:29400".into()),
@@ -522,9 +664,61 @@ mod tests {
                 var::WORLD_SIZE,
                 var::LOCAL_WORLD_SIZE,
                 var::GROUP_RANK,
-                var::RESTART_COUNT
+                var::GROUP_WORLD_SIZE,
+                var::ROLE_NAME,
+                var::ROLE_RANK,
+                var::ROLE_WORLD_SIZE,
+                var::RESTART_COUNT,
+                var::TORCHELASTIC_RESTART_COUNT,
+                var::TORCHELASTIC_MAX_RESTARTS,
+                var::TORCHELASTIC_USE_AGENT_STORE,
             ]
         );
+    }
+
+    #[test]
+    fn torchruns_names_are_read_where_cohorts_are_unset() {
+        let env = WorkerEnv::from_lookup(lookup(&[
+            (var::WORLD_SIZE, "4"),
+            (var::RANK, "3"),
+            (var::TORCHELASTIC_RUN_ID, "run-7"),
+            (var::TORCHELASTIC_RESTART_COUNT, "2"),
+        ]))
+        .unwrap();
+        assert_eq!(env.job_id.as_deref(), Some("run-7"));
+        assert_eq!(env.restart_count, 2);
+        assert_eq!((env.role.rank, env.role.world), (3, 4));
+        assert_eq!(env.role.name, "default");
+        let vars = env.vars();
+        let get = |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get(var::TORCHELASTIC_USE_AGENT_STORE).unwrap(), "False");
+        assert_eq!(get(var::RESTART_COUNT).unwrap(), "2");
+    }
+
+    #[test]
+    fn what_the_user_set_is_left_to_them() {
+        let mut env = WorkerEnv {
+            local_world: 2,
+            ..WorkerEnv::default()
+        };
+        UserSet::default().apply(&mut env, Some("eth0"));
+        assert_eq!(env.omp_num_threads.as_deref(), Some("1"));
+        assert_eq!(env.nccl_async_error_handling.as_deref(), Some("1"));
+        assert_eq!(env.gloo_socket_ifname.as_deref(), Some("eth0"));
+        assert_eq!(env.nccl_socket_ifname.as_deref(), Some("eth0"));
+        let user = UserSet::from_lookup(lookup(&[
+            (var::GLOO_SOCKET_IFNAME, "ib0"),
+            (var::TORCH_NCCL_ASYNC_ERROR_HANDLING, "0"),
+            (var::NCCL_SOCKET_IFNAME, ""),
+        ]));
+        user.apply(&mut env, Some("eth0"));
+        assert_eq!(env.gloo_socket_ifname, None, "inherited from the user");
+        assert_eq!(env.nccl_async_error_handling, None);
+        assert_eq!(env.nccl_socket_ifname.as_deref(), Some("eth0"));
     }
 
     #[test]

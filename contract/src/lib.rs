@@ -37,7 +37,8 @@ mod status;
 pub mod var;
 
 pub use env::{
-    CommEnv, CoordinatorJob, DEFAULT_COLLECTIVE_TIMEOUT, Resume, WorkerEnv, omp_num_threads_for,
+    CommEnv, CoordinatorJob, DEFAULT_COLLECTIVE_TIMEOUT, Resume, Role, UserSet, WorkerEnv,
+    omp_num_threads_for,
 };
 pub use error::ContractError;
 pub use fault::{FaultPoint, FaultSpec};

@@ -1,7 +1,8 @@
 //! The name of every variable of the worker environment, written once.
 //!
-//! The first group is torchrun's, so a PyTorch script using
-//! `init_method="env://"` runs unchanged under `cohort launch`; the
+//! The first group is torchrun's (with the meanings torch.distributed.elastic
+//! gives them), so a PyTorch script using `init_method="env://"`, `@record`
+//! or `TORCHELASTIC_RESTART_COUNT` runs unchanged under `cohort launch`; the
 //! `COHORT_*` ones are cohort's own. [`crate::WorkerEnv`] reads and writes
 //! them; see its fields for what each holds.
 
@@ -19,6 +20,35 @@ pub const GROUP_RANK: &str = "GROUP_RANK";
 pub const MASTER_ADDR: &str = "MASTER_ADDR";
 /// A free port on node 0 (for PyTorch's `env://` rendezvous).
 pub const MASTER_PORT: &str = "MASTER_PORT";
+/// The number of nodes in the job.
+pub const GROUP_WORLD_SIZE: &str = "GROUP_WORLD_SIZE";
+/// The workers' role (`--role`, `default` unless given).
+pub const ROLE_NAME: &str = "ROLE_NAME";
+/// This worker's rank among the workers of its role.
+pub const ROLE_RANK: &str = "ROLE_RANK";
+/// The number of workers of this worker's role.
+pub const ROLE_WORLD_SIZE: &str = "ROLE_WORLD_SIZE";
+/// How many times the job has restarted (torchrun's name of
+/// [`RESTART_COUNT`]).
+pub const TORCHELASTIC_RESTART_COUNT: &str = "TORCHELASTIC_RESTART_COUNT";
+/// `--max-restarts`.
+pub const TORCHELASTIC_MAX_RESTARTS: &str = "TORCHELASTIC_MAX_RESTARTS";
+/// The job's id (torchrun's name of [`JOB_ID`]).
+pub const TORCHELASTIC_RUN_ID: &str = "TORCHELASTIC_RUN_ID";
+/// Always `False`: the workers host their own store at
+/// `MASTER_ADDR:MASTER_PORT` (`env://`), none is shared with the launcher.
+pub const TORCHELASTIC_USE_AGENT_STORE: &str = "TORCHELASTIC_USE_AGENT_STORE";
+/// The file `@record` (torch.distributed.elastic) writes a worker's
+/// uncaught exception to; one per worker under the attempt's log directory.
+pub const TORCHELASTIC_ERROR_FILE: &str = "TORCHELASTIC_ERROR_FILE";
+/// `1` unless the launcher's environment sets it: NCCL errors abort the
+/// process group instead of hanging it.
+pub const TORCH_NCCL_ASYNC_ERROR_HANDLING: &str = "TORCH_NCCL_ASYNC_ERROR_HANDLING";
+/// The interface carrying this node's address, unless the launcher's
+/// environment sets it (Gloo's host name lookup can give a loopback address).
+pub const GLOO_SOCKET_IFNAME: &str = "GLOO_SOCKET_IFNAME";
+/// As [`GLOO_SOCKET_IFNAME`], for NCCL's sockets.
+pub const NCCL_SOCKET_IFNAME: &str = "NCCL_SOCKET_IFNAME";
 /// OpenMP's thread count; 1 when several workers share a host and the
 /// launcher's own environment leaves it unset (see
 /// [`crate::omp_num_threads_for`]).
@@ -58,6 +88,18 @@ pub const ALL: &[&str] = &[
     WORLD_SIZE,
     LOCAL_WORLD_SIZE,
     GROUP_RANK,
+    GROUP_WORLD_SIZE,
+    ROLE_NAME,
+    ROLE_RANK,
+    ROLE_WORLD_SIZE,
+    TORCHELASTIC_RESTART_COUNT,
+    TORCHELASTIC_MAX_RESTARTS,
+    TORCHELASTIC_RUN_ID,
+    TORCHELASTIC_USE_AGENT_STORE,
+    TORCHELASTIC_ERROR_FILE,
+    TORCH_NCCL_ASYNC_ERROR_HANDLING,
+    GLOO_SOCKET_IFNAME,
+    NCCL_SOCKET_IFNAME,
     MASTER_ADDR,
     MASTER_PORT,
     OMP_NUM_THREADS,

@@ -156,6 +156,7 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         node_id: format!("node-{node:06}"),
                         generation: 0,
                         workers,
+                        ..HeartbeatRequest::default()
                     })
                     .await?
                     .into_inner()

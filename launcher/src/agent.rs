@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cohort_contract::{CommEnv, Resume, WorkerEnv, omp_num_threads_for};
+use cohort_contract::{CommEnv, Resume, Role, UserSet, WorkerEnv};
 use cohort_proto::v1::{
     Action, Assignment, Directive, FailureInfo, HeartbeatRequest, JobOptions, JobOutcome,
-    JoinRequest, LeaveRequest, ReportDoneRequest, ReportFailureRequest, join_response,
+    JoinRequest, LeaveRequest, RecordedError, ReportDoneRequest, ReportFailureRequest,
+    join_response,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -18,7 +19,8 @@ use crate::LauncherError;
 use crate::client::{Client, connect, error_chain, rpc_error};
 use crate::console::Console;
 use crate::decision::{NodeRange, find_hang_culprit, find_hung_worker};
-use crate::worker::{WorkerGroup, WorkerSpec, attempt_dir, describe_exit};
+use crate::errorfile;
+use crate::worker::{Worker, WorkerGroup, WorkerSpec, attempt_dir, describe_exit};
 
 /// What each worker runs.
 #[derive(Clone, Debug)]
@@ -72,9 +74,10 @@ pub struct AgentConfig {
     pub rendezvous_timeout: Duration,
     pub log_dir: PathBuf,
     pub command: WorkerCommand,
-    /// The launcher's own environment sets `OMP_NUM_THREADS` (the workers
-    /// inherit it; otherwise several workers per node get 1).
-    pub launcher_sets_omp: bool,
+    /// What the launcher's own environment sets of the variables cohort
+    /// sets only where the user did not (`OMP_NUM_THREADS`,
+    /// `GLOO_SOCKET_IFNAME`, ...): the workers inherit those.
+    pub user_set: UserSet,
 }
 
 /// How the agent ended.
@@ -257,51 +260,69 @@ impl Agent {
                 ),
             ),
         })?;
-        Ok((0..nproc)
-            .map(|local_rank| {
-                let rank = a.rank_offset + local_rank;
-                let status_path = attempt.join(format!("rank_{rank}.status"));
-                let env = WorkerEnv {
-                    rank: rank as usize,
-                    local_rank: local_rank as usize,
-                    world: a.world_size as usize,
-                    local_world: nproc as usize,
-                    node_rank: a.node_rank as usize,
-                    master_addr: Some(a.master_addr.clone()),
-                    master_port: Some(master_port),
-                    coordinator: Some(self.config.coordinator.clone()),
-                    job_id: Some(a.job_id.clone()),
-                    generation: Some(a.generation),
-                    restart_count: u64::from(a.restart_count),
-                    comm: CommEnv {
-                        token: Some(self.config.token.clone()),
-                        host: Some(self.config.host.clone()),
-                        timeout: None,
-                    },
-                    log_dir: Some(job_dir.clone()),
-                    status_file: Some(status_path.clone()),
-                    resume: resume.clone(),
-                    omp_num_threads: omp_num_threads_for(
-                        nproc as usize,
-                        self.config.launcher_sets_omp,
-                    ),
-                    ..WorkerEnv::default()
-                };
-                WorkerSpec {
-                    rank,
-                    local_rank,
-                    program: program.clone(),
-                    args: args.clone(),
-                    env: env
-                        .vars()
-                        .into_iter()
-                        .map(|(name, value)| (name.to_owned(), value))
-                        .collect(),
-                    log_path: attempt.join(format!("rank_{rank}.log")),
-                    status_path,
-                }
-            })
-            .collect())
+        // The interface carrying this node's address, for Gloo's and NCCL's
+        // sockets (their host name lookup may give a loopback address).
+        let ifname = crate::netif::interface_of(&self.config.host);
+        let mut specs = Vec::new();
+        for local_rank in 0..nproc {
+            let rank = a.rank_offset + local_rank;
+            let status_path = attempt.join(format!("rank_{rank}.status"));
+            let error_file = errorfile::error_file(&attempt, rank);
+            // A file left by an earlier job of the same id is no error of this one.
+            if let Err(source) = std::fs::remove_file(&error_file)
+                && source.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(LauncherError::Io {
+                    path: error_file,
+                    source,
+                });
+            }
+            let mut env = WorkerEnv {
+                rank: rank as usize,
+                local_rank: local_rank as usize,
+                world: a.world_size as usize,
+                local_world: nproc as usize,
+                node_rank: a.node_rank as usize,
+                group_world: a.nnodes as usize,
+                role: Role {
+                    name: self.config.role.clone(),
+                    rank: (a.role_rank_offset + local_rank) as usize,
+                    world: a.role_world_size as usize,
+                },
+                max_restarts: self.config.max_restarts,
+                error_file: Some(error_file),
+                master_addr: Some(a.master_addr.clone()),
+                master_port: Some(master_port),
+                coordinator: Some(self.config.coordinator.clone()),
+                job_id: Some(a.job_id.clone()),
+                generation: Some(a.generation),
+                restart_count: u64::from(a.restart_count),
+                comm: CommEnv {
+                    token: Some(self.config.token.clone()),
+                    host: Some(self.config.host.clone()),
+                    timeout: None,
+                },
+                log_dir: Some(job_dir.clone()),
+                status_file: Some(status_path.clone()),
+                resume: resume.clone(),
+                ..WorkerEnv::default()
+            };
+            self.config.user_set.apply(&mut env, ifname.as_deref());
+            specs.push(WorkerSpec {
+                rank,
+                local_rank,
+                program: program.clone(),
+                args: args.clone(),
+                env: env
+                    .vars()
+                    .into_iter()
+                    .map(|(name, value)| (name.to_owned(), value))
+                    .collect(),
+                log_path: attempt.join(format!("rank_{rank}.log")),
+                status_path,
+            });
+        }
+        Ok(specs)
     }
 
     async fn run_generation(
@@ -333,7 +354,7 @@ impl Agent {
             };
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
-                self.report_failure(a.generation, failure, true),
+                self.report_failure(a.generation, failure, true, &group),
             )
             .await;
         }
@@ -345,6 +366,7 @@ impl Agent {
         generation: u64,
         failure: FailureInfo,
         fatal: bool,
+        group: &WorkerGroup,
     ) -> Result<Directive, LauncherError> {
         let request = ReportFailureRequest {
             job_id: self.config.job_id.clone(),
@@ -352,6 +374,7 @@ impl Agent {
             generation,
             failure: Some(failure),
             fatal,
+            recorded: Self::recorded(group),
         };
         let mut client = self.client.clone();
         client
@@ -380,8 +403,36 @@ impl Agent {
             reason,
             log_tail: worker.map(|w| w.tail()).unwrap_or_default(),
             log_path: worker.map_or_else(String::new, |w| w.log_path.display().to_string()),
+            error: worker.and_then(Self::recorded_error),
             ..FailureInfo::default()
         }
+    }
+
+    /// What `worker` wrote to its TORCHELASTIC_ERROR_FILE (next to its log).
+    fn recorded_error(worker: &Worker) -> Option<Box<RecordedError>> {
+        errorfile::read(&errorfile::error_file(
+            worker.log_path.parent()?,
+            worker.rank,
+        ))
+    }
+
+    /// The errors this node's workers recorded so far, exited or running.
+    fn recorded(group: &WorkerGroup) -> Vec<FailureInfo> {
+        group
+            .workers
+            .iter()
+            .filter_map(|w| {
+                let error = Self::recorded_error(w)?;
+                Some(FailureInfo {
+                    rank: Some(w.rank),
+                    reason: errorfile::describe(&error),
+                    log_tail: w.tail(),
+                    log_path: w.log_path.display().to_string(),
+                    error: Some(error),
+                    ..FailureInfo::default()
+                })
+            })
+            .collect()
     }
 
     async fn supervise(
@@ -411,7 +462,7 @@ impl Agent {
                                 None => (first, format!("{stalled}; every rank stalled at the same step and none is stopped, so this is the first one seen (evidence: step marks)")),
                             };
                             let failure = Self::failure_of(group, rank, reason);
-                            if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false).await?) {
+                            if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false, group).await?) {
                                 return Ok(next);
                             }
                         }
@@ -421,6 +472,7 @@ impl Agent {
                         node_id: self.config.node_id.clone(),
                         generation: a.generation,
                         workers: group.statuses(),
+                        recorded: Self::recorded(group),
                     };
                     let mut call = tonic::Request::new(request);
                     call.set_timeout(self.config.coordinator_timeout);
@@ -455,7 +507,7 @@ impl Agent {
                         reported = true;
                         let rank = group.workers[index].rank;
                         let failure = Self::failure_of(group, rank, describe_exit(status));
-                        if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false).await?) {
+                        if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false, group).await?) {
                             return Ok(next);
                         }
                     } else if group.all_succeeded() {

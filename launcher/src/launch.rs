@@ -82,8 +82,9 @@ pub struct LaunchOptions {
     /// The address other nodes reach this host at (`COHORT_HOST` in the
     /// launcher's environment); `None` picks one (see `host_for`).
     pub host: Option<String>,
-    /// The launcher's environment sets `OMP_NUM_THREADS`.
-    pub launcher_sets_omp: bool,
+    /// What the launcher's environment sets of the variables cohort sets
+    /// only where the user did not.
+    pub user_set: cohort_contract::UserSet,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, LauncherError> {
@@ -156,6 +157,19 @@ fn report(console: &Console, outcome: &JobOutcome) -> i32 {
             "[cohort] root cause: {who} (node rank {}, host {}), generation {}: {}",
             cause.node_rank, cause.host, cause.generation, cause.reason
         ));
+        if let Some(error) = &cause.error {
+            console.err(&format!(
+                "[cohort] error file: {} (recorded {}, the job's earliest)",
+                error.path,
+                crate::errorfile::utc(error.timestamp)
+            ));
+            if !error.traceback.is_empty() {
+                console.err("[cohort] traceback:");
+                for line in error.traceback.lines() {
+                    console.err(&format!("    {line}"));
+                }
+            }
+        }
         if !cause.log_path.is_empty() {
             console.err(&format!("[cohort] log: {}", cause.log_path));
         }
@@ -268,7 +282,7 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
             rendezvous_timeout: timing.rendezvous_timeout,
             log_dir,
             command: options.command.clone(),
-            launcher_sets_omp: options.launcher_sets_omp,
+            user_set: options.user_set,
         };
         let view = tokio::spawn(watch(
             addr,

@@ -8,6 +8,8 @@
 //! - [`store`]: the coordinator's key-value store as a collectives `Store`
 //!   for workers, and [`worker_store`]: the store a worker's ranks bootstrap
 //!   through, from its [`cohort_contract::WorkerEnv`].
+//! - [`errorfile`]: torch.distributed.elastic's error files and the root
+//!   cause they name; [`netif`]: the interface carrying an address.
 //! - [`launch`]: `cohort launch` / `cohort coordinator` as library calls.
 //! - [`reaper`]: no process of a job outlives its launcher.
 //! - [`sched`]: a node's place in a Slurm or Kubernetes job, from their env.
@@ -19,9 +21,11 @@ pub mod console;
 pub mod coordinator;
 pub mod decision;
 mod error;
+pub mod errorfile;
 pub mod fatal;
 mod kv;
 pub mod launch;
+pub mod netif;
 pub mod reaper;
 pub mod sched;
 pub mod store;

@@ -239,7 +239,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             ..args.timing.into()
         },
         host: std::env::var(var::HOST).ok().filter(|h| !h.is_empty()),
-        launcher_sets_omp: std::env::var_os(var::OMP_NUM_THREADS).is_some(),
+        user_set: cohort_contract::UserSet::from_env(),
     };
     finish(cohort_launcher::launch(options))
 }

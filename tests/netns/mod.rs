@@ -139,6 +139,19 @@ impl Net {
     /// name with dots is a full name (`pod-0.svc.ns.svc.cluster.local`): the
     /// host's hostname is its first label, and both resolve.
     pub fn with_names<S: AsRef<str>>(names: &[S]) -> Option<Self> {
+        Self::build(names, false)
+    }
+
+    /// As [`Net::new`], but each host's hosts file names the host itself at
+    /// 127.0.1.1 (as Debian's installer writes it): a program that finds its
+    /// own address by looking up its host name (Gloo, NCCL) gets a loopback
+    /// address, which the other hosts can't reach.
+    pub fn with_loopback_names(n: usize) -> Option<Self> {
+        let names: Vec<String> = (0..n).map(|i| format!("host{i}")).collect();
+        Self::build(&names, true)
+    }
+
+    fn build<S: AsRef<str>>(names: &[S], loopback_names: bool) -> Option<Self> {
         assert!(!names.is_empty(), "a net needs at least one host");
         remove_stale();
         let prefix = format!(
@@ -166,15 +179,13 @@ impl Net {
             switch,
             hosts: Vec::new(),
         };
+        let line = |addr: &str, name: &str| match name.split_once('.') {
+            Some((short, _)) => format!("{addr} {name} {short}\n"),
+            None => format!("{addr} {name}\n"),
+        };
         let mut hosts_file = String::from("127.0.0.1 localhost\n::1 localhost\n");
         for (i, name) in names.iter().enumerate() {
-            let name = name.as_ref();
-            match name.split_once('.') {
-                Some((short, _)) => {
-                    hosts_file.push_str(&format!("{} {name} {short}\n", addr_of(i)))
-                }
-                None => hosts_file.push_str(&format!("{} {name}\n", addr_of(i))),
-            }
+            hosts_file.push_str(&line(&addr_of(i).to_string(), name.as_ref()));
         }
         for (i, name) in names.iter().enumerate() {
             let host = Host {
@@ -187,7 +198,13 @@ impl Net {
             // Pushed before it is built, so a failure half-way still removes it.
             net.hosts.push(host);
             let host = net.hosts.last().expect("just pushed");
-            if let Err(why) = host.build(&hosts_file) {
+            // The first line naming a host wins.
+            let own = if loopback_names {
+                format!("{}{hosts_file}", line("127.0.1.1", name.as_ref()))
+            } else {
+                hosts_file.clone()
+            };
+            if let Err(why) = host.build(&own) {
                 panic!("cannot make host {} ({}): {why}", host.name, host.ns);
             }
         }

@@ -21,6 +21,7 @@ use crate::decision::{
     Formation, MemberLiveness, NodeRange, Recovery, decide_formation, decide_recovery,
     find_lost_nodes,
 };
+use crate::errorfile;
 
 /// A request the state machine refuses, before any state changed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -91,6 +92,9 @@ pub struct JobState {
     /// The node rank each node had in the last generation it was part of:
     /// a node that rejoins keeps it (files a rank saved locally stay with it).
     node_ranks: HashMap<String, u32>,
+    /// The errors workers of the running generation recorded in their
+    /// TORCHELASTIC_ERROR_FILE, as their nodes reported them.
+    recorded: Vec<FailureInfo>,
     /// Why the last generation ended, for agents that ask late.
     last_restart_reason: String,
     /// Nodes that said goodbye after the job finished.
@@ -125,6 +129,7 @@ impl JobState {
             assignments: HashMap::new(),
             members: HashMap::new(),
             node_ranks: HashMap::new(),
+            recorded: Vec::new(),
             last_restart_reason: String::new(),
             left: HashSet::new(),
             last_progress: None,
@@ -318,6 +323,7 @@ impl JobState {
         self.assignments.clear();
         self.members.clear();
         self.left.clear();
+        self.recorded.clear();
         let mut offset = 0;
         let mut role_offsets: HashMap<String, u32> = HashMap::new();
         let mut role_worlds: HashMap<String, u32> = HashMap::new();
@@ -402,10 +408,11 @@ impl JobState {
                 self.emit(EventKind::Restarting, message);
             }
             Recovery::GiveUp => {
+                let root_cause = errorfile::root_cause(&failure, &self.recorded).clone();
                 let outcome = JobOutcome {
                     success: false,
                     summary: format!("job failed: {what}; {reason}"),
-                    root_cause: Some(failure),
+                    root_cause: Some(root_cause),
                 };
                 let message = outcome.summary.clone();
                 self.phase = Phase::Finished(outcome);
@@ -448,12 +455,36 @@ impl JobState {
                 m.last_heartbeat = now;
                 m.workers = req.workers;
             }
+            self.record(&req.node_id, req.generation, req.recorded);
         }
         self.directive_for(&req.node_id, req.generation)
     }
 
+    /// Keeps the errors `node_id`'s workers of `generation` recorded (the
+    /// latest report of each rank), with where they ran.
+    fn record(&mut self, node_id: &str, generation: u64, recorded: Vec<FailureInfo>) {
+        let Some(m) = self.members.get(node_id) else {
+            return;
+        };
+        if generation != self.generation {
+            return;
+        }
+        for mut f in recorded.into_iter().filter(|f| f.error.is_some()) {
+            f.node_id = node_id.to_owned();
+            f.node_rank = m.node_rank;
+            f.host.clone_from(&m.host);
+            f.generation = generation;
+            self.recorded
+                .retain(|r| !(r.node_id == f.node_id && r.rank == f.rank));
+            self.recorded.push(f);
+        }
+    }
+
     /// A worker of a node failed, or the node is stopping.
     pub fn report_failure(&mut self, req: ReportFailureRequest) -> Directive {
+        if matches!(self.phase, Phase::Running) {
+            self.record(&req.node_id, req.generation, req.recorded);
+        }
         if let Some(mut failure) = req.failure {
             failure.generation = req.generation;
             failure.node_id.clone_from(&req.node_id);
@@ -659,6 +690,7 @@ mod tests {
                 ..FailureInfo::default()
             }),
             fatal: false,
+            recorded: Vec::new(),
         }
     }
 
@@ -668,6 +700,7 @@ mod tests {
             node_id: node.into(),
             generation: 0,
             workers: Vec::new(),
+            recorded: Vec::new(),
         }
     }
 
@@ -825,6 +858,47 @@ mod tests {
             "job failed: rank 0 on node a (host-a) exited with code 3; no restarts left (1 of --max-restarts 1 used)"
         );
         assert_eq!(outcome.root_cause.unwrap().rank, Some(0));
+    }
+
+    #[test]
+    fn the_earliest_recorded_error_is_the_root_cause() {
+        use cohort_proto::v1::RecordedError;
+        let mut j = job(NodeRange::exactly(2), 0);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        let recorded = |rank, timestamp| FailureInfo {
+            rank: Some(rank),
+            reason: format!("raised ValueError: {rank}"),
+            error: Some(Box::new(RecordedError {
+                timestamp,
+                message: format!("ValueError: {rank}"),
+                ..RecordedError::default()
+            })),
+            ..FailureInfo::default()
+        };
+        // b's rank 2 recorded an error at 100 and is still running.
+        j.heartbeat(
+            t0,
+            HeartbeatRequest {
+                recorded: vec![recorded(2, 100)],
+                ..heartbeat("b")
+            },
+        );
+        // a's rank 0 exits later, with its own error of 104.
+        let mut report = failure(0, 0);
+        report.failure.as_mut().unwrap().error = recorded(0, 104).error;
+        let d = j.report_failure(report);
+        let outcome = d.outcome.unwrap();
+        assert!(
+            outcome.summary.starts_with("job failed: rank 0 on node a"),
+            "{}",
+            outcome.summary
+        );
+        let cause = outcome.root_cause.unwrap();
+        assert_eq!((cause.rank, cause.node_id.as_str()), (Some(2), "b"));
+        assert_eq!((cause.host.as_str(), cause.node_rank), ("host-b", 1));
+        assert_eq!(cause.reason, "raised ValueError: 2");
     }
 
     #[test]
