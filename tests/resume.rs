@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use launch_util::{FAST, cohort, run};
+use launch_util::{FAST, Proc, cohort, eventually, run};
 
 const DEADLINE: Duration = Duration::from_secs(240);
 
@@ -40,13 +40,8 @@ impl Job {
         out
     }
 
-    fn try_launch(
-        &self,
-        ckpt: &str,
-        max_steps: u64,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> (bool, String) {
+    /// The `cohort launch` command of [`Job::launch`].
+    fn command(&self, ckpt: &str, max_steps: u64, extra: &[&str], env: &[(&str, &str)]) -> Command {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut cmd: Command = cohort();
         cmd.current_dir(self.dir.path())
@@ -67,6 +62,17 @@ impl Job {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        cmd
+    }
+
+    fn try_launch(
+        &self,
+        ckpt: &str,
+        max_steps: u64,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (bool, String) {
+        let cmd = self.command(ckpt, max_steps, extra, env);
         let (status, out, err) = run(cmd, DEADLINE);
         (status.success(), format!("{status}\n{out}{err}"))
     }
@@ -218,4 +224,32 @@ fn a_garbage_latest_is_ignored_by_every_ckpt_command_and_rewritten() {
     let latest = std::fs::read_to_string(root.join("latest")).unwrap();
     assert_eq!(latest.trim(), "step-00000020");
     assert!(job.export("ck") == straight);
+}
+
+#[test]
+fn a_second_job_writing_into_the_same_checkpoint_root_is_fenced_off() {
+    let job = Job::new();
+    let first = Proc::spawn(job.command("ck", 1_000_000, &["--job-id", "first"], &[]));
+    let committed = job.ckpt("ck").join("step-00000010");
+    assert!(
+        eventually(Duration::from_secs(120), || committed.exists()),
+        "the first job committed no checkpoint"
+    );
+    let (ok, out) = job.try_launch("ck", 20, &["--job-id", "second"], &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("is leased by job first, generation 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("another job is writing checkpoints here"),
+        "{out}"
+    );
+    // The first job still commits.
+    let later = job.ckpt("ck").join("step-00000030");
+    assert!(
+        eventually(Duration::from_secs(120), || later.exists()),
+        "the first job stopped committing"
+    );
+    drop(first);
 }

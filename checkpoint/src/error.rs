@@ -34,6 +34,18 @@ pub enum CkptError {
     )]
     NotACheckpoint { path: PathBuf, detail: String },
 
+    /// The checkpoint root's lease is held by another writer (fencing).
+    #[error(
+        "checkpoint root {} is leased by {holder}: {detail} (see {}/lease.json)",
+        root.display(),
+        root.display()
+    )]
+    Fenced {
+        root: PathBuf,
+        holder: String,
+        detail: String,
+    },
+
     /// Checkpoints exist under a root, but none of them verifies.
     #[error(
         "no checkpoint in {} verifies, so there is nothing to resume from:\n  {}\nrepair or remove them, resume from a copy (--resume PATH), or start over on purpose with --resume never",

@@ -23,6 +23,7 @@
 
 mod error;
 pub mod format;
+pub mod lease;
 mod load;
 mod save;
 

@@ -29,6 +29,7 @@ use crate::format::{
     self, DoneRecord, FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, LayoutEntry, MANIFEST_FILE,
     Manifest, PARAMS_TENSOR, ShardEntry,
 };
+use crate::lease::{self, Lease};
 use crate::{CkptError, Meta, Shard};
 
 /// How a [`Saver`] behaves.
@@ -92,6 +93,8 @@ struct Writer {
     rank: usize,
     world: usize,
     opts: SaverOptions,
+    /// Rank 0's lease on the root.
+    lease: Option<Lease>,
 }
 
 impl Saver {
@@ -112,14 +115,21 @@ impl Saver {
             return Err(CkptError::Invalid("commit_timeout must be positive".into()));
         }
         check_writable(root, rank)?;
-        if rank == 0 {
+        // Rank 0 commits: it holds the root's lease (fencing).
+        let lease = if rank == 0 {
+            let mine = Lease::mine(&opts.attempt);
+            lease::acquire(root, &mine)?;
             repair_latest(root)?;
-        }
+            Some(mine)
+        } else {
+            None
+        };
         let writer = Writer {
             root: root.to_path_buf(),
             rank,
             world,
             opts,
+            lease,
         };
         let worker = if writer.opts.async_save {
             let (jobs, rx) = mpsc::channel::<Job>();
@@ -190,6 +200,9 @@ impl Drop for Saver {
         if let Some(worker) = self.worker.take() {
             drop(worker.jobs);
             let _ = worker.thread.join();
+        }
+        if let Some(mine) = &self.writer.lease {
+            lease::release(&self.writer.root, mine);
         }
     }
 }
@@ -424,6 +437,9 @@ impl Writer {
         }
         format::fsync_dir(partial)?;
 
+        if let Some(mine) = &self.lease {
+            lease::check_and_renew(&self.root, mine)?;
+        }
         let name = format::step_dir_name(meta.step);
         let final_dir = self.root.join(&name);
         if final_dir.exists() {

@@ -584,3 +584,55 @@ fn resolve_rejects_paths_that_are_not_checkpoints() {
     let err = load(dir.path(), 1, 1).unwrap_err().to_string();
     assert!(err.contains("rank 1 of world 1"), "{err}");
 }
+
+fn attempt_opts(attempt: &str) -> SaverOptions {
+    SaverOptions {
+        attempt: attempt.to_owned(),
+        ..opts(3, false)
+    }
+}
+
+#[test]
+fn a_second_job_is_fenced_off_while_the_lease_holder_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // Another job's rank 0, alive on this host, holds the root.
+    let mut other = ChildGuard(Command::new("sleep").arg("30").spawn().unwrap());
+    let held = cohort_checkpoint::lease::Lease {
+        pid: other.0.id(),
+        ..cohort_checkpoint::lease::Lease::mine("job-a/3/3")
+    };
+    fs::write(root.join("lease.json"), serde_json::to_vec(&held).unwrap()).unwrap();
+    let Err(err) = Saver::new(root, 0, 1, attempt_opts("job-b/0/0")) else {
+        panic!("the second job must be refused");
+    };
+    let text = err.to_string();
+    assert!(matches!(err, CkptError::Fenced { .. }), "{text}");
+    assert!(text.contains("leased by job job-a, generation 3"), "{text}");
+    assert!(text.contains(&format!("pid {}", other.0.id())), "{text}");
+    // Its owner dies: the lease is taken over.
+    other.0.kill().unwrap();
+    other.0.wait().unwrap();
+    let mut saver = Saver::new(root, 0, 1, attempt_opts("job-b/0/0")).unwrap();
+    saver.save(meta(1, 1), shard_of(1, 1, 0)).unwrap();
+    assert_eq!(latest(root), "step-00000001");
+}
+
+#[test]
+fn a_stale_attempt_cannot_commit_after_a_restart_took_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut stale = Saver::new(root, 0, 1, attempt_opts("job/0/0")).unwrap();
+    stale.save(meta(1, 1), shard_of(1, 1, 0)).unwrap();
+    // The job restarted: generation 1 takes the lease over.
+    let mut fresh = Saver::new(root, 0, 1, attempt_opts("job/1/1")).unwrap();
+    let err = stale.save(meta(2, 1), shard_of(2, 1, 0)).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, CkptError::Fenced { .. }), "{text}");
+    assert!(text.contains("leased by job job, generation 1"), "{text}");
+    assert!(!root.join("step-00000002").exists());
+    // The stale attempt can't take it back either.
+    assert!(Saver::new(root, 0, 1, attempt_opts("job/0/0")).is_err());
+    fresh.save(meta(2, 1), shard_of(2, 1, 0)).unwrap();
+    assert_eq!(latest(root), "step-00000002");
+}

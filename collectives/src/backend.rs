@@ -145,7 +145,10 @@ mod tests {
         assert_eq!(cuda_device(1, 2, 4), Ok((1, Ok(()))));
         let (dev, nccl) = cuda_device(3, 4, 2).unwrap();
         assert_eq!(dev, 1);
-        assert!(nccl.unwrap_err().contains("4 workers on this node share 2 GPUs"));
+        assert!(
+            nccl.unwrap_err()
+                .contains("4 workers on this node share 2 GPUs")
+        );
         assert!(cuda_device(0, 1, 0).unwrap_err().contains("no CUDA device"));
     }
 
