@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a job's workers on this node (torchrun style): `cohort launch CONFIG.toml` or `cohort launch -- PROGRAM ARGS`.
-    Launch(cmd::launch::LaunchArgs),
+    Launch(Box<cmd::launch::LaunchArgs>),
     /// Run a standalone coordinator for a multi-node job.
     Coordinator(cmd::coordinator::CoordinatorArgs),
     /// Report libtorch, CUDA, NCCL, cores, memory and the collective backend `launch` would pick.
@@ -37,7 +37,12 @@ enum Command {
 
 fn main() -> ExitCode {
     cmd::init_tracing();
-    let cli = match Cli::try_parse() {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = Cli::command().mut_subcommand("launch", cmd::launch::with_pet_env);
+    let cli = match command
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
         Err(e) => {
             // clap prints help/version to stdout with exit 0, and usage errors
@@ -62,7 +67,7 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
-        Command::Launch(args) => cmd::launch::run(args),
+        Command::Launch(args) => cmd::launch::run(*args),
         Command::Coordinator(args) => cmd::coordinator::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Ckpt(args) => cmd::ckpt::run(args),

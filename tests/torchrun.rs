@@ -149,3 +149,80 @@ fn the_default_init_and_torchruns_whole_environment() {
         assert!(out.lines().any(|l| l == line), "no {line:?} in:\n{out}");
     }
 }
+
+/// `cohort launch` with `env` added and torchrun's flags; its stdout.
+fn print_env(dir: &Path, env: &[(&str, &str)], flags: &[&str], program: &[&OsStr]) -> String {
+    let python = fixtures::python().expect("checked by the caller");
+    let mut cmd = cohort();
+    cmd.current_dir(dir)
+        .env("PYTHON_EXEC", &python)
+        .envs(env.iter().copied())
+        .args(["launch", "--log-dir"])
+        .arg(dir.join("logs"))
+        .args(flags)
+        .arg("--")
+        .args(program);
+    let (status, out, err) = run(cmd, LIMIT);
+    assert!(status.success(), "{flags:?} {env:?}:\n{out}{err}");
+    out
+}
+
+#[test]
+fn torchruns_flags_and_their_pet_and_cohort_variables() {
+    if fixtures::python().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = fixtures::fixture("print_env.py");
+    let script = [script.as_os_str()];
+    let has = |out: &str, line: &str| out.lines().any(|l| l == line);
+    // A .py program runs with python ($PYTHON_EXEC); PET_ gives the flag.
+    let out = print_env(dir.path(), &[("PET_NPROC_PER_NODE", "2")], &[], &script);
+    assert!(has(&out, "[rank 1] LOCAL_WORLD_SIZE=2"), "{out}");
+    // A flag beats COHORT_, which beats PET_.
+    let both = [("PET_NPROC_PER_NODE", "2"), ("COHORT_NPROC_PER_NODE", "3")];
+    let out = print_env(dir.path(), &both, &[], &script);
+    assert!(has(&out, "[rank 2] LOCAL_WORLD_SIZE=3"), "{out}");
+    let out = print_env(dir.path(), &both, &["--nproc_per_node", "1"], &script);
+    assert!(has(&out, "[rank 0] LOCAL_WORLD_SIZE=1"), "{out}");
+    // torchrun's aliases; only the filtered local ranks on the terminal.
+    let flags = [
+        "--nproc-per-node",
+        "3",
+        "--local-ranks-filter",
+        "1",
+        "--rdzv-id",
+        "aliased",
+        "--standalone",
+    ];
+    let out = print_env(dir.path(), &[("PET_ROLE", "pet-role")], &flags, &script);
+    assert!(has(&out, "[rank 1] TORCHELASTIC_RUN_ID=aliased"), "{out}");
+    assert!(has(&out, "[rank 1] ROLE_NAME=pet-role"), "{out}");
+    assert!(
+        !out.contains("[rank 0]") && !out.contains("[rank 2]"),
+        "{out}"
+    );
+    let log = dir.path().join("logs/aliased/attempt_0/rank_2.log");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("RANK=2"));
+    // -m runs a module; static ranks host the coordinator on --master-port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+        .to_string();
+    let mut cmd = cohort();
+    cmd.current_dir(fixtures::fixture(""))
+        .env("PYTHON_EXEC", fixtures::python().unwrap())
+        .env("PET_MASTER_PORT", &port)
+        .env("PET_NODE_RANK", "0")
+        .args(["launch", "--log-dir"])
+        .arg(dir.path().join("logs"))
+        .args(["-m", "--", "print_env"]);
+    let (status, out, err) = run(cmd, LIMIT);
+    assert!(status.success(), "{out}{err}");
+    assert!(has(&out, "[rank 0] ROLE_NAME=default"), "{out}");
+    assert!(
+        err.contains(&format!("coordinator listening on 127.0.0.1:{port}")),
+        "{err}"
+    );
+}

@@ -61,6 +61,8 @@ pub struct AgentConfig {
     pub node_rank: Option<u32>,
     /// `--role`: its workers' ROLE_NAME.
     pub role: String,
+    /// `--local-ranks-filter`: the local ranks whose output is shown (all: `None`).
+    pub local_ranks_filter: Option<Vec<u32>>,
     pub max_restarts: u32,
     pub hang_timeout: Duration,
     pub heartbeat_interval: Duration,
@@ -320,6 +322,11 @@ impl Agent {
                     .collect(),
                 log_path: attempt.join(format!("rank_{rank}.log")),
                 status_path,
+                echo: self
+                    .config
+                    .local_ranks_filter
+                    .as_ref()
+                    .is_none_or(|shown| shown.contains(&local_rank)),
             });
         }
         Ok(specs)

@@ -71,6 +71,8 @@ pub struct LaunchOptions {
     pub node_rank: Option<u32>,
     /// `--role`: the workers' ROLE_NAME.
     pub role: String,
+    /// `--local-ranks-filter`: the local ranks whose output is shown.
+    pub local_ranks_filter: Option<Vec<u32>>,
     pub coordinator: CoordinatorMode,
     pub max_restarts: u32,
     pub hang_timeout: Duration,
@@ -273,6 +275,7 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
             nnodes: options.nnodes,
             node_rank: options.node_rank,
             role: options.role.clone(),
+            local_ranks_filter: options.local_ranks_filter.clone(),
             max_restarts: options.max_restarts,
             hang_timeout: options.hang_timeout,
             heartbeat_interval: timing.heartbeat_interval,

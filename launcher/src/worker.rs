@@ -44,6 +44,9 @@ pub struct WorkerSpec {
     pub env: Vec<(String, OsString)>,
     pub log_path: PathBuf,
     pub status_path: PathBuf,
+    /// Its output goes to the launcher's terminal (`--local-ranks-filter`
+    /// leaves some out); it always goes to its log.
+    pub echo: bool,
 }
 
 /// One running (or exited) worker.
@@ -96,6 +99,7 @@ async fn copy_lines(
     stream: impl AsyncRead + Unpin,
     rank: u32,
     to_stderr: bool,
+    echo: bool,
     console: Arc<Console>,
     log: Arc<Mutex<File>>,
     tail: Arc<Mutex<VecDeque<String>>>,
@@ -117,10 +121,10 @@ async fn copy_lines(
         }
         let text = String::from_utf8_lossy(&buf);
         let line = format!("[rank {rank}] {}", text.trim_end_matches(['\n', '\r']));
-        if to_stderr {
-            console.err(&line);
-        } else {
-            console.out(&line);
+        match (echo, to_stderr) {
+            (false, _) => {}
+            (true, true) => console.err(&line),
+            (true, false) => console.out(&line),
         }
         let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
         if tail.len() == TAIL_LINES {
@@ -414,6 +418,7 @@ fn spawn_one(
             out,
             spec.rank,
             false,
+            spec.echo,
             console.clone(),
             log.clone(),
             tail.clone(),
@@ -424,6 +429,7 @@ fn spawn_one(
             err,
             spec.rank,
             true,
+            spec.echo,
             console.clone(),
             log,
             tail.clone(),
