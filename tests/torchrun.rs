@@ -226,3 +226,48 @@ fn torchruns_flags_and_their_pet_and_cohort_variables() {
         "{err}"
     );
 }
+
+/// A node that waits says so every 5 s: while it connects to the
+/// coordinator, and while the other nodes haven't joined.
+#[test]
+fn waiting_is_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .to_string();
+    let mut cmd = cohort();
+    cmd.args(["launch", "--coordinator", &unused, "--token", "t"])
+        .args(["--connect-retry-ms", "6000", "--log-dir"])
+        .arg(dir.path())
+        .args(["--", "true"]);
+    let (status, _, err) = run(cmd, LIMIT);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "[cohort] still connecting to the coordinator at {unused} (giving up after 6s): 5s so far"
+        )),
+        "{err}"
+    );
+
+    let mut cmd = cohort();
+    cmd.args([
+        "launch",
+        "--nnodes",
+        "2",
+        "--coordinator-bind",
+        "127.0.0.1:0",
+    ])
+    .args(["--rendezvous-timeout", "6", "--log-dir"])
+    .arg(dir.path())
+    .args(["--", "true"]);
+    let (status, _, err) = run(cmd, LIMIT);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "[cohort] waiting for the nodes of --nnodes 2 to join the coordinator at 127.0.0.1:"
+        ) && err.contains("(giving up after 6s): 5s so far"),
+        "{err}"
+    );
+    assert!(!err.contains('\x1b'), "colour codes in a pipe:\n{err:?}");
+}

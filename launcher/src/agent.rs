@@ -128,6 +128,22 @@ fn free_port(host: &str) -> u32 {
         .map_or(0, |a| u32::from(a.port()))
 }
 
+/// How often a node that waits says so.
+const WAITING_LINE_EVERY: Duration = Duration::from_secs(5);
+
+/// Prints `[cohort] WHAT: Ns so far` every [`WAITING_LINE_EVERY`], forever
+/// (raced against what is waited for).
+async fn announce(console: &Console, what: &str) {
+    let start = Instant::now();
+    loop {
+        tokio::time::sleep(WAITING_LINE_EVERY).await;
+        console.err(&format!(
+            "[cohort] {what}: {}s so far",
+            start.elapsed().as_secs()
+        ));
+    }
+}
+
 struct Agent {
     config: AgentConfig,
     client: Client,
@@ -140,9 +156,14 @@ pub async fn run_agent(
     console: Arc<Console>,
 ) -> Result<AgentOutcome, LauncherError> {
     let mut signals = Signals::new()?;
+    let connecting = format!(
+        "still connecting to the coordinator at {} (giving up after {:?})",
+        config.coordinator, config.connect_retry
+    );
     let client = tokio::select! {
         c = connect(&config.coordinator, &config.token, config.connect_retry) => c?,
         sig = signals.recv() => return Ok(AgentOutcome::Interrupted { signal: sig }),
+        () = announce(&console, &connecting) => unreachable!("announce never returns"),
     };
     let mut agent = Agent {
         config,
@@ -180,8 +201,14 @@ impl Agent {
                 role: self.config.role.clone(),
             };
             let mut client = self.client.clone();
+            let waiting = format!(
+                "waiting for the nodes of --nnodes {} to join the coordinator at {} (giving up after {:?})",
+                self.config.nnodes, self.config.coordinator, self.config.rendezvous_timeout
+            );
+            let console = self.console.clone();
             let response = tokio::select! {
                 r = client.join(request) => r.map_err(|s| rpc_error(&self.config.coordinator, "Join", s))?,
+                () = announce(&console, &waiting) => unreachable!("announce never returns"),
                 sig = signals.recv() => return Ok(AgentOutcome::Interrupted { signal: sig }),
                 () = tokio::time::sleep(self.config.rendezvous_timeout) => {
                     return Err(LauncherError::RendezvousTimeout {

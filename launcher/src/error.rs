@@ -103,7 +103,11 @@ impl LauncherError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::Bind { .. } | Self::InvalidAddress { .. } | Self::InvalidToken | Self::Usage(_)
+            Self::Bind { .. }
+                | Self::InvalidAddress { .. }
+                | Self::InvalidToken
+                | Self::Unauthenticated { .. }
+                | Self::Usage(_)
         )
     }
 }

@@ -128,8 +128,14 @@ fn node_id() -> String {
 }
 
 /// Prints the job's events (progress, generations, failures) until aborted.
-async fn watch(addr: String, token: String, job_id: String, console: Arc<Console>) {
-    let Ok(mut client) = connect(&addr, &token, Duration::from_secs(5)).await else {
+async fn watch(
+    addr: String,
+    token: String,
+    job_id: String,
+    console: Arc<Console>,
+    retry_for: Duration,
+) {
+    let Ok(mut client) = connect(&addr, &token, retry_for).await else {
         return;
     };
     let Ok(response) = client.watch_events(WatchEventsRequest { job_id }).await else {
@@ -292,6 +298,7 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
             token,
             options.job_id.clone().unwrap_or_default(),
             console.clone(),
+            timing.connect_retry,
         ));
         let outcome = run_agent(agent, console.clone()).await;
         view.abort();

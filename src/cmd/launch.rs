@@ -401,6 +401,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let scheduled_node_rank = placement.as_ref().map(|p| p.node_rank);
+    let scheduler = placement.as_ref().map(|p| p.scheduler);
     let (scheduled_coordinator, scheduled_job_id) = placement
         .map(|p| (Some(p.coordinator), Some(p.job_id)))
         .unwrap_or_default();
@@ -472,14 +473,33 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         job_id: args.job_id.or(scheduled_job_id),
         token,
         command,
-        timing: Timing {
-            rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout),
-            ..args.timing.into()
-        },
+        timing: kubernetes_timing(
+            Timing {
+                rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout),
+                ..args.timing.into()
+            },
+            scheduler,
+        ),
         host: std::env::var(var::HOST).ok().filter(|h| !h.is_empty()),
         user_set: cohort_contract::UserSet::from_env(),
     };
     finish(cohort_launcher::launch(options))
+}
+
+/// A Kubernetes pod keeps trying to reach pod 0 for the whole rendezvous
+/// timeout: a headless Service's names resolve only once its pods are up,
+/// and pod 0 may start well after the others.
+fn kubernetes_timing(
+    timing: Timing,
+    scheduler: Option<cohort_launcher::sched::Scheduler>,
+) -> Timing {
+    match scheduler {
+        Some(cohort_launcher::sched::Scheduler::Kubernetes) => Timing {
+            connect_retry: timing.connect_retry.max(timing.rendezvous_timeout),
+            ..timing
+        },
+        _ => timing,
+    }
 }
 
 /// `--resume` is `auto`, `never`, or a path that exists.
