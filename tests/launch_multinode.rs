@@ -193,7 +193,12 @@ fn a_silent_node_is_dropped_and_an_elastic_job_goes_on() {
         libc::kill(b.pid(), libc::SIGCONT);
     }
     assert!(status.success(), "a:\n{}{}", a.out, a.err);
-    assert!(a.err.contains("sent no heartbeat for"), "{}", a.err);
+    assert!(
+        a.err.contains("(127.0.0.1) lost: no heartbeat for"),
+        "{}",
+        a.err
+    );
+    assert!(a.err.contains("the last at "), "{}", a.err);
     assert!(
         a.err.contains("generation 1 formed: 1 node(s), 1 ranks"),
         "{}",

@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// `--nnodes N` or `--nnodes MIN:MAX`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,9 +139,23 @@ pub struct MemberLiveness<'a> {
     pub last_heartbeat: Instant,
 }
 
-/// Members whose last heartbeat is older than `timeout`, each with the reason.
+/// `HH:MM:SS UTC` of a wall-clock time.
+fn utc_time_of_day(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Members whose last heartbeat is older than `timeout`, each with the
+/// reason, which says when (`wall_now` is the wall clock at `now`) the last
+/// heartbeat came.
 pub fn find_lost_nodes(
     now: Instant,
+    wall_now: SystemTime,
     members: &[MemberLiveness<'_>],
     timeout: Duration,
 ) -> Vec<(String, String)> {
@@ -150,12 +164,14 @@ pub fn find_lost_nodes(
         .filter_map(|m| {
             let silent = now.saturating_duration_since(m.last_heartbeat);
             (silent > timeout).then(|| {
+                let last = wall_now.checked_sub(silent).unwrap_or(UNIX_EPOCH);
                 (
                     m.node_id.to_owned(),
                     format!(
-                        "sent no heartbeat for {:.1}s (limit {:?})",
+                        "lost: no heartbeat for {:.1}s (limit {:?}), the last at {}",
                         silent.as_secs_f64(),
-                        timeout
+                        timeout,
+                        utc_time_of_day(last)
                     ),
                 )
             })
@@ -419,8 +435,11 @@ mod tests {
                 last_heartbeat: t0 + Duration::from_secs(4),
             },
         ];
+        // The wall clock at t0 + 5 s: 05:17:08 UTC on some day.
+        let wall = UNIX_EPOCH + Duration::from_secs(86_400 * 20_000 + 5 * 3600 + 17 * 60 + 8);
         let lost = find_lost_nodes(
             t0 + Duration::from_secs(5),
+            wall,
             &members,
             Duration::from_secs(3),
         );
@@ -428,12 +447,13 @@ mod tests {
             lost,
             vec![(
                 "a".to_owned(),
-                "sent no heartbeat for 5.0s (limit 3s)".to_owned()
+                "lost: no heartbeat for 5.0s (limit 3s), the last at 05:17:03 UTC".to_owned()
             )]
         );
         assert!(
             find_lost_nodes(
                 t0 + Duration::from_secs(2),
+                wall,
                 &members,
                 Duration::from_secs(3)
             )

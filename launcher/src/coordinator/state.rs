@@ -547,7 +547,12 @@ impl JobState {
                         last_heartbeat: m.last_heartbeat,
                     })
                     .collect();
-                let lost = find_lost_nodes(now, &members, self.heartbeat_timeout);
+                let lost = find_lost_nodes(
+                    now,
+                    std::time::SystemTime::now(),
+                    &members,
+                    self.heartbeat_timeout,
+                );
                 if let Some((node_id, reason)) = lost.first() {
                     let m = &self.members[node_id];
                     let failure = FailureInfo {
@@ -911,10 +916,18 @@ mod tests {
         j.tick(t0 + Duration::from_secs(6), false);
         let d = j.heartbeat(t0 + Duration::from_secs(6), heartbeat("a"));
         assert_eq!(d.action, Action::Restart as i32);
-        assert_eq!(
-            d.reason,
-            "node b (host-b) sent no heartbeat for 6.0s (limit 5s); \
-             restart 1 of --max-restarts 3 with 1 node(s)"
+        assert!(
+            d.reason.starts_with(
+                "node b (host-b) lost: no heartbeat for 6.0s (limit 5s), the last at "
+            ),
+            "{}",
+            d.reason
+        );
+        assert!(
+            d.reason
+                .ends_with(" UTC; restart 1 of --max-restarts 3 with 1 node(s)"),
+            "{}",
+            d.reason
         );
     }
 
