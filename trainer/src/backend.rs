@@ -141,6 +141,37 @@ impl Collectives {
         }
     }
 
+    /// The sums over the ranks of `t` (a 1-D f64 tensor on `device`, whose
+    /// values may still be being computed on the device), read into host
+    /// memory: the step's one wait for the device. Through NCCL the sum
+    /// runs on the device and the wait is the watchdog's (a dead peer is an
+    /// error within the timeout); staged, the values are read first.
+    pub(crate) fn sum_on_device(
+        &mut self,
+        t: &Tensor,
+        opts: &OpOptions,
+    ) -> Result<Vec<f64>, CommError> {
+        check_flat(t, Kind::Double, TensorOp::AllReduceAvg)?;
+        let n = t.numel();
+        let mut values = vec![0f64; n];
+        match self {
+            Collectives::Host(comm) => {
+                t.to_device(Device::Cpu).copy_data(&mut values, n);
+                comm.all_reduce(&mut values, ReduceOp::Sum, opts)?;
+            }
+            Collectives::Nccl(nccl) => {
+                let addr = device_addr(nccl, t)?;
+                // SAFETY: `t` is `n` contiguous f64 on the communicator's
+                // device and lives until after the synchronize below.
+                unsafe { nccl.all_reduce(addr, n, DType::F64, ReduceOp::Sum, Stream::DEFAULT)? };
+                nccl.synchronize(Stream::DEFAULT, opts.timeout)?;
+                // The stream is idle now: this copy waits for nothing.
+                t.to_device(Device::Cpu).copy_data(&mut values, n);
+            }
+        }
+        Ok(values)
+    }
+
     /// Waits for every enqueued collective (NCCL; the host communicator is
     /// synchronous), with the watchdog's deadline.
     pub(crate) fn synchronize(&mut self, timeout: Option<Duration>) -> Result<(), CommError> {

@@ -327,9 +327,22 @@ impl Loader {
         let t = self.data.block_size as i64;
         let all = Tensor::from_slice(&rows).view([self.batch as i64, t + 1]);
         Batch {
-            inputs: all.narrow(1, 0, t).contiguous().to_device(device),
-            targets: all.narrow(1, 1, t).contiguous().to_device(device),
+            inputs: upload(all.narrow(1, 0, t).contiguous(), device),
+            targets: upload(all.narrow(1, 1, t).contiguous(), device),
         }
+    }
+}
+
+/// A host tensor on `device`. To a GPU through page-locked memory, without
+/// waiting: the copy is ordered on the stream before the kernels that read
+/// it, and libtorch's caching host allocator keeps the pinned block until
+/// the copy is done. A pageable copy would make the host wait for the GPU.
+fn upload(t: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) => t
+            .pin_memory(device)
+            .to_device_(device, t.kind(), true, false),
+        _ => t.to_device(device),
     }
 }
 

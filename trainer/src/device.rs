@@ -57,6 +57,12 @@ pub(crate) struct DeviceParallel {
     optimizer: TensorOptimizer,
     comm: Collectives,
     opts: OpOptions,
+    /// Gradients were found set to none and re-aliased (warned once).
+    realiased: bool,
+    /// Collectives enqueued since the last wait under the watchdog: every
+    /// host read of device memory comes after such a wait (the test seam
+    /// that keeps it so).
+    unwaited: usize,
 }
 
 impl DeviceParallel {
@@ -98,16 +104,25 @@ impl DeviceParallel {
             buckets,
             comm,
             opts,
+            realiased: false,
+            unwaited: 0,
         };
-        // Every rank starts from rank 0's parameters, with no gradient.
+        // Every rank starts from rank 0's parameters, with no gradient;
+        // waited for under the watchdog, so a peer that dies here is an
+        // error, not a hang in the first host read.
         let params = dp.params.shallow_clone();
         dp.collective(
             TensorOp::Broadcast,
             &params,
             "broadcast of the initial parameters",
         )?;
+        dp.wait("waiting for the broadcast of the initial parameters")?;
         let _ = dp.grads.zero_();
         Ok(dp)
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     pub fn optimizer_state_bytes(&self) -> usize {
@@ -126,15 +141,63 @@ impl DeviceParallel {
         what: &'static str,
     ) -> Result<(), TrainError> {
         let all = 0..t.numel();
+        self.unwaited += 1;
         run_op(&mut self.comm, &self.opts, self.core.rank, op, t, all, what)
     }
 
-    pub(crate) fn step_inner(&mut self, local_loss: Option<f64>) -> Result<StepReport, TrainError> {
+    /// Collectives enqueued and not yet waited for under the watchdog.
+    pub fn collectives_in_flight(&self) -> usize {
+        self.unwaited
+    }
+
+    /// Waits for every enqueued collective under the watchdog.
+    pub(crate) fn wait(&mut self, what: &'static str) -> Result<(), TrainError> {
+        self.comm
+            .synchronize(self.opts.timeout)
+            .map_err(TrainError::comm(self.core.rank, what))?;
+        self.unwaited = 0;
+        Ok(())
+    }
+
+    /// The model's `.grad`s must still be the views of `grads` that
+    /// autograd accumulates into. A program that set them to none (e.g.
+    /// `tch::nn::Optimizer::zero_grad`) made the backward allocate fresh
+    /// ones: their values are copied into the flat buffer and the views
+    /// restored, with a warning the first time, instead of stepping on a
+    /// zeroed buffer.
+    fn check_grad_aliasing(&mut self) {
+        let lost = self.core.flat.unaliased_grads(&self.grads);
+        if lost.is_empty() {
+            return;
+        }
+        if !self.realiased {
+            eprintln!(
+                "[rank {}] warning: {} parameter gradient(s) (first: {}) no longer alias the \
+                 flat gradient buffer (were they set to none, e.g. by Optimizer::zero_grad?): \
+                 copied back and re-aliased; DataParallel zeroes gradients itself after each step",
+                self.core.rank,
+                lost.len(),
+                lost[0]
+            );
+            self.realiased = true;
+        }
+        self.core.flat.alias_grads(&self.grads);
+    }
+
+    /// One step; `local_loss` (a device scalar, this rank's loss) is
+    /// averaged over the ranks in the same collective as the gradient norm,
+    /// read with it: the step's only wait for the device.
+    pub(crate) fn step_inner(
+        &mut self,
+        local_loss: Option<&Tensor>,
+    ) -> Result<StepReport, TrainError> {
         let start = Instant::now();
         let mut comm_time = Duration::ZERO;
+        self.check_grad_aliasing();
 
         // 1. Gradients.
         let t = Instant::now();
+        self.unwaited += self.buckets.len();
         let (comm, opts, rank) = (&mut self.comm, &self.opts, self.core.rank);
         let (grads, buf) = (&self.grads, &self.bucket_buf);
         for b in &self.buckets {
@@ -171,30 +234,27 @@ impl DeviceParallel {
         }
         comm_time += t.elapsed();
 
-        // 2. Global norm and mean loss, once the reduced gradient is final.
-        let t = Instant::now();
-        self.comm
-            .synchronize(self.opts.timeout)
-            .map_err(TrainError::comm(
-                self.core.rank,
-                "waiting for the gradient collectives",
-            ))?;
-        let wait = t.elapsed();
+        // 2. Global norm and mean loss, computed on the device after the
+        //    gradient collectives (stream order) and read once, under the
+        //    watchdog: a dead peer fails here, within the timeout.
         let owned_grads = self.owned_view(&self.grads);
+        let zero = || Tensor::zeros([], (Kind::Double, self.device));
         let sq = match self.core.stage {
             // Every rank holds the whole reduced gradient: count it once.
-            ZeroStage::Ddp if self.core.rank != 0 => 0.0,
-            _ => owned_grads.square().sum(Kind::Double).double_value(&[]),
+            ZeroStage::Ddp if self.core.rank != 0 => zero(),
+            _ => owned_grads.square().sum(Kind::Double),
         };
-        let mut scalars = [sq, local_loss.unwrap_or(0.0)];
+        let loss_t = local_loss.map_or_else(zero, |l| l.detach().to_kind(Kind::Double));
         let t = Instant::now();
-        self.comm
-            .sum_f64(&mut scalars, self.device, &self.opts)
+        let scalars = self
+            .comm
+            .sum_on_device(&Tensor::stack(&[sq, loss_t], 0), &self.opts)
             .map_err(TrainError::comm(
                 self.core.rank,
-                "all_reduce of the step's scalars",
+                "all_reduce of the step's scalars (after the gradient collectives)",
             ))?;
-        comm_time += t.elapsed();
+        self.unwaited = 0;
+        let wait = t.elapsed();
         let grad_norm = scalars[0].sqrt();
         let loss = local_loss.map(|_| scalars[1] / self.core.world as f64);
 
@@ -218,9 +278,12 @@ impl DeviceParallel {
         );
         let optimizer = t.elapsed();
 
-        // 4. ZeRO: every rank's updated shard, bucket by bucket.
+        // 4. ZeRO: every rank's updated shard, bucket by bucket. Waited for
+        //    at the next wait (the next step's scalars, an evaluation, a
+        //    checkpoint), before anything reads the parameters.
         let t = Instant::now();
         if self.core.stage != ZeroStage::Ddp {
+            self.unwaited += self.buckets.len();
             let (comm, opts, rank) = (&mut self.comm, &self.opts, self.core.rank);
             let (params, buf) = (&self.params, &self.bucket_buf);
             for b in &self.buckets {
@@ -253,7 +316,7 @@ impl DeviceParallel {
             lr,
             grad_norm,
             loss,
-            comm_s: comm_time.as_secs_f64(),
+            comm_s: (comm_time + wait).as_secs_f64(),
             comm_wait_s: (comm_time + wait).as_secs_f64(),
             optimizer_s: optimizer.as_secs_f64(),
             pack_s: 0.0,
@@ -277,12 +340,7 @@ impl DeviceParallel {
     }
 
     pub fn checkpoint_shard(&mut self) -> Result<Shard, TrainError> {
-        self.comm
-            .synchronize(self.opts.timeout)
-            .map_err(TrainError::comm(
-                self.core.rank,
-                "waiting for the parameter collectives",
-            ))?;
+        self.wait("waiting for the parameter collectives")?;
         let shard = self.core.shard();
         let local = shard.start - self.owned.start..shard.end - self.owned.start;
         let params = to_host(&self.params, shard.clone());
@@ -338,6 +396,7 @@ impl DeviceParallel {
                 .map(|s| Tensor::from_slice(s).to_device(self.device))
                 .collect(),
         };
+        self.wait("waiting for the all_gather of a restored checkpoint")?;
         self.optimizer
             .set_states(states)
             .map_err(|e| TrainError::Config(format!("checkpoint optimizer state: {e}")))?;

@@ -211,6 +211,25 @@ impl FlatParams {
         });
     }
 
+    /// The slots whose `.grad` is not (any longer) the view of `grads` at
+    /// their offset: undefined, or a tensor of its own. That happens when a
+    /// program sets gradients to none (`tch::nn::Optimizer::zero_grad`, as
+    /// libtorch's `set_to_none`): the next backward then allocates fresh
+    /// gradients and the flat buffer would be stepped on stale zeros.
+    /// Reads host metadata only.
+    pub fn unaliased_grads(&self, grads: &Tensor) -> Vec<&str> {
+        let base = grads.data_ptr() as usize;
+        let size = grads.kind().elt_size_in_bytes();
+        self.slots
+            .iter()
+            .filter(|s| {
+                let g = s.tensor.grad();
+                !g.defined() || g.data_ptr() as usize != base + s.offset * size
+            })
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
     /// The weight-decay runs of `range`: `(sub-range relative to range.start, decay)`.
     pub fn decay_runs(&self, range: Range<usize>) -> Vec<(Range<usize>, bool)> {
         let mut runs: Vec<(Range<usize>, bool)> = Vec::new();

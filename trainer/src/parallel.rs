@@ -330,13 +330,7 @@ impl DataParallel {
             context: "backward pass".into(),
             source,
         })?;
-        let value = loss
-            .f_double_value(&[])
-            .map_err(|source| TrainError::Torch {
-                context: "reading the loss".into(),
-                source,
-            })?;
-        self.step_with_loss(value)
+        self.step_with_loss_tensor(loss)
     }
 
     /// Reduces the gradients accumulated in the variables, clips them by the
@@ -349,7 +343,52 @@ impl DataParallel {
     /// As [`DataParallel::step`]; `local_loss` (this rank's loss) is averaged
     /// over the ranks in the same collective as the gradient norm.
     pub fn step_with_loss(&mut self, local_loss: f64) -> Result<StepReport, TrainError> {
-        forward!(mut self.step_inner(Some(local_loss)))
+        match &mut self.path {
+            Path::Host(p) => p.step_inner(Some(local_loss)),
+            Path::Device(p) => {
+                let t = Tensor::from(local_loss).to_device(p.device());
+                p.step_inner(Some(&t))
+            }
+        }
+    }
+
+    /// As [`DataParallel::step_with_loss`], with the loss a scalar tensor
+    /// (on the model's device). On a GPU it is not read on its own: it goes
+    /// to the device-side all-reduce with the gradient norm, so the step
+    /// waits for the device once.
+    pub fn step_with_loss_tensor(&mut self, local_loss: &Tensor) -> Result<StepReport, TrainError> {
+        match &mut self.path {
+            Path::Host(p) => {
+                let value = local_loss
+                    .f_double_value(&[])
+                    .map_err(|source| TrainError::Torch {
+                        context: "reading the loss".into(),
+                        source,
+                    })?;
+                p.step_inner(Some(value))
+            }
+            Path::Device(p) => p.step_inner(Some(local_loss)),
+        }
+    }
+
+    /// Waits for the collectives still running on the device (the ZeRO
+    /// all-gathers of the last step) under the watchdog: call it before
+    /// reading the model's parameters or outputs on the host. A no-op on
+    /// the host path, whose collectives are synchronous.
+    pub fn wait_for_collectives(&mut self) -> Result<(), TrainError> {
+        match &mut self.path {
+            Path::Host(_) => Ok(()),
+            Path::Device(p) => p.wait("waiting for the parameter collectives"),
+        }
+    }
+
+    /// Collectives enqueued on the device and not yet waited for under the
+    /// watchdog (0 on the host path).
+    pub fn collectives_in_flight(&self) -> usize {
+        match &self.path {
+            Path::Host(_) => 0,
+            Path::Device(p) => p.collectives_in_flight(),
+        }
     }
 
     /// The mean over the ranks of each of `values` (every rank must call it).

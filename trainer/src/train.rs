@@ -146,8 +146,8 @@ pub fn run(
 
         // Micro-batches: each loss is divided by their number so the summed
         // gradients are those of the mean over the whole per-rank batch.
-        // The loss is summed on the device and read once per step: reading
-        // it per micro-batch would make the host wait for the GPU each time.
+        // The loss is summed on the device and reduced with the gradient
+        // norm: reading it here would make the host wait for the GPU.
         let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
         for _ in 0..t.grad_accum_steps {
             let batch = loader.next_batch(device);
@@ -158,9 +158,10 @@ pub fn run(
             })?;
             loss_sum += loss.detach().to_kind(Kind::Double);
         }
-        let loss_sum = loss_sum.double_value(&[]);
+        // On a GPU, the time to enqueue the forward and backward passes: the
+        // step waits for the device once, inside `step_with_loss_tensor`.
         let compute_s = start.elapsed().as_secs_f64();
-        let report = dp.step_with_loss(loss_sum)?;
+        let report = dp.step_with_loss_tensor(&loss_sum)?;
         let step_s = start.elapsed().as_secs_f64();
         let tokens_per_s = tokens_per_step / step_s;
         summary.steps = report.step;
@@ -310,6 +311,9 @@ fn evaluate(
     device: Device,
     dp: &mut DataParallel,
 ) -> Result<Option<f64>, TrainError> {
+    // The last step's all-gathers finish (or fail, under the watchdog)
+    // before the loss reads below wait for the device.
+    dp.wait_for_collectives()?;
     let mut sum = 0.0;
     for k in 0..batches.max(1) {
         let Some(batch) = loader.eval_batch(k, device) else {
