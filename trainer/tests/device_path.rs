@@ -14,10 +14,8 @@ use cohort_trainer::{DataParallel, model};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, nn::VarStore};
 
-/// Final parameters and per-step losses and grad norms of 4 steps on one
-/// rank, calling `Optimizer::zero_grad` before each backward or not.
-fn run(stage: u8, zero_grad_to_none: bool) -> (Vec<f32>, Vec<(f64, f64)>) {
-    tch::set_num_threads(1);
+/// A one-layer GPT on CPU tensors, from a fixed seed, and its data.
+fn small_gpt() -> (Arc<Dataset>, VarStore, Box<dyn model::LanguageModel>) {
     let cfg = ModelConfig {
         kind: ModelKind::Gpt,
         n_layer: 1,
@@ -31,6 +29,14 @@ fn run(stage: u8, zero_grad_to_none: bool) -> (Vec<f32>, Vec<(f64, f64)>) {
     tch::manual_seed(7);
     let vs = VarStore::new(Device::Cpu);
     let net = model::build(&vs.root(), &cfg, data.vocab_size(), model::Precision::Fp32);
+    (data, vs, net)
+}
+
+/// Final parameters and per-step losses and grad norms of 4 steps on one
+/// rank, calling `Optimizer::zero_grad` before each backward or not.
+fn run(stage: u8, zero_grad_to_none: bool) -> (Vec<f32>, Vec<(f64, f64)>) {
+    tch::set_num_threads(1);
+    let (data, vs, net) = small_gpt();
     let parallel = ParallelConfig {
         zero_stage: stage,
         ..ParallelConfig::default()
@@ -81,19 +87,7 @@ fn gradients_set_to_none_between_steps_are_realiased_not_lost() {
 /// step), a restore's all-gathers before it returns.
 #[test]
 fn every_collective_is_waited_for_under_the_watchdog() {
-    let cfg = ModelConfig {
-        kind: ModelKind::Gpt,
-        n_layer: 1,
-        n_head: 2,
-        n_embd: 16,
-        block_size: 8,
-        vocab_size: 0,
-        dropout: 0.0,
-    };
-    let data = Arc::new(Dataset::open(&DataConfig::default(), cfg.block_size, 0, 7).unwrap());
-    tch::manual_seed(7);
-    let vs = VarStore::new(Device::Cpu);
-    let net = model::build(&vs.root(), &cfg, data.vocab_size(), model::Precision::Fp32);
+    let (data, vs, net) = small_gpt();
     let parallel = ParallelConfig {
         zero_stage: 2,
         bucket_mb: 0.01,
