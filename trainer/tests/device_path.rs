@@ -14,6 +14,13 @@ use cohort_trainer::{DataParallel, model};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, nn::VarStore};
 
+/// Models are built from the global torch RNG: one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A one-layer GPT on CPU tensors, from a fixed seed, and its data.
 fn small_gpt() -> (Arc<Dataset>, VarStore, Box<dyn model::LanguageModel>) {
     let cfg = ModelConfig {
@@ -68,6 +75,7 @@ fn run(stage: u8, zero_grad_to_none: bool) -> (Vec<f32>, Vec<(f64, f64)>) {
 
 #[test]
 fn gradients_set_to_none_between_steps_are_realiased_not_lost() {
+    let _one = serial();
     for stage in [0, 2] {
         let (want_params, want) = run(stage, false);
         let (params, got) = run(stage, true);
@@ -87,6 +95,7 @@ fn gradients_set_to_none_between_steps_are_realiased_not_lost() {
 /// step), a restore's all-gathers before it returns.
 #[test]
 fn every_collective_is_waited_for_under_the_watchdog() {
+    let _one = serial();
     let (data, vs, net) = small_gpt();
     let parallel = ParallelConfig {
         zero_stage: 2,
