@@ -7,10 +7,12 @@
 //! falls back to a default. Each component receives only its own section
 //! (`job.train`, `job.model`, ...), as in torchtitan.
 
+mod choice;
 mod sections;
 
 use std::path::{Path, PathBuf};
 
+pub use choice::*;
 pub use sections::*;
 
 /// A config that could not be read, parsed or validated. The message names
@@ -122,70 +124,12 @@ impl JobConfig {
         if self.train.grad_accum_steps == 0 {
             return err("train.grad_accum_steps", "must be at least 1".into());
         }
-        if self.parallel.zero_stage > 2 {
+        if self.parallel.backend == BackendChoice::Nccl && self.train.device == DeviceChoice::Cpu {
             return err(
-                "parallel.zero_stage",
-                format!(
-                    "{} is not supported: use 0 (DDP), 1 or 2",
-                    self.parallel.zero_stage
-                ),
-            );
-        }
-        match self.parallel.backend.as_str() {
-            "auto" | "tcp" => {}
-            "nccl" if self.train.device == "cpu" => {
-                return err(
-                    "parallel.backend",
-                    "nccl reduces CUDA tensors, but train.device = \"cpu\": set train.device = \"cuda\" \
-                     (or \"auto\"), or use backend auto or tcp"
-                        .into(),
-                );
-            }
-            "nccl" => {}
-            other => {
-                return err(
-                    "parallel.backend",
-                    format!("unknown backend {other:?}: use auto, tcp or nccl"),
-                );
-            }
-        }
-        if !matches!(self.train.device.as_str(), "cpu" | "cuda" | "auto") {
-            return err(
-                "train.device",
-                format!(
-                    "unknown device {:?}: use cpu, cuda or auto",
-                    self.train.device
-                ),
-            );
-        }
-        if !matches!(self.train.precision.as_str(), "fp32" | "bf16") {
-            return err(
-                "train.precision",
-                format!(
-                    "unknown precision {:?}: use fp32 or bf16",
-                    self.train.precision
-                ),
-            );
-        }
-        if !matches!(
-            self.parallel.algorithm.as_str(),
-            "auto" | "ring" | "tree" | "doubling" | "hierarchical"
-        ) {
-            return err(
-                "parallel.algorithm",
-                format!(
-                    "unknown algorithm {:?}: use auto, ring, tree, doubling or hierarchical",
-                    self.parallel.algorithm
-                ),
-            );
-        }
-        if !matches!(self.parallel.transport.as_str(), "auto" | "tcp" | "shm") {
-            return err(
-                "parallel.transport",
-                format!(
-                    "unknown transport {:?}: use auto, tcp or shm",
-                    self.parallel.transport
-                ),
+                "parallel.backend",
+                "nccl reduces CUDA tensors, but train.device = \"cpu\": set train.device = \"cuda\" \
+                 (or \"auto\"), or use backend auto or tcp"
+                    .into(),
             );
         }
         if self.parallel.bucket_mb.is_nan() || self.parallel.bucket_mb <= 0.0 {
@@ -212,10 +156,33 @@ impl JobConfig {
         if self.optim.lr.is_nan() || self.optim.lr <= 0.0 {
             return err("optim.lr", "must be greater than 0".into());
         }
+        if self.data.kind != DataKind::Synthetic && self.data.path.is_none() {
+            return err(
+                "data.path",
+                format!(
+                    "data.kind = \"{}\" reads a file, but data.path is not set: name it (--set data.path=FILE)",
+                    match self.data.kind {
+                        DataKind::Bin => "bin",
+                        _ => "text",
+                    }
+                ),
+            );
+        }
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             return err(
                 "data.val_fraction",
                 format!("{} is not in [0, 1)", self.data.val_fraction),
+            );
+        }
+        if self.checkpoint.every > 0 && self.checkpoint.dir.is_none() {
+            return err(
+                "checkpoint.dir",
+                format!(
+                    "checkpoint.every = {} saves checkpoints, but there is no directory to save them in: \
+                     set checkpoint.dir to a directory every rank can write (--set checkpoint.dir=DIR), \
+                     or checkpoint.every = 0",
+                    self.checkpoint.every
+                ),
             );
         }
         if self.checkpoint.every > 0 && self.checkpoint.keep_last == 0 {
@@ -355,6 +322,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.kind"), "{err}");
+    }
+
+    #[test]
+    fn checkpoints_need_a_directory() {
+        let err = parse("", &["checkpoint.every=10"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "test.toml (with --set overrides): checkpoint.dir: checkpoint.every = 10"
+            ),
+            "{err}"
+        );
+        assert!(parse("", &["checkpoint.every=10", "checkpoint.dir=ck"]).is_ok());
+    }
+
+    #[test]
+    fn node_counts_are_numbers_or_ranges() {
+        let job = parse("[launch]\nnnodes = 2\n", &[]).unwrap();
+        assert_eq!(job.launch.nnodes, Some(NodeRange::exactly(2)));
+        let job = parse("[launch]\nnnodes = \"1:4\"\n", &[]).unwrap();
+        assert_eq!(job.launch.nnodes, Some(NodeRange { min: 1, max: 4 }));
+        assert_eq!(parse(&job.to_toml_string(), &[]).unwrap(), job);
+        let err = parse("", &["launch.nnodes=0"]).unwrap_err().to_string();
+        assert!(
+            err.contains("launch.nnodes") && err.contains("at least 1"),
+            "{err}"
+        );
+        let err = parse("", &["parallel.zero_stage=-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("parallel.zero_stage: -1 is not supported"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,13 +5,17 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::choice::{
+    AlgorithmChoice, BackendChoice, DeviceChoice, NodeRange, Precision, TransportChoice, ZeroStage,
+};
+
 /// `[launch]`: defaults for `cohort launch` flags. A flag given on the command
 /// line wins over the value here; `None` leaves the launcher's own default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LaunchConfig {
-    /// `N` or `MIN:MAX` nodes (as `--nnodes`).
-    pub nnodes: Option<String>,
+    /// `N` or `"MIN:MAX"` nodes (as `--nnodes`).
+    pub nnodes: Option<NodeRange>,
     /// Workers per node (as `--nproc-per-node`).
     pub nproc_per_node: Option<usize>,
     /// Restarts after a failure before giving up (as `--max-restarts`).
@@ -42,11 +46,11 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// `cpu`, `cuda`, or `auto` (cuda when available). With cuda each worker
     /// takes the GPU `LOCAL_RANK` (modulo the visible devices).
-    pub device: String,
+    pub device: DeviceChoice,
     /// `fp32`, or `bf16`: matrix multiplies and attention in bfloat16 (as
     /// `torch.autocast(dtype=torch.bfloat16)`), with fp32 master weights,
     /// LayerNorm, residual stream, loss and optimizer.
-    pub precision: String,
+    pub precision: Precision,
     /// libtorch intra-op threads per worker (0 = leave libtorch's default).
     pub threads: usize,
 }
@@ -61,8 +65,8 @@ impl Default for TrainConfig {
             eval_every: 0,
             eval_batches: 4,
             log_every: 10,
-            device: "cpu".into(),
-            precision: "fp32".into(),
+            device: DeviceChoice::Cpu,
+            precision: Precision::Fp32,
             threads: 0,
         }
     }
@@ -199,31 +203,31 @@ impl Default for OptimConfig {
 pub struct ParallelConfig {
     /// 0 = DDP (all-reduce), 1 = ZeRO-1 (sharded optimizer state),
     /// 2 = ZeRO-2 (also sharded gradients).
-    pub zero_stage: u8,
+    pub zero_stage: ZeroStage,
     /// Gradient bucket size in MiB (25, as PyTorch DDP).
     pub bucket_mb: f64,
     /// `auto` (nccl for CUDA tensors when NCCL is usable, else tcp), `tcp`
     /// (host memory; CUDA tensors are staged through it), or `nccl` (CUDA
     /// tensors only; an error where NCCL can't run). `cohort doctor` shows
     /// what `auto` picks here and why.
-    pub backend: String,
+    pub backend: BackendChoice,
     /// Collective algorithm: `auto`, `ring`, `tree`, `doubling` or
     /// `hierarchical` (node-aware).
-    pub algorithm: String,
+    pub algorithm: AlgorithmChoice,
     /// How workers of the host-memory backend reach each other: `auto`
     /// (shared memory on one host, TCP between hosts), `tcp`, or `shm`
     /// (every worker on one host).
-    pub transport: String,
+    pub transport: TransportChoice,
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
         Self {
-            zero_stage: 0,
+            zero_stage: ZeroStage::Ddp,
             bucket_mb: 25.0,
-            backend: "auto".into(),
-            algorithm: "auto".into(),
-            transport: "auto".into(),
+            backend: BackendChoice::Auto,
+            algorithm: AlgorithmChoice::Auto,
+            transport: TransportChoice::Auto,
         }
     }
 }

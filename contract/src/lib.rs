@@ -9,6 +9,7 @@
 //! - [`WorkerProgress`]: the status file a worker replaces with its progress
 //!   and its agent reads to detect hangs;
 //! - [`FaultSpec`]: `COHORT_INJECT_FAULT`, the recovery drills;
+//! - [`exit`]: the status of a failure that a restart can't fix;
 //! - [`shard_range`]: which elements of a flat buffer each rank owns.
 //!
 //! Only the processes read their environment: the worker binary (and a
@@ -31,6 +32,7 @@
 
 mod env;
 mod error;
+pub mod exit;
 mod fault;
 mod shard;
 mod status;

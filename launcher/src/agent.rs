@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cohort_contract::{CommEnv, Resume, Role, UserSet, WorkerEnv};
+use cohort_contract::{CommEnv, Resume, Role, UserSet, WorkerEnv, exit};
 use cohort_proto::v1::{
     Action, Assignment, Directive, FailureInfo, HeartbeatRequest, JobOptions, JobOutcome,
     JoinRequest, LeaveRequest, RecordedError, ReportDoneRequest, ReportFailureRequest,
@@ -40,6 +40,10 @@ pub enum WorkerCommand {
         /// Restarts always resume from the newest good checkpoint (`auto`):
         /// going back to a given path would throw away the steps saved since.
         resume: Option<String>,
+        /// The config file the user gave, as its errors should name it
+        /// (`configs/quickstart.toml`, not the job's resolved copy):
+        /// passed as `--source`.
+        source: String,
     },
 }
 
@@ -255,6 +259,7 @@ impl Agent {
             WorkerCommand::Train {
                 worker,
                 config_toml,
+                source,
                 ..
             } => {
                 let path = job_dir.join("config.toml");
@@ -264,7 +269,13 @@ impl Agent {
                 })?;
                 (
                     worker.clone().into_os_string(),
-                    vec!["train".into(), "--config".into(), path.into_os_string()],
+                    vec![
+                        "train".into(),
+                        "--config".into(),
+                        path.into_os_string(),
+                        "--source".into(),
+                        source.into(),
+                    ],
                 )
             }
         };
@@ -540,7 +551,8 @@ impl Agent {
                     if !status.success() {
                         reported = true;
                         let rank = group.workers[index].rank;
-                        let failure = Self::failure_of(group, rank, describe_exit(status));
+                        let mut failure = Self::failure_of(group, rank, describe_exit(status));
+                        failure.permanent = status.code() == Some(exit::PERMANENT_FAILURE);
                         if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false, group).await?) {
                             return Ok(next);
                         }

@@ -2,6 +2,7 @@
 //! progress as an indicatif bar when stderr is a terminal, or as plain lines
 //! when it is not.
 
+use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,6 +14,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct Console {
     bar: Option<ProgressBar>,
     last_plain_progress: Mutex<Option<Instant>>,
+    /// Workers' `error: ...` lines shown so far (without the rank prefix).
+    errors_shown: Mutex<HashSet<String>>,
 }
 
 /// How often the plain (non-terminal) view prints a progress line.
@@ -33,6 +36,7 @@ impl Console {
         Self {
             bar,
             last_plain_progress: Mutex::new(None),
+            errors_shown: Mutex::new(HashSet::new()),
         }
     }
 
@@ -44,6 +48,25 @@ impl Console {
     /// A worker's stderr line, or a launcher message.
     pub fn err(&self, line: &str) {
         self.write(true, line);
+    }
+
+    /// A line of rank `rank`'s output. An `error: ...` line that another
+    /// rank already printed word for word (every rank fails the same way
+    /// on a bad config or input) is not shown again.
+    pub fn worker_line(&self, rank: u32, stderr: bool, text: &str) {
+        if text.starts_with("error: ") {
+            let mut shown = self.errors_shown.lock().unwrap_or_else(|e| e.into_inner());
+            if !shown.insert(text.to_owned()) {
+                return;
+            }
+        }
+        self.write(stderr, &format!("[rank {rank}] {text}"));
+    }
+
+    /// Whether a worker's `error: ...` line `text` was shown.
+    pub fn error_shown(&self, text: &str) -> bool {
+        let shown = self.errors_shown.lock().unwrap_or_else(|e| e.into_inner());
+        shown.contains(text)
     }
 
     fn write(&self, stderr: bool, line: &str) {

@@ -10,66 +10,9 @@
 //! - [`find_hung_worker`]: which worker made no step progress for too long?
 //! - [`find_hang_culprit`]: of the ranks that stalled, which one caused it?
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// `--nnodes N` or `--nnodes MIN:MAX`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NodeRange {
-    pub min: u32,
-    pub max: u32,
-}
-
-impl NodeRange {
-    /// Exactly `n` nodes.
-    pub fn exactly(n: u32) -> Self {
-        Self { min: n, max: n }
-    }
-
-    fn is_elastic(self) -> bool {
-        self.min != self.max
-    }
-}
-
-impl fmt::Display for NodeRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_elastic() {
-            write!(f, "{}:{}", self.min, self.max)
-        } else {
-            write!(f, "{}", self.min)
-        }
-    }
-}
-
-impl FromStr for NodeRange {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parse = |part: &str| -> Result<u32, String> {
-            match part.trim().parse::<u32>() {
-                Ok(0) => Err(format!(
-                    "--nnodes {s:?}: the number of nodes must be at least 1"
-                )),
-                Ok(n) => Ok(n),
-                Err(_) => Err(format!(
-                    "--nnodes {s:?}: expected a number of nodes N or a range MIN:MAX (e.g. 2 or 1:4)"
-                )),
-            }
-        };
-        let range = match s.split_once(':') {
-            Some((min, max)) => Self {
-                min: parse(min)?,
-                max: parse(max)?,
-            },
-            None => Self::exactly(parse(s)?),
-        };
-        if range.min > range.max {
-            return Err(format!("--nnodes {s:?}: MIN is larger than MAX"));
-        }
-        Ok(range)
-    }
-}
+pub use cohort_configs::NodeRange;
 
 /// What [`decide_formation`] says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,16 +135,26 @@ pub enum Recovery {
 ///
 /// `restarts_done` counts restarts before this failure; `live_nodes` the
 /// nodes still heartbeating; `fatal` failures (the user interrupted a node)
-/// never restart.
+/// and `permanent` ones (a worker's configuration or input is wrong, see
+/// `cohort_contract::exit`) never restart.
 pub fn decide_recovery(
     restarts_done: u32,
     max_restarts: u32,
     live_nodes: usize,
     range: NodeRange,
     fatal: bool,
+    permanent: bool,
 ) -> (Recovery, String) {
     if fatal {
         return (Recovery::GiveUp, "the job was interrupted".to_owned());
+    }
+    if permanent {
+        return (
+            Recovery::GiveUp,
+            "not restarted: the worker failed on the job's configuration or input (or a full disk), \
+             which a restart would hit again"
+                .to_owned(),
+        );
     }
     if live_nodes < range.min as usize {
         return (
@@ -348,24 +301,6 @@ mod tests {
     }
 
     #[test]
-    fn node_range_parses_and_rejects() {
-        assert_eq!("2".parse::<NodeRange>().unwrap(), NodeRange::exactly(2));
-        assert_eq!(
-            "1:4".parse::<NodeRange>().unwrap(),
-            NodeRange { min: 1, max: 4 }
-        );
-        assert!("0".parse::<NodeRange>().unwrap_err().contains("at least 1"));
-        assert!(
-            "4:1"
-                .parse::<NodeRange>()
-                .unwrap_err()
-                .contains("MIN is larger")
-        );
-        assert!("x".parse::<NodeRange>().unwrap_err().contains("MIN:MAX"));
-        assert_eq!(NodeRange { min: 1, max: 4 }.to_string(), "1:4");
-    }
-
-    #[test]
     fn fixed_size_forms_when_all_joined() {
         let t0 = Instant::now();
         let range = NodeRange::exactly(3);
@@ -465,21 +400,21 @@ mod tests {
     fn recovery_restarts_within_budget_and_gives_up_after() {
         let fixed = NodeRange::exactly(2);
         assert_eq!(
-            decide_recovery(0, 3, 2, fixed, false),
+            decide_recovery(0, 3, 2, fixed, false, false),
             (
                 Recovery::Restart,
                 "restart 1 of --max-restarts 3 with 2 node(s)".to_owned()
             )
         );
         assert_eq!(
-            decide_recovery(3, 3, 2, fixed, false),
+            decide_recovery(3, 3, 2, fixed, false, false),
             (
                 Recovery::GiveUp,
                 "no restarts left (3 of --max-restarts 3 used)".to_owned()
             )
         );
         assert_eq!(
-            decide_recovery(0, 3, 2, fixed, true),
+            decide_recovery(0, 3, 2, fixed, true, false),
             (Recovery::GiveUp, "the job was interrupted".to_owned())
         );
     }
@@ -487,14 +422,14 @@ mod tests {
     #[test]
     fn recovery_needs_min_nodes() {
         assert_eq!(
-            decide_recovery(0, 3, 1, NodeRange::exactly(2), false),
+            decide_recovery(0, 3, 1, NodeRange::exactly(2), false, false),
             (
                 Recovery::GiveUp,
                 "only 1 node(s) left, --nnodes 2 needs at least 2".to_owned()
             )
         );
         assert_eq!(
-            decide_recovery(0, 3, 1, NodeRange { min: 1, max: 2 }, false).0,
+            decide_recovery(0, 3, 1, NodeRange { min: 1, max: 2 }, false, false).0,
             Recovery::Restart
         );
     }

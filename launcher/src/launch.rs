@@ -181,18 +181,30 @@ fn report(console: &Console, outcome: &JobOutcome) -> i32 {
         if !cause.log_path.is_empty() {
             console.err(&format!("[cohort] log: {}", cause.log_path));
         }
-        if !cause.log_tail.is_empty() {
+        // A permanent failure's error was shown as it happened: its
+        // output is not repeated (unless it ran on another node).
+        let error_shown = cause.permanent
+            && cause.log_tail.last().is_some_and(|line| {
+                line.split_once("] ")
+                    .is_some_and(|(_, text)| console.error_shown(text))
+            });
+        if !cause.log_tail.is_empty() && !error_shown {
             console.err("[cohort] last lines of its output:");
             for line in &cause.log_tail {
                 console.err(&format!("    {line}"));
             }
         }
     }
-    1
+    match &outcome.root_cause {
+        Some(cause) if cause.permanent => 2,
+        _ => 1,
+    }
 }
 
 /// Runs `cohort launch`; returns the exit code (0: every worker of the final
-/// generation exited 0; 1: the job failed; 128+signal: interrupted).
+/// generation exited 0; 1: the job failed; 2: a worker failed on the job's
+/// configuration or input, `cohort_contract::exit::PERMANENT_FAILURE`, and
+/// the job was not restarted; 128+signal: interrupted).
 pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
     if options.nproc_per_node == 0 {
         return Err(LauncherError::Usage(

@@ -120,12 +120,11 @@ async fn copy_lines(
             }
         }
         let text = String::from_utf8_lossy(&buf);
-        let line = format!("[rank {rank}] {}", text.trim_end_matches(['\n', '\r']));
-        match (echo, to_stderr) {
-            (false, _) => {}
-            (true, true) => console.err(&line),
-            (true, false) => console.out(&line),
+        let text = text.trim_end_matches(['\n', '\r']);
+        if echo {
+            console.worker_line(rank, to_stderr, text);
         }
+        let line = format!("[rank {rank}] {text}");
         let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
         if tail.len() == TAIL_LINES {
             tail.pop_front();

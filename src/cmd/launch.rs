@@ -347,6 +347,9 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             if let Err(message) = check_checkpoint_dir(&job.checkpoint) {
                 return usage(message);
             }
+            if let Err(message) = check_data(&job.data) {
+                return usage(format!("{}: {message}", path.display()));
+            }
             if let Err(message) = check_gpu(&job) {
                 return usage(message);
             }
@@ -354,15 +357,16 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
                 worker: super::worker_binary()?,
                 config_toml: job.to_toml_string(),
                 resume: args.resume.clone(),
+                source: if args.set.is_empty() {
+                    path.display().to_string()
+                } else {
+                    format!("{} (with --set overrides)", path.display())
+                },
             };
             (command, job.launch)
         }
     };
-    let config_nnodes = match launch_config.nnodes.as_deref().map(str::parse::<NodeRange>) {
-        Some(Err(e)) => return usage(format!("launch.nnodes in the config: {e}")),
-        Some(Ok(n)) => Some(n),
-        None => None,
-    };
+    let config_nnodes = launch_config.nnodes;
     let token = args.token.filter(|t| !t.is_empty());
     // Under Slurm or Kubernetes, the scheduler's env gives this node's place
     // in the job: flags win over it, it wins over the config.
@@ -521,7 +525,8 @@ fn check_resume(resume: Option<&str>) -> Result<(), String> {
 /// the same way, once per rank and restart).
 fn check_gpu(job: &cohort_configs::JobConfig) -> Result<(), String> {
     use cohort_collectives::nccl::probe;
-    if job.train.device == "cuda"
+    use cohort_configs::{BackendChoice, DeviceChoice};
+    if job.train.device == DeviceChoice::Cuda
         && let Err(why) = probe::cuda_driver()
     {
         return Err(format!(
@@ -529,7 +534,7 @@ fn check_gpu(job: &cohort_configs::JobConfig) -> Result<(), String> {
              use train.device = \"auto\" or \"cpu\" (see `cohort doctor`)"
         ));
     }
-    if job.parallel.backend == "nccl"
+    if job.parallel.backend == BackendChoice::Nccl
         && let Err(why) = probe::probe()
     {
         return Err(format!(
@@ -538,6 +543,21 @@ fn check_gpu(job: &cohort_configs::JobConfig) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The data file the job reads must be there: find out before any worker
+/// starts (each would fail the same way).
+fn check_data(data: &cohort_configs::DataConfig) -> Result<(), String> {
+    let Some(path) = &data.path else {
+        return Ok(());
+    };
+    std::fs::File::open(path).map(drop).map_err(|e| {
+        let cwd = std::env::current_dir().map_or_else(|_| ".".into(), |d| d.display().to_string());
+        format!(
+            "data.path: cannot read {}: {e} (a relative path is relative to the directory cohort launch runs in, here {cwd})",
+            path.display()
+        )
+    })
 }
 
 fn check_checkpoint_dir(ckpt: &cohort_configs::CheckpointConfig) -> Result<(), String> {

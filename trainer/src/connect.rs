@@ -6,6 +6,7 @@
 use cohort_collectives::backend::{self, Backend, BackendRequest};
 use cohort_collectives::nccl::{self, NcclCommunicator};
 use cohort_collectives::{Communicator, MemStore, Store, TcpConfig, TransportKind};
+use cohort_configs::{BackendChoice, TransportChoice};
 use cohort_contract::WorkerEnv;
 use tch::Device;
 
@@ -58,16 +59,20 @@ fn no_store(env: &WorkerEnv) -> TrainError {
 pub fn connect_backend(
     env: &WorkerEnv,
     store: Option<&dyn Store>,
-    request: &str,
-    transport: &str,
+    request: BackendChoice,
+    transport: TransportChoice,
     device: Device,
 ) -> Result<(Collectives, String), TrainError> {
-    let request: BackendRequest = request
-        .parse()
-        .map_err(|e| TrainError::Config(format!("parallel.backend: {e}")))?;
-    let transport: TransportKind = transport
-        .parse()
-        .map_err(|e| TrainError::Config(format!("parallel.transport: {e}")))?;
+    let request = match request {
+        BackendChoice::Auto => BackendRequest::Auto,
+        BackendChoice::Tcp => BackendRequest::Tcp,
+        BackendChoice::Nccl => BackendRequest::Nccl,
+    };
+    let transport = match transport {
+        TransportChoice::Auto => TransportKind::Auto,
+        TransportChoice::Tcp => TransportKind::Tcp,
+        TransportChoice::Shm => TransportKind::Shm,
+    };
     let cuda = matches!(device, Device::Cuda(_));
     let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
     let usable = if !cuda {
@@ -109,22 +114,21 @@ mod tests {
     #[test]
     fn backends_for_cpu_training() {
         let env = WorkerEnv::default();
-        for request in ["auto", "tcp"] {
-            let (comm, why) = connect_backend(&env, None, request, "auto", Device::Cpu).unwrap();
+        for request in [BackendChoice::Auto, BackendChoice::Tcp] {
+            let (comm, why) =
+                connect_backend(&env, None, request, TransportChoice::Auto, Device::Cpu).unwrap();
             assert_eq!(comm.backend(), Backend::Tcp, "{why}");
         }
-        let err = connect_backend(&env, None, "nccl", "auto", Device::Cpu)
-            .err()
-            .expect("nccl on the CPU is refused")
-            .to_string();
+        let err = connect_backend(
+            &env,
+            None,
+            BackendChoice::Nccl,
+            TransportChoice::Auto,
+            Device::Cpu,
+        )
+        .err()
+        .expect("nccl on the CPU is refused")
+        .to_string();
         assert!(err.contains("needs CUDA tensors"), "{err}");
-        let err = connect_backend(&env, None, "gloo", "auto", Device::Cpu)
-            .err()
-            .expect("an unknown backend is refused")
-            .to_string();
-        assert!(
-            err.contains("parallel.backend") && err.contains("gloo"),
-            "{err}"
-        );
     }
 }

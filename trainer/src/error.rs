@@ -54,9 +54,51 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    /// Whether a restart would fail the same way: the job's configuration
+    /// or input is wrong (a config value or API argument that can't work, a
+    /// data file that can't be read or used, a checkpoint of another model
+    /// or not a checkpoint at all, a checkpoint directory that can't be
+    /// written), or a disk is full. The worker exits with
+    /// `cohort_contract::exit::PERMANENT_FAILURE` for these, and the
+    /// launcher does not restart the job.
+    pub fn is_permanent(&self) -> bool {
+        use cohort_checkpoint::CkptError;
+        match self {
+            TrainError::Config(_) | TrainError::DataInvalid { .. } => true,
+            TrainError::DataRead { source, .. } => !matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
+            ),
+            TrainError::Checkpoint(
+                CkptError::Incompatible { .. }
+                | CkptError::NotACheckpoint { .. }
+                | CkptError::NotWritable { .. },
+            ) => true,
+            TrainError::Comm { .. } | TrainError::Torch { .. } | TrainError::Contract(_) => false,
+            TrainError::Checkpoint(_) | TrainError::Io { .. } => is_disk_full(self),
+        }
+    }
+
     /// The error for `rank`'s collective `op`, from the communicator's: for
     /// `map_err`.
     pub(crate) fn comm(rank: usize, op: &'static str) -> impl Fn(CommError) -> TrainError {
         move |source| TrainError::Comm { op, rank, source }
     }
+}
+
+/// Whether an I/O error in `err`'s chain says a disk (or quota) is full.
+pub fn is_disk_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }

@@ -11,7 +11,7 @@
 //!
 //! ```no_run
 //! use cohort_trainer::{DataParallel, WorkerEnv};
-//! use cohort_configs::{OptimConfig, ParallelConfig};
+//! use cohort_configs::{OptimConfig, ParallelConfig, ZeroStage};
 //! use tch::{nn, nn::Module, Device, Kind, Tensor};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,8 +30,8 @@
 //!     .add(nn::linear(vs.root() / "l2", 64, 1, Default::default()));
 //!
 //! let optim = OptimConfig { lr: 1e-3, ..OptimConfig::default() };
-//! // zero_stage 0 = DDP, 1 = ZeRO-1, 2 = ZeRO-2; gradient buckets of bucket_mb MiB.
-//! let parallel = ParallelConfig { zero_stage: 1, ..ParallelConfig::default() };
+//! // DDP, ZeRO-1 or ZeRO-2; gradient buckets of bucket_mb MiB.
+//! let parallel = ParallelConfig { zero_stage: ZeroStage::Zero1, ..ParallelConfig::default() };
 //! let mut dp = DataParallel::new(&vs, comm, &optim, &parallel)?;
 //!
 //! for _ in 0..100 {
@@ -65,6 +65,6 @@ pub mod train;
 pub use backend::Collectives;
 pub use cohort_contract::WorkerEnv;
 pub use connect::{connect, connect_backend};
-pub use error::TrainError;
+pub use error::{TrainError, is_disk_full};
 pub use parallel::{DataParallel, StepReport, ZeroStage};
 pub use tch;

@@ -10,47 +10,26 @@
 //! and the cross-entropy stay fp32, and the parameters and their gradients
 //! are fp32 (the optimizer's master weights).
 
+pub use cohort_configs::Precision;
 use cohort_configs::{ModelConfig, ModelKind};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use crate::TrainError;
-
-/// The forward pass's arithmetic (`train.precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    #[default]
-    Fp32,
-    Bf16,
+/// `x` in the kind matrix multiplies take under `p` (`train.precision`).
+fn cast(p: Precision, x: &Tensor) -> Tensor {
+    match p {
+        Precision::Fp32 => x.shallow_clone(),
+        Precision::Bf16 => x.to_kind(Kind::BFloat16),
+    }
 }
 
-impl Precision {
-    pub fn from_config(s: &str) -> Result<Self, TrainError> {
-        match s {
-            "fp32" => Ok(Precision::Fp32),
-            "bf16" => Ok(Precision::Bf16),
-            other => Err(TrainError::Config(format!(
-                "train.precision = {other:?}: use fp32 or bf16"
-            ))),
-        }
-    }
-
-    /// `x` in the kind matrix multiplies take.
-    fn cast(self, x: &Tensor) -> Tensor {
-        match self {
-            Precision::Fp32 => x.shallow_clone(),
-            Precision::Bf16 => x.to_kind(Kind::BFloat16),
-        }
-    }
-
-    /// `x·Wᵀ + b` in this precision.
-    fn linear(self, l: &nn::Linear, x: &Tensor) -> Tensor {
-        match self {
-            Precision::Fp32 => x.apply(l),
-            Precision::Bf16 => {
-                let bias = l.bs.as_ref().map(|b| self.cast(b));
-                self.cast(x).linear(&self.cast(&l.ws), bias.as_ref())
-            }
+/// `x·Wᵀ + b` in precision `p`.
+fn matmul_linear(p: Precision, l: &nn::Linear, x: &Tensor) -> Tensor {
+    match p {
+        Precision::Fp32 => x.apply(l),
+        Precision::Bf16 => {
+            let bias = l.bs.as_ref().map(|b| cast(p, b));
+            cast(p, x).linear(&cast(p, &l.ws), bias.as_ref())
         }
     }
 }
@@ -141,9 +120,9 @@ impl LanguageModel for Mlp {
         let p = self.precision;
         let mut x = tokens.apply(&self.wte);
         for layer in &self.hidden {
-            x = p.linear(layer, &x).gelu("none");
+            x = matmul_linear(p, layer, &x).gelu("none");
         }
-        p.linear(&self.head, &x)
+        matmul_linear(p, &self.head, &x)
     }
 }
 
@@ -183,7 +162,7 @@ impl Block {
         let (b, t, c) = x.size3().expect("block input is [batch, time, channels]");
         let p = if train { self.dropout } else { 0.0 };
         let pr = self.precision;
-        let qkv = pr.linear(&self.c_attn, &x.apply(&self.ln_1));
+        let qkv = matmul_linear(pr, &self.c_attn, &x.apply(&self.ln_1));
         let heads = |part: &Tensor| {
             part.view([b, t, self.n_head, c / self.n_head])
                 .transpose(1, 2)
@@ -195,10 +174,10 @@ impl Block {
                 .transpose(1, 2)
                 .contiguous()
                 .view([b, t, c]);
-        let y = pr.linear(&self.attn_proj, &y).dropout(p, train);
+        let y = matmul_linear(pr, &self.attn_proj, &y).dropout(p, train);
         let x = x + y;
-        let h = pr.linear(&self.c_fc, &x.apply(&self.ln_2)).gelu("none");
-        let m = pr.linear(&self.mlp_proj, &h).dropout(p, train);
+        let h = matmul_linear(pr, &self.c_fc, &x.apply(&self.ln_2)).gelu("none");
+        let m = matmul_linear(pr, &self.mlp_proj, &h).dropout(p, train);
         x + m
     }
 }
@@ -247,7 +226,7 @@ impl LanguageModel for Gpt {
             x = block.forward(&x, train);
         }
         let p = self.precision;
-        p.cast(&x.apply(&self.ln_f)).matmul(&p.cast(&self.wte).tr())
+        cast(p, &x.apply(&self.ln_f)).matmul(&cast(p, &self.wte).tr())
     }
 }
 

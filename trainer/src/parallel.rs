@@ -24,7 +24,8 @@
 use std::ops::Range;
 
 use cohort_collectives::{Algorithm, OpOptions, shard_range};
-use cohort_configs::{OptimConfig, ParallelConfig};
+pub use cohort_configs::ZeroStage;
+use cohort_configs::{AlgorithmChoice, OptimConfig, ParallelConfig};
 use tch::{Device, Tensor, nn::VarStore};
 
 use cohort_checkpoint::Shard;
@@ -35,38 +36,6 @@ use crate::device::DeviceParallel;
 use crate::flat::FlatParams;
 use crate::host::HostParallel;
 use crate::optim::LrSchedule;
-
-/// How gradients and optimizer state are spread over the ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ZeroStage {
-    /// All-reduce gradients; every rank keeps all optimizer state.
-    Ddp,
-    /// Reduce-scatter gradients; each rank keeps 1/N of the optimizer state.
-    Zero1,
-    /// As ZeRO-1, and only the rank's shard of the reduced gradient is kept.
-    Zero2,
-}
-
-impl ZeroStage {
-    pub fn from_config(stage: u8) -> Result<Self, TrainError> {
-        match stage {
-            0 => Ok(ZeroStage::Ddp),
-            1 => Ok(ZeroStage::Zero1),
-            2 => Ok(ZeroStage::Zero2),
-            s => Err(TrainError::Config(format!(
-                "parallel.zero_stage = {s} is not supported: use 0 (DDP), 1 or 2"
-            ))),
-        }
-    }
-
-    pub fn as_u8(self) -> u8 {
-        match self {
-            ZeroStage::Ddp => 0,
-            ZeroStage::Zero1 => 1,
-            ZeroStage::Zero2 => 2,
-        }
-    }
-}
 
 /// What one step did and where its time went.
 #[derive(Debug, Clone, Default)]
@@ -127,16 +96,14 @@ impl Plan {
         optim: &OptimConfig,
         parallel: &ParallelConfig,
     ) -> Result<(Core, Plan), TrainError> {
-        let stage = ZeroStage::from_config(parallel.zero_stage)?;
-        let algorithm: Algorithm = parallel
-            .algorithm
-            .parse()
-            .map_err(|e| TrainError::Config(format!("parallel.algorithm: {e}")))?;
-        if parallel.bucket_mb.is_nan() || parallel.bucket_mb <= 0.0 {
-            return Err(TrainError::Config(
-                "parallel.bucket_mb must be greater than 0".into(),
-            ));
-        }
+        let stage = parallel.zero_stage;
+        let algorithm = match parallel.algorithm {
+            AlgorithmChoice::Auto => Algorithm::Auto,
+            AlgorithmChoice::Ring => Algorithm::Ring,
+            AlgorithmChoice::Tree => Algorithm::Tree,
+            AlgorithmChoice::Doubling => Algorithm::Doubling,
+            AlgorithmChoice::Hierarchical => Algorithm::Hierarchical,
+        };
         let total = flat.total();
         let owned = match stage {
             ZeroStage::Ddp => 0..total,

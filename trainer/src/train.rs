@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cohort_checkpoint::{Meta, ParamLayout, Saver, SaverOptions};
-use cohort_configs::JobConfig;
+use cohort_configs::{DeviceChoice, JobConfig};
 use cohort_contract::{FaultPoint, WorkerEnv, WorkerProgress, var};
 use serde_json::json;
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -55,8 +55,8 @@ pub fn run(
     if t.threads > 0 {
         tch::set_num_threads(t.threads as i32);
     }
-    let device = resolve_device(&t.device, env.local_rank)?;
-    let precision = model::Precision::from_config(&t.precision)?;
+    let device = resolve_device(t.device, env.local_rank)?;
+    let precision = t.precision;
     let backend = comm.backend();
 
     let data = Arc::new(Dataset::open(
@@ -98,11 +98,6 @@ pub fn run(
                 ..SaverOptions::default()
             },
         )?),
-        (None, every) if every > 0 => {
-            return Err(TrainError::Config(
-                "checkpoint.every is set but checkpoint.dir is not: name a directory every rank can write".into(),
-            ));
-        }
         _ => None,
     };
     let fault_step = fault.and_then(|f| f.step_for(rank, FaultPoint::Step));
@@ -188,7 +183,7 @@ pub fn run(
             let meta = Meta {
                 step: report.step,
                 world,
-                zero_stage: job.parallel.zero_stage,
+                zero_stage: job.parallel.zero_stage.as_u8(),
                 total: dp.flat().total(),
                 layout: layout.clone(),
                 state_names: dp
@@ -276,7 +271,18 @@ fn resume_from(
         },
     };
     let (meta, shard) = cohort_checkpoint::load(&path, dp.rank(), dp.world_size())?;
-    meta.check_compatible(layout)?;
+    meta.check_compatible(layout).map_err(|e| match e {
+        cohort_checkpoint::CkptError::Incompatible { detail } => {
+            cohort_checkpoint::CkptError::Incompatible {
+                detail: format!(
+                    "{}: {detail}; resume it with the model config it was saved with, \
+                     or start afresh (--resume never, or another checkpoint.dir)",
+                    path.display()
+                ),
+            }
+        }
+        other => other,
+    })?;
     let names: Vec<&str> = meta.state_names.iter().map(String::as_str).collect();
     if names != dp.optimizer_state_names() {
         return Err(TrainError::Config(format!(
@@ -337,19 +343,16 @@ fn step_seed(seed: u64, step: u64, rank: usize) -> i64 {
 /// The device `train.device` names for the worker with `local_rank`: `cpu`;
 /// `cuda` (an error without one), the GPU `local_rank` modulo the visible
 /// devices; `auto`, that GPU when libtorch sees one, else the CPU.
-pub fn resolve_device(name: &str, local_rank: usize) -> Result<Device, TrainError> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" | "auto" if tch::Cuda::is_available() => {
+pub fn resolve_device(choice: DeviceChoice, local_rank: usize) -> Result<Device, TrainError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda | DeviceChoice::Auto if tch::Cuda::is_available() => {
             Ok(Device::Cuda(local_rank % tch::Cuda::device_count().max(1) as usize))
         }
-        "auto" => Ok(Device::Cpu),
-        "cuda" => Err(TrainError::Config(
+        DeviceChoice::Auto => Ok(Device::Cpu),
+        DeviceChoice::Cuda => Err(TrainError::Config(
             "train.device = \"cuda\" but libtorch sees no CUDA device: use \"cpu\" or \"auto\" (check `cohort doctor`)".into(),
         )),
-        other => Err(TrainError::Config(format!(
-            "train.device = {other:?}: expected \"cpu\", \"cuda\" or \"auto\""
-        ))),
     }
 }
 

@@ -8,7 +8,9 @@
 use std::sync::{Arc, Mutex};
 
 use cohort_collectives::Communicator;
-use cohort_configs::{DataConfig, ModelConfig, ModelKind, OptimConfig, OptimKind, ParallelConfig};
+use cohort_configs::{
+    DataConfig, ModelConfig, ModelKind, OptimConfig, OptimKind, ParallelConfig, ZeroStage,
+};
 use cohort_trainer::data::{Dataset, Loader};
 use cohort_trainer::{DataParallel, model};
 use tch::{Device, nn::VarStore};
@@ -84,7 +86,7 @@ fn rank_setup(
         (vs, net)
     };
     let parallel = ParallelConfig {
-        zero_stage: s.stage,
+        zero_stage: ZeroStage::try_from(u64::from(s.stage)).expect("stage 0, 1 or 2"),
         bucket_mb: 0.01,
         ..ParallelConfig::default()
     };

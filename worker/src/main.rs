@@ -33,6 +33,9 @@ enum Command {
         /// The job config (`cohort launch` passes the resolved one from the job's log dir).
         #[arg(long)]
         config: std::path::PathBuf,
+        /// The config file as the user named it, for errors [default: --config].
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -53,15 +56,49 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Probe => probe(),
         Command::DemoMlp { steps } => demo_mlp(steps),
-        Command::Train { config } => train(&config),
+        Command::Train { config, source } => train(&config, source.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", describe(&e));
+            if is_permanent(&e) {
+                ExitCode::from(cohort_contract::exit::PERMANENT_FAILURE as u8)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// `e` and its causes on one line, each cause once: an error whose message
+/// already quotes its source (`cannot read X: No such file`) does not
+/// repeat it.
+fn describe(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Whether `e` is a failure a restart can't fix (see
+/// `cohort_contract::exit::PERMANENT_FAILURE`): a config that does not
+/// load, or a trainer error on the job's configuration or input.
+fn is_permanent(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.is::<cohort_configs::ConfigError>()
+            || cause
+                .downcast_ref::<cohort_trainer::TrainError>()
+                .is_some_and(cohort_trainer::TrainError::is_permanent)
+    }) || cohort_trainer::is_disk_full(e.as_ref())
 }
 
 /// One rank of a training job; the only place the worker reads its
@@ -71,7 +108,7 @@ fn main() -> ExitCode {
 /// is set (to run workers by hand, without `cohort launch`).
 /// `COHORT_RESUME=auto|never|PATH` picks the checkpoint to resume from
 /// (default auto: the newest in `checkpoint.dir` that verifies).
-fn train(config: &std::path::Path) -> anyhow::Result<()> {
+fn train(config: &std::path::Path, source: Option<&str>) -> anyhow::Result<()> {
     use anyhow::Context;
     use cohort_contract::WorkerEnv;
     use cohort_trainer::train::run;
@@ -88,25 +125,21 @@ fn train(config: &std::path::Path) -> anyhow::Result<()> {
     let store = cohort_launcher::worker_store(&env).context(
         "finding the other ranks (run under `cohort launch`, or set COHORT_STORE_DIR to a directory shared by every rank)",
     )?;
-    let device = cohort_trainer::train::resolve_device(&job.train.device, env.local_rank)?;
+    let device = cohort_trainer::train::resolve_device(job.train.device, env.local_rank)?;
     let (comm, why) = cohort_trainer::connect_backend(
         &env,
         store.as_deref(),
-        &job.parallel.backend,
-        &job.parallel.transport,
+        job.parallel.backend,
+        job.parallel.transport,
         device,
     )?;
     if env.rank == 0 {
         println!("collectives: {} ({why})", comm.backend());
     }
-    let summary = run(&job, &env, comm).with_context(|| {
-        format!(
-            "training {} (rank {} of {})",
-            config.display(),
-            env.rank,
-            env.world
-        )
-    })?;
+    let source = source.map_or_else(|| config.display().to_string(), str::to_owned);
+    // No rank in the message: the launcher prefixes it, and shows an error
+    // every rank hit alike once.
+    let summary = run(&job, &env, comm).with_context(|| format!("training {source}"))?;
     if env.rank == 0 {
         println!(
             "done: {} steps, final loss {}{}",

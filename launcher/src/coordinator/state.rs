@@ -395,6 +395,7 @@ impl JobState {
             live,
             range,
             fatal,
+            failure.permanent,
         );
         match decision {
             Recovery::Restart => {
