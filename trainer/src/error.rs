@@ -74,6 +74,7 @@ impl TrainError {
                 | CkptError::NotACheckpoint { .. }
                 | CkptError::NotWritable { .. },
             ) => true,
+            TrainError::Checkpoint(CkptError::Io { error, .. }) => is_full(error),
             TrainError::Comm { .. } | TrainError::Torch { .. } | TrainError::Contract(_) => false,
             TrainError::Checkpoint(_) | TrainError::Io { .. } => is_disk_full(self),
         }
@@ -90,15 +91,17 @@ impl TrainError {
 pub fn is_disk_full(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-            )
-        {
+        if e.downcast_ref::<std::io::Error>().is_some_and(is_full) {
             return true;
         }
         cur = e.source();
     }
     false
+}
+
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
