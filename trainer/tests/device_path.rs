@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use cohort_collectives::Communicator;
-use cohort_configs::{DataConfig, ModelConfig, ModelKind, OptimConfig, ParallelConfig};
+use cohort_configs::{DataConfig, ModelConfig, ModelKind, OptimConfig, ParallelConfig, ZeroStage};
 use cohort_trainer::data::{Dataset, Loader};
 use cohort_trainer::{DataParallel, model};
 use tch::nn::OptimizerConfig;
@@ -45,7 +45,7 @@ fn run(stage: u8, zero_grad_to_none: bool) -> (Vec<f32>, Vec<(f64, f64)>) {
     tch::set_num_threads(1);
     let (data, vs, net) = small_gpt();
     let parallel = ParallelConfig {
-        zero_stage: stage,
+        zero_stage: ZeroStage::try_from(u64::from(stage)).expect("stage 0, 1 or 2"),
         ..ParallelConfig::default()
     };
     let comm = Communicator::mem_group(1).remove(0);
@@ -98,7 +98,7 @@ fn every_collective_is_waited_for_under_the_watchdog() {
     let _one = serial();
     let (data, vs, net) = small_gpt();
     let parallel = ParallelConfig {
-        zero_stage: 2,
+        zero_stage: ZeroStage::Zero2,
         bucket_mb: 0.01,
         ..ParallelConfig::default()
     };
