@@ -2,12 +2,15 @@
 //!
 //! The state of an optimizer is a few vectors as long as the part of the flat
 //! parameter space this rank owns (all of it under DDP, its 1/N shard under
-//! ZeRO). Two implementations of the same updates:
-//! - [`Optimizer`] (the host path): plain loops over slices zipped together,
-//!   which the compiler vectorizes: one pass over memory per step;
-//! - [`TensorOptimizer`] (the device path): the same arithmetic as tensor ops
-//!   on flat tensors of any device, a few elementwise kernels per step over
-//!   one flat buffer (no per-parameter launches), state kept on the device.
+//! ZeRO). Each optimizer's arithmetic is written once ([`adamw`], [`sgd`]),
+//! in a few elementwise operations ([`Elems`]) that exist for one `f32` and
+//! for a flat tensor:
+//! - [`Optimizer`] (the host path) runs it element by element over slices
+//!   zipped together, one pass over memory per step that the compiler
+//!   vectorizes;
+//! - [`TensorOptimizer`] (the device path) runs it on whole flat tensors of
+//!   any device, one kernel per operation over one flat buffer (no
+//!   per-parameter launches), state kept on the device.
 
 use std::ops::Range;
 
@@ -24,56 +27,289 @@ pub struct StepParams {
     pub grad_scale: f32,
 }
 
-/// AdamW (decoupled weight decay, bias correction) or SGD with momentum.
-pub struct Optimizer {
+/// The elementwise operations the optimizers are written in, in place as
+/// torch's `mul_`, `lerp_`, `addcmul_`, `addcdiv_`: for one `f32` (the host
+/// loop) and for a flat tensor (every element at once).
+pub trait Elems: Sized {
+    /// `self · k`, new.
+    fn scaled(&self, k: f32) -> Self;
+    /// `self *= k`.
+    fn scale_(&mut self, k: f32);
+    /// `self *= 1 + (k - 1)·mask` (`mask` is 1 or 0 per element).
+    fn scale_masked_(&mut self, mask: &Self, k: f32);
+    /// `self += k · x`.
+    fn axpy_(&mut self, k: f32, x: &Self);
+    /// `self += w · (x - self)`.
+    fn lerp_(&mut self, x: &Self, w: f32);
+    /// `self += k · a · b`.
+    fn addcmul_(&mut self, a: &Self, b: &Self, k: f32);
+    /// `self += k · a / b`.
+    fn addcdiv_(&mut self, a: &Self, b: &Self, k: f32);
+    /// `sqrt(self) · k + eps`, new.
+    fn sqrt_scaled_add(&self, k: f32, eps: f32) -> Self;
+}
+
+impl Elems for f32 {
+    fn scaled(&self, k: f32) -> Self {
+        self * k
+    }
+    fn scale_(&mut self, k: f32) {
+        *self *= k;
+    }
+    fn scale_masked_(&mut self, mask: &Self, k: f32) {
+        *self *= 1.0 + (k - 1.0) * mask;
+    }
+    fn axpy_(&mut self, k: f32, x: &Self) {
+        *self += k * x;
+    }
+    fn lerp_(&mut self, x: &Self, w: f32) {
+        *self += w * (x - *self);
+    }
+    fn addcmul_(&mut self, a: &Self, b: &Self, k: f32) {
+        *self += k * a * b;
+    }
+    fn addcdiv_(&mut self, a: &Self, b: &Self, k: f32) {
+        *self += k * a / b;
+    }
+    fn sqrt_scaled_add(&self, k: f32, eps: f32) -> Self {
+        self.sqrt() * k + eps
+    }
+}
+
+/// The tensor operations run without autograd: they update leaf buffers.
+impl Elems for Tensor {
+    fn scaled(&self, k: f32) -> Self {
+        if k == 1.0 {
+            self.shallow_clone()
+        } else {
+            self * f64::from(k)
+        }
+    }
+    fn scale_(&mut self, k: f32) {
+        let _ = self.g_mul_scalar_(f64::from(k));
+    }
+    fn scale_masked_(&mut self, mask: &Self, k: f32) {
+        let _ = self.g_mul_(&(mask * (f64::from(k) - 1.0) + 1.0));
+    }
+    fn axpy_(&mut self, k: f32, x: &Self) {
+        let _ = self.g_add_(&(x * f64::from(k)));
+    }
+    fn lerp_(&mut self, x: &Self, w: f32) {
+        let _ = Tensor::lerp_(self, x, f64::from(w));
+    }
+    fn addcmul_(&mut self, a: &Self, b: &Self, k: f32) {
+        let _ = Tensor::addcmul_(self, &(a * f64::from(k)), b);
+    }
+    fn addcdiv_(&mut self, a: &Self, b: &Self, k: f32) {
+        let _ = Tensor::addcdiv_(self, &(a * f64::from(k)), b);
+    }
+    fn sqrt_scaled_add(&self, k: f32, eps: f32) -> Self {
+        let mut d = self.sqrt();
+        let _ = d.g_mul_scalar_(f64::from(k));
+        let _ = d.g_add_scalar_(f64::from(eps));
+        d
+    }
+}
+
+/// Which elements of a range take weight decay.
+pub enum Decay<'a, T> {
+    /// None of them.
+    Off,
+    /// All of them.
+    On,
+    /// Those where the mask is 1 (0 elsewhere).
+    Masked(&'a T),
+}
+
+/// One step's AdamW coefficients, from the config and [`StepParams`].
+pub struct AdamStep {
+    /// `1 - lr·weight_decay`.
+    decay: f32,
+    b1: f32,
+    b2: f32,
+    /// `lr / (1 - beta1^t)`.
+    step_size: f32,
+    /// `1 / sqrt(1 - beta2^t)`.
+    inv_bc2_sqrt: f32,
+    eps: f32,
+    grad_scale: f32,
+}
+
+impl AdamStep {
+    fn new(c: &OptimConfig, p: StepParams) -> Self {
+        let t = (p.step + 1) as i32;
+        AdamStep {
+            decay: 1.0 - p.lr * c.weight_decay as f32,
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            step_size: (f64::from(p.lr) / (1.0 - c.beta1.powi(t))) as f32,
+            inv_bc2_sqrt: (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32,
+            eps: c.eps as f32,
+            grad_scale: p.grad_scale,
+        }
+    }
+}
+
+/// As `torch.optim.AdamW`: `p *= 1 - lr·wd` where decay applies, then the
+/// bias-corrected Adam step: `m = lerp(m, g, 1-b1)`, `v = b2·v + (1-b2)·g²`,
+/// `p -= lr/(1-b1^t) · m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
+pub fn adamw<T: Elems>(p: &mut T, g: &T, m: &mut T, v: &mut T, decay: &Decay<T>, k: &AdamStep) {
+    let g = g.scaled(k.grad_scale);
+    match decay {
+        Decay::Off => {}
+        Decay::On => p.scale_(k.decay),
+        Decay::Masked(mask) => p.scale_masked_(mask, k.decay),
+    }
+    m.lerp_(&g, 1.0 - k.b1);
+    v.scale_(k.b2);
+    v.addcmul_(&g, &g, 1.0 - k.b2);
+    let denom = v.sqrt_scaled_add(k.inv_bc2_sqrt, k.eps);
+    p.addcdiv_(m, &denom, -k.step_size);
+}
+
+/// One step's SGD coefficients.
+pub struct SgdStep {
+    lr: f32,
+    weight_decay: f32,
+    momentum: f32,
+    nesterov: bool,
+    grad_scale: f32,
+}
+
+impl SgdStep {
+    fn new(c: &OptimConfig, p: StepParams) -> Self {
+        SgdStep {
+            lr: p.lr,
+            weight_decay: c.weight_decay as f32,
+            momentum: c.momentum as f32,
+            nesterov: c.nesterov,
+            grad_scale: p.grad_scale,
+        }
+    }
+}
+
+/// As `torch.optim.SGD` (dampening 0): L2 weight decay added to the
+/// gradient where it applies, `buf = momentum·buf + g` (on the first step
+/// torch sets the buffer to the gradient, which momentum·0 + g also gives),
+/// then `p -= lr·(g + momentum·buf)` (nesterov) or `p -= lr·buf`.
+pub fn sgd<T: Elems>(p: &mut T, g: &T, buf: Option<&mut T>, decay: &Decay<T>, k: &SgdStep) {
+    let mut d = g.scaled(k.grad_scale);
+    if k.weight_decay != 0.0 {
+        match decay {
+            Decay::Off => {}
+            Decay::On => d.axpy_(k.weight_decay, p),
+            Decay::Masked(mask) => d.addcmul_(p, mask, k.weight_decay),
+        }
+    }
+    let dir = match buf {
+        None => &d,
+        Some(b) => {
+            b.scale_(k.momentum);
+            b.axpy_(1.0, &d);
+            if k.nesterov {
+                d.axpy_(k.momentum, b);
+                &d
+            } else {
+                &*b
+            }
+        }
+    };
+    p.axpy_(-k.lr, dir);
+}
+
+/// A state vector: host memory or a flat tensor.
+pub trait StateVec: Sized {
+    fn numel(&self) -> usize;
+}
+
+impl StateVec for Vec<f32> {
+    fn numel(&self) -> usize {
+        self.len()
+    }
+}
+
+impl StateVec for Tensor {
+    fn numel(&self) -> usize {
+        Tensor::numel(self)
+    }
+}
+
+/// AdamW (decoupled weight decay, bias correction) or SGD with momentum,
+/// over state vectors `S`: [`Optimizer`] on the host, [`TensorOptimizer`] on
+/// a device.
+pub struct Optim<S, M = ()> {
     cfg: OptimConfig,
     /// AdamW: `[exp_avg, exp_avg_sq]`; SGD: `[momentum]` (empty when
     /// `optim.momentum` is 0).
-    states: Vec<Vec<f32>>,
+    states: Vec<S>,
+    /// The tensor optimizer's weight-decay mask.
+    decay: M,
 }
 
-impl Optimizer {
-    /// An optimizer over `len` elements, state zeroed.
-    pub fn new(cfg: &OptimConfig, len: usize) -> Self {
-        let n = Self::names_for(cfg).len();
-        Optimizer {
-            cfg: cfg.clone(),
-            states: vec![vec![0.0; len]; n],
-        }
-    }
+/// The host path's optimizer: state in host memory, stepped run by run.
+pub type Optimizer = Optim<Vec<f32>>;
 
-    pub(crate) fn names_for(cfg: &OptimConfig) -> &'static [&'static str] {
-        match cfg.kind {
-            OptimKind::Adamw => &["exp_avg", "exp_avg_sq"],
-            OptimKind::Sgd if cfg.momentum != 0.0 => &["momentum"],
-            OptimKind::Sgd => &[],
-        }
-    }
+/// The device path's optimizer: state as flat tensors, stepped all at once.
+pub type TensorOptimizer = Optim<Tensor, DecayMask>;
 
-    /// Names of the per-element state vectors, in [`Optimizer::states`] order.
+/// Which elements of a tensor optimizer's range take weight decay.
+pub enum DecayMask {
+    None,
+    All,
+    /// 1.0 where decay applies, 0.0 elsewhere.
+    Some(Tensor),
+}
+
+fn names_for(cfg: &OptimConfig) -> &'static [&'static str] {
+    match cfg.kind {
+        OptimKind::Adamw => &["exp_avg", "exp_avg_sq"],
+        OptimKind::Sgd if cfg.momentum != 0.0 => &["momentum"],
+        OptimKind::Sgd => &[],
+    }
+}
+
+impl<S: StateVec, M> Optim<S, M> {
+    /// Names of the per-element state vectors, in [`Optim::states`] order.
     pub fn state_names(&self) -> &'static [&'static str] {
-        Self::names_for(&self.cfg)
+        names_for(&self.cfg)
     }
 
-    pub fn states(&self) -> &[Vec<f32>] {
+    pub fn states(&self) -> &[S] {
         &self.states
     }
 
-    /// Replaces the state (from a checkpoint). Each vector must be as long as
-    /// the current ones.
-    pub fn set_states(&mut self, states: Vec<Vec<f32>>) -> Result<(), String> {
-        check_state_lengths(
-            self.cfg.kind,
-            &self.states.iter().map(Vec::len).collect::<Vec<_>>(),
-            &states.iter().map(Vec::len).collect::<Vec<_>>(),
-        )?;
+    /// Replaces the state (from a checkpoint): as many vectors as now, each
+    /// as long.
+    pub fn set_states(&mut self, states: Vec<S>) -> Result<(), String> {
+        let have: Vec<usize> = self.states.iter().map(S::numel).collect();
+        let got: Vec<usize> = states.iter().map(S::numel).collect();
+        if got != have {
+            return Err(format!(
+                "optimizer state has {} vectors of lengths {got:?}; this {:?} optimizer needs {} of length {}",
+                got.len(),
+                self.cfg.kind,
+                have.len(),
+                have.first().copied().unwrap_or(0)
+            ));
+        }
         self.states = states;
         Ok(())
     }
 
     /// Bytes of optimizer state held by this rank.
     pub fn state_bytes(&self) -> usize {
-        self.states.iter().map(|s| s.len() * 4).sum()
+        self.states.iter().map(|s| s.numel() * 4).sum()
+    }
+}
+
+impl Optimizer {
+    /// An optimizer over `len` elements, state zeroed.
+    pub fn new(cfg: &OptimConfig, len: usize) -> Self {
+        Optim {
+            cfg: cfg.clone(),
+            states: vec![vec![0.0; len]; names_for(cfg).len()],
+            decay: (),
+        }
     }
 
     /// Updates `params` (the elements `at` of this optimizer's range) from
@@ -88,120 +324,33 @@ impl Optimizer {
     ) {
         debug_assert_eq!(params.len(), at.len());
         debug_assert_eq!(grads.len(), at.len());
-        let c = &self.cfg;
-        let wd = if decay { c.weight_decay as f32 } else { 0.0 };
-        match c.kind {
+        let decay = if decay { Decay::On } else { Decay::Off };
+        match self.cfg.kind {
             OptimKind::Adamw => {
+                let k = AdamStep::new(&self.cfg, p);
                 let (m, v) = self.states.split_at_mut(1);
-                let t = (p.step + 1) as i32;
-                let (b1, b2) = (c.beta1, c.beta2);
-                adamw(
-                    params,
-                    grads,
-                    &mut m[0][at.clone()],
-                    &mut v[0][at],
-                    AdamCoeffs {
-                        decay: 1.0 - p.lr * wd,
-                        b1: b1 as f32,
-                        b2: b2 as f32,
-                        step_size: (f64::from(p.lr) / (1.0 - b1.powi(t))) as f32,
-                        inv_bc2_sqrt: (1.0 / (1.0 - b2.powi(t)).sqrt()) as f32,
-                        eps: c.eps as f32,
-                        scale: p.grad_scale,
-                    },
-                );
+                let (m, v) = (&mut m[0][at.clone()], &mut v[0][at]);
+                for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m).zip(v) {
+                    adamw(p, g, m, v, &decay, &k);
+                }
             }
             OptimKind::Sgd => {
-                let momentum = c.momentum as f32;
-                let buf = self.states.first_mut().map(|b| &mut b[at]);
-                sgd(params, grads, buf, momentum, c.nesterov, wd, p);
+                let k = SgdStep::new(&self.cfg, p);
+                match self.states.first_mut() {
+                    Some(buf) => {
+                        for ((p, g), b) in params.iter_mut().zip(grads).zip(&mut buf[at]) {
+                            sgd(p, g, Some(b), &decay, &k);
+                        }
+                    }
+                    None => {
+                        for (p, g) in params.iter_mut().zip(grads) {
+                            sgd(p, g, None, &decay, &k);
+                        }
+                    }
+                }
             }
         }
     }
-}
-
-/// Whether restored optimizer state (vectors of lengths `got`) fits an
-/// optimizer whose state vectors have lengths `have`.
-fn check_state_lengths(kind: OptimKind, have: &[usize], got: &[usize]) -> Result<(), String> {
-    if got == have {
-        return Ok(());
-    }
-    Err(format!(
-        "optimizer state has {} vectors of lengths {got:?}; this {kind:?} optimizer needs {} of length {}",
-        got.len(),
-        have.len(),
-        have.first().copied().unwrap_or(0)
-    ))
-}
-
-struct AdamCoeffs {
-    decay: f32,
-    b1: f32,
-    b2: f32,
-    step_size: f32,
-    inv_bc2_sqrt: f32,
-    eps: f32,
-    scale: f32,
-}
-
-/// As `torch.optim.AdamW`: `p *= 1 - lr·wd`, then the bias-corrected Adam step.
-fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamCoeffs) {
-    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        let g = g * k.scale;
-        let mi = k.b1 * *m + (1.0 - k.b1) * g;
-        let vi = k.b2 * *v + (1.0 - k.b2) * g * g;
-        *m = mi;
-        *v = vi;
-        let denom = vi.sqrt() * k.inv_bc2_sqrt + k.eps;
-        *p = *p * k.decay - k.step_size * mi / denom;
-    }
-}
-
-/// As `torch.optim.SGD` (dampening 0): L2 weight decay added to the gradient,
-/// `buf = momentum·buf + g`, nesterov `g + momentum·buf`.
-fn sgd(
-    p: &mut [f32],
-    g: &[f32],
-    buf: Option<&mut [f32]>,
-    momentum: f32,
-    nesterov: bool,
-    wd: f32,
-    s: StepParams,
-) {
-    let lr = s.lr;
-    match buf {
-        None => {
-            for (p, &g) in p.iter_mut().zip(g) {
-                *p -= lr * (g * s.grad_scale + wd * *p);
-            }
-        }
-        Some(buf) => {
-            // On the first step torch initializes the buffer to the gradient,
-            // which momentum·0 + g also gives.
-            for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
-                let g = g * s.grad_scale + wd * *p;
-                *b = momentum * *b + g;
-                let d = if nesterov { g + momentum * *b } else { *b };
-                *p -= lr * d;
-            }
-        }
-    }
-}
-
-/// Which elements of a tensor optimizer's range take weight decay.
-enum DecayMask {
-    None,
-    All,
-    /// `true` where decay applies.
-    Some(Tensor),
-}
-
-/// [`Optimizer`]'s updates as tensor ops on flat tensors of any device.
-pub struct TensorOptimizer {
-    cfg: OptimConfig,
-    /// As [`Optimizer`]'s states, one tensor each.
-    states: Vec<Tensor>,
-    decay: DecayMask,
 }
 
 impl TensorOptimizer {
@@ -214,144 +363,43 @@ impl TensorOptimizer {
         device: Device,
         decay: &[(Range<usize>, bool)],
     ) -> Self {
-        let n = Optimizer::names_for(cfg).len();
         let decay = if decay.iter().all(|(_, d)| *d) {
             DecayMask::All
         } else if decay.iter().all(|(_, d)| !*d) {
             DecayMask::None
         } else {
-            let mut mask = vec![0u8; len];
+            let mut mask = vec![0f32; len];
             for (run, d) in decay {
-                mask[run.clone()].fill(u8::from(*d));
+                mask[run.clone()].fill(if *d { 1.0 } else { 0.0 });
             }
-            DecayMask::Some(
-                Tensor::from_slice(&mask)
-                    .to_kind(Kind::Bool)
-                    .to_device(device),
-            )
+            DecayMask::Some(Tensor::from_slice(&mask).to_device(device))
         };
-        TensorOptimizer {
+        Optim {
             cfg: cfg.clone(),
-            states: (0..n)
+            states: (0..names_for(cfg).len())
                 .map(|_| Tensor::zeros([len as i64], (Kind::Float, device)))
                 .collect(),
             decay,
         }
     }
 
-    pub fn state_names(&self) -> &'static [&'static str] {
-        Optimizer::names_for(&self.cfg)
-    }
-
-    pub fn states(&self) -> &[Tensor] {
-        &self.states
-    }
-
-    /// Replaces the state (from a checkpoint): as many tensors as now, each
-    /// as long.
-    pub fn set_states(&mut self, states: Vec<Tensor>) -> Result<(), String> {
-        check_state_lengths(
-            self.cfg.kind,
-            &self.states.iter().map(Tensor::numel).collect::<Vec<_>>(),
-            &states.iter().map(Tensor::numel).collect::<Vec<_>>(),
-        )?;
-        self.states = states;
-        Ok(())
-    }
-
-    pub fn state_bytes(&self) -> usize {
-        self.states.iter().map(|s| s.numel() * 4).sum()
-    }
-
-    /// `p *= 1 - f` on the elements that take weight decay.
-    fn decay(&self, p: &mut Tensor, f: f64) {
-        match &self.decay {
-            DecayMask::None => {}
-            DecayMask::All => {
-                let _ = p.g_mul_scalar_(1.0 - f);
-            }
-            DecayMask::Some(mask) => {
-                let _ = p.g_mul_(&Tensor::where_scalar(mask, 1.0 - f, 1.0));
-            }
-        }
-    }
-
-    /// `p·wd` on the elements that take weight decay, 0 elsewhere.
-    fn l2(&self, p: &Tensor, wd: f64) -> Option<Tensor> {
-        match &self.decay {
-            DecayMask::None => None,
-            DecayMask::All => Some(p * wd),
-            DecayMask::Some(mask) => Some(p * Tensor::where_scalar(mask, wd, 0.0)),
-        }
-    }
-
     /// Updates `p` (this optimizer's whole range) from `g`.
     pub fn update(&mut self, p: &mut Tensor, g: &Tensor, sp: StepParams) {
-        tch::no_grad(|| self.update_inner(p, g, sp));
-    }
-
-    fn update_inner(&mut self, p: &mut Tensor, g: &Tensor, sp: StepParams) {
-        let c = self.cfg.clone();
-        let lr = f64::from(sp.lr);
-        let scaled;
-        let g = if sp.grad_scale == 1.0 {
-            g
-        } else {
-            scaled = g * f64::from(sp.grad_scale);
-            &scaled
+        let decay = match &self.decay {
+            DecayMask::None => Decay::Off,
+            DecayMask::All => Decay::On,
+            DecayMask::Some(mask) => Decay::Masked(mask),
         };
-        match c.kind {
+        tch::no_grad(|| match self.cfg.kind {
             OptimKind::Adamw => {
-                let t = (sp.step + 1) as i32;
-                let step_size = lr / (1.0 - c.beta1.powi(t));
-                let inv_bc2_sqrt = 1.0 / (1.0 - c.beta2.powi(t)).sqrt();
                 let (m, v) = self.states.split_at_mut(1);
-                let (m, v) = (&mut m[0], &mut v[0]);
-                // m = b1·m + (1-b1)·g, v = b2·v + (1-b2)·g²
-                let _ = m.lerp_(g, 1.0 - c.beta1);
-                let _ = v.lerp_(&g.square(), 1.0 - c.beta2);
-                // denom = sqrt(v)/sqrt(1-b2^t) + eps, scaled so that
-                // p += m / denom is p -= step_size · m / (sqrt(v̂) + eps).
-                let mut denom = v.sqrt();
-                let _ = denom.g_mul_scalar_(inv_bc2_sqrt);
-                let _ = denom.g_add_scalar_(c.eps);
-                let _ = denom.g_mul_scalar_(-1.0 / step_size);
-                self.decay(p, lr * c.weight_decay);
-                let _ = p.addcdiv_(&self.states[0], &denom);
+                adamw(p, g, &mut m[0], &mut v[0], &decay, &AdamStep::new(&self.cfg, sp));
             }
             OptimKind::Sgd => {
-                let l2 = if c.weight_decay == 0.0 {
-                    None
-                } else {
-                    self.l2(p, c.weight_decay)
-                };
-                match self.states.first_mut() {
-                    None => {
-                        // p -= lr·(g + wd·p)
-                        let mut d = g * -lr;
-                        if let Some(l2) = l2 {
-                            let _ = d.g_add_(&(l2 * -lr));
-                        }
-                        let _ = p.g_add_(&d);
-                    }
-                    Some(buf) => {
-                        let g = match l2 {
-                            Some(l2) => g + l2,
-                            None => g.shallow_clone(),
-                        };
-                        // buf = momentum·buf + g; d = g + momentum·buf (nesterov) or buf
-                        let _ = buf.g_mul_scalar_(c.momentum);
-                        let _ = buf.g_add_(&g);
-                        let d = if c.nesterov {
-                            &g + &*buf * c.momentum
-                        } else {
-                            buf.shallow_clone()
-                        };
-                        let _ = p.g_add_(&(d * -lr));
-                    }
-                }
+                let k = SgdStep::new(&self.cfg, sp);
+                sgd(p, g, self.states.first_mut(), &decay, &k);
             }
-        }
+        });
     }
 }
 
