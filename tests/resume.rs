@@ -106,6 +106,14 @@ fn a_worker_killed_at_step_25_resumes_from_step_20_and_ends_bit_identical() {
     assert!(out.contains("rank 1 aborting at step 25"), "{out}");
     assert!(out.contains("resumed from"), "{out}");
     assert!(out.contains("at step 20"), "{out}");
+    // The launcher itself says where the job resumed.
+    assert!(
+        out.lines().any(
+            |l| l.starts_with("[cohort] the job resumed from checkpoint ")
+                && l.ends_with(" (step 20)")
+        ),
+        "{out}"
+    );
     assert!(out.contains("(1 restart(s))"), "{out}");
     assert!(
         job.export("straight") == job.export("faulted"),

@@ -45,4 +45,4 @@ pub use env::{
 pub use error::ContractError;
 pub use fault::{FaultPoint, FaultSpec};
 pub use shard::shard_range;
-pub use status::WorkerProgress;
+pub use status::{Resumed, WorkerProgress};

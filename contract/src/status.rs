@@ -8,7 +8,9 @@
 //! {"step": 120, "max_steps": 1000, "loss": 2.31, "tokens_per_s": 51200.0, "time": 1763781393.5}
 //! ```
 //!
-//! `loss` and `tokens_per_s` may be `null`; `time` is unix seconds. The agent
+//! `loss` and `tokens_per_s` may be `null`; `time` is unix seconds; a worker
+//! that resumed from a checkpoint adds `"resumed": {"checkpoint": PATH,
+//! "step": N}`. The agent
 //! reads it every heartbeat, sends it to the coordinator (the progress view)
 //! and watches `step`: once a worker has written the file, a step that does
 //! not change for `--hang-timeout` means the worker is hung. A worker that
@@ -34,6 +36,19 @@ pub struct WorkerProgress {
     pub tokens_per_s: Option<f64>,
     /// When the worker wrote this, in unix seconds.
     pub time: f64,
+    /// The checkpoint this attempt resumed from, if it did (the launcher
+    /// says so once); absent in the file when it started fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<Resumed>,
+}
+
+/// Where a worker's attempt resumed from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    /// The checkpoint's step directory.
+    pub checkpoint: String,
+    /// The step it holds: the first step of this attempt is the next one.
+    pub step: u64,
 }
 
 impl WorkerProgress {
@@ -89,6 +104,10 @@ mod tests {
             loss: Some(1.5),
             tokens_per_s: None,
             time: 1.0,
+            resumed: Some(Resumed {
+                checkpoint: "ckpt/step-00000002".into(),
+                step: 2,
+            }),
         };
         p.write(&path).unwrap();
         assert_eq!(WorkerProgress::read(&path).unwrap(), Some(p));
@@ -123,6 +142,7 @@ mod tests {
             loss: None,
             tokens_per_s: None,
             time: 0.0,
+            resumed: None,
         };
         let err = p.write(&path).unwrap_err().to_string();
         assert!(err.contains("rank_1.status.tmp"), "{err}");

@@ -182,6 +182,16 @@ impl WorkerGroup {
         for w in self.workers.iter_mut().filter(|w| w.exit.is_none()) {
             match WorkerProgress::read(&w.status_path) {
                 Ok(Some(p)) => {
+                    if let Some(r) = p
+                        .resumed
+                        .as_ref()
+                        .filter(|_| w.rank == 0 && w.progress.is_none())
+                    {
+                        console.err(&format!(
+                            "[cohort] the job resumed from checkpoint {} (step {})",
+                            r.checkpoint, r.step
+                        ));
+                    }
                     if w.mark.is_none_or(|m| m.step != p.step) {
                         w.mark = Some(StepMark {
                             rank: w.rank,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cohort_checkpoint::{Meta, ParamLayout, Saver, SaverOptions};
 use cohort_configs::{DeviceChoice, JobConfig};
-use cohort_contract::{FaultPoint, WorkerEnv, WorkerProgress, var};
+use cohort_contract::{FaultPoint, Resumed, WorkerEnv, WorkerProgress, var};
 use serde_json::json;
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
@@ -121,7 +121,14 @@ pub fn run(
                 .unwrap_or_default()
         );
     }
-    write_status(env, dp.steps_done(), t.max_steps, None, None)?;
+    let resumed = resumed_from.as_ref().map(|p| Resumed {
+        checkpoint: p.display().to_string(),
+        step: dp.steps_done(),
+    });
+    let status = |step, loss, tokens_per_s| {
+        write_status(env, step, t.max_steps, loss, tokens_per_s, resumed.clone())
+    };
+    status(dp.steps_done(), None, None)?;
 
     let mut summary = Summary {
         steps: dp.steps_done(),
@@ -216,13 +223,7 @@ pub fn run(
                 source,
             })?;
         }
-        write_status(
-            env,
-            report.step,
-            t.max_steps,
-            report.loss,
-            Some(tokens_per_s),
-        )?;
+        status(report.step, report.loss, Some(tokens_per_s))?;
         if rank == 0
             && let Some(stall) = ckpt_stall_s
         {
@@ -476,6 +477,7 @@ fn write_status(
     max_steps: u64,
     loss: Option<f64>,
     tokens_per_s: Option<f64>,
+    resumed: Option<Resumed>,
 ) -> Result<(), TrainError> {
     let Some(path) = &env.status_file else {
         return Ok(());
@@ -486,6 +488,7 @@ fn write_status(
         loss,
         tokens_per_s,
         time: unix_now(),
+        resumed,
     };
     Ok(progress.write(path)?)
 }
