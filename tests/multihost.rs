@@ -215,7 +215,7 @@ fn a_host_whose_link_goes_down_is_named_lost_and_an_elastic_job_goes_on() {
     assert!(
         host0
             .err
-            .contains(&format!("({}) sent no heartbeat for", net.host(1).addr())),
+            .contains(&format!("({}) lost: no heartbeat for", net.host(1).addr())),
         "host1 was not named lost by its address:\n{}",
         host0.err
     );

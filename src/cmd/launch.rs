@@ -499,7 +499,7 @@ fn kubernetes_timing(
 ) -> Timing {
     match scheduler {
         Some(cohort_launcher::sched::Scheduler::Kubernetes) => Timing {
-            connect_retry: timing.connect_retry.max(timing.rendezvous_timeout),
+            connect_retry: timing.rendezvous_timeout,
             ..timing
         },
         _ => timing,
