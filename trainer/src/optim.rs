@@ -393,7 +393,14 @@ impl TensorOptimizer {
         tch::no_grad(|| match self.cfg.kind {
             OptimKind::Adamw => {
                 let (m, v) = self.states.split_at_mut(1);
-                adamw(p, g, &mut m[0], &mut v[0], &decay, &AdamStep::new(&self.cfg, sp));
+                adamw(
+                    p,
+                    g,
+                    &mut m[0],
+                    &mut v[0],
+                    &decay,
+                    &AdamStep::new(&self.cfg, sp),
+                );
             }
             OptimKind::Sgd => {
                 let k = SgdStep::new(&self.cfg, sp);
