@@ -219,6 +219,99 @@ fn a_silent_node_is_dropped_and_an_elastic_job_goes_on() {
     );
 }
 
+/// When a node dies, the collectives of the nodes left break at once, well
+/// before its heartbeats are missed: the job names the lost node, not the
+/// survivor's rank that exited first.
+#[test]
+fn a_dead_node_is_named_rather_than_the_survivor_whose_peer_went_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let timing = [
+        "--heartbeat-interval-ms",
+        "100",
+        "--heartbeat-timeout-ms",
+        "1500",
+        "--grace-period-ms",
+        "500",
+        "--connect-retry-ms",
+        "3000",
+    ];
+    let mut cmd = cohort();
+    cmd.args(["coordinator", "--bind", "127.0.0.1:0", "--token", "t"])
+        .args(["--nnodes", "2"])
+        .args(timing);
+    let mut coord = Proc::spawn(cmd);
+    let line = coord.wait_line("listening on", false, Duration::from_secs(30));
+    let addr = line.rsplit(' ').next().unwrap().to_owned();
+    // Rank 1 waits; rank 0 stands for a collective with it: it fails as
+    // soon as rank 1's process is gone.
+    let body = format!(
+        "if [ \"$RANK\" = 1 ]; then echo $$ > {d}/rank1.tmp; mv {d}/rank1.tmp {d}/rank1; exec sleep 60; fi\n\
+         while [ ! -f {d}/rank1 ]; do sleep 0.05; done\n\
+         peer=$(cat {d}/rank1)\n\
+         alive() {{ s=$(cut -d' ' -f3 /proc/$peer/stat 2>/dev/null); [ -n \"$s\" ] && [ \"$s\" != Z ]; }}\n\
+         while alive; do sleep 0.05; done\n\
+         echo 'connection reset by peer' >&2; exit 1\n",
+        d = dir.path().display()
+    );
+    let script = launch_util::script(dir.path(), "peer.sh", &body);
+    let spawn_node = || {
+        let mut cmd = cohort();
+        cmd.arg("launch")
+            .args(timing)
+            .args(["--coordinator", &addr, "--token", "t", "--nnodes", "2"])
+            .args(["--max-restarts", "0"])
+            .arg("--log-dir")
+            .arg(dir.path().join("logs"))
+            .arg("--")
+            .arg("sh")
+            .arg(&script);
+        Proc::spawn(cmd)
+    };
+    let mut a = spawn_node();
+    let mut b = spawn_node();
+    let rank1 = dir.path().join("rank1");
+    assert!(
+        eventually(Duration::from_secs(30), || rank1.exists()),
+        "the job did not start:\n{}{}",
+        a.err,
+        b.err
+    );
+    let rank1_pid: i32 = std::fs::read_to_string(&rank1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Kill the launcher of the node running rank 1 (its worker goes with it).
+    let a_has_rank1 = std::fs::read_to_string(format!("/proc/{rank1_pid}/status"))
+        .is_ok_and(|s| s.contains(&format!("PPid:\t{}\n", a.pid())));
+    let (survivor, dead) = if a_has_rank1 {
+        (&mut b, &mut a)
+    } else {
+        (&mut a, &mut b)
+    };
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(dead.pid(), libc::SIGKILL);
+    }
+    let status = survivor.wait(LIMIT);
+    assert!(!status.success(), "{}", survivor.err);
+    let summary = survivor
+        .err
+        .lines()
+        .find(|l| l.contains("job failed: "))
+        .unwrap_or_else(|| panic!("no summary:\n{}", survivor.err))
+        .to_owned();
+    assert!(
+        summary.contains("job failed: node ")
+            && summary.contains("(127.0.0.1) lost: no heartbeat for")
+            && summary.contains(" UTC (then rank 0 on node "),
+        "{}",
+        survivor.err
+    );
+    dead.wait(LIMIT);
+    drop(coord);
+}
+
 #[test]
 fn wrong_token_and_garbage_are_refused_while_others_are_served() {
     let dir = tempfile::tempdir().unwrap();

@@ -105,7 +105,7 @@ impl CoordinatorRpc for Service {
         let req = request.into_inner();
         self.job(&req.job_id)?;
         Ok(Response::new(ReportFailureResponse {
-            directive: Some(self.0.apply(|st| st.report_failure(req))),
+            directive: Some(self.0.apply(|st| st.report_failure(Instant::now(), req))),
         }))
     }
 

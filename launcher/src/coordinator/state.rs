@@ -66,6 +66,17 @@ struct Member {
     workers: Vec<WorkerStatus>,
 }
 
+/// A worker failure the coordinator holds before it ends the generation:
+/// when a node dies, the collectives of the nodes left break at once, well
+/// before the node misses its heartbeats, and the rank that reports first is
+/// a survivor. The failure is held until every other member has shown it is
+/// alive (a heartbeat or a report after it), or one is found lost, which is
+/// then the root cause; at most the heartbeat timeout.
+struct HeldFailure {
+    failure: FailureInfo,
+    since: Instant,
+}
+
 enum Phase {
     Forming,
     Running,
@@ -101,6 +112,8 @@ pub struct JobState {
     left: HashSet<String>,
     last_progress: Option<Progress>,
     last_progress_at: Instant,
+    /// A worker failure held until the other members are known alive.
+    held: Option<HeldFailure>,
     effects: Effects,
 }
 
@@ -134,6 +147,7 @@ impl JobState {
             left: HashSet::new(),
             last_progress: None,
             last_progress_at: now,
+            held: None,
             effects: Effects::default(),
         }
     }
@@ -381,6 +395,7 @@ impl JobState {
         if !matches!(self.phase, Phase::Running) || failure.generation != self.generation {
             return;
         }
+        self.held = None;
         let node = format!("node {} ({})", failure.node_id, failure.host);
         let what = match failure.rank {
             Some(rank) => format!("rank {rank} on {node} {}", failure.reason),
@@ -409,7 +424,13 @@ impl JobState {
                 self.emit(EventKind::Restarting, message);
             }
             Recovery::GiveUp => {
-                let root_cause = errorfile::root_cause(&failure, &self.recorded).clone();
+                // A lost node is the cause of what its peers recorded after
+                // it went silent; only what it recorded itself can come first.
+                let recorded = self
+                    .recorded
+                    .iter()
+                    .filter(|r| lost.is_empty() || lost.contains(&r.node_id));
+                let root_cause = errorfile::root_cause(&failure, recorded).clone();
                 let outcome = JobOutcome {
                     success: false,
                     summary: format!("job failed: {what}; {reason}"),
@@ -457,6 +478,7 @@ impl JobState {
                 m.workers = req.workers;
             }
             self.record(&req.node_id, req.generation, req.recorded);
+            self.release_held(now);
         }
         self.directive_for(&req.node_id, req.generation)
     }
@@ -481,10 +503,16 @@ impl JobState {
         }
     }
 
-    /// A worker of a node failed, or the node is stopping.
-    pub fn report_failure(&mut self, req: ReportFailureRequest) -> Directive {
-        if matches!(self.phase, Phase::Running) {
+    /// A worker of a node failed, or the node is stopping. A worker failure
+    /// of a generation of several nodes is held (see [`HeldFailure`]); a
+    /// node that stops, or a permanent failure, ends it at once.
+    pub fn report_failure(&mut self, now: Instant, req: ReportFailureRequest) -> Directive {
+        let current = matches!(self.phase, Phase::Running) && req.generation == self.generation;
+        if current {
             self.record(&req.node_id, req.generation, req.recorded);
+            if let Some(m) = self.members.get_mut(&req.node_id) {
+                m.last_heartbeat = now;
+            }
         }
         if let Some(mut failure) = req.failure {
             failure.generation = req.generation;
@@ -493,9 +521,41 @@ impl JobState {
                 failure.node_rank = m.node_rank;
                 failure.host.clone_from(&m.host);
             }
-            self.end_generation(failure, req.fatal, &[]);
+            let hold = current
+                && !req.fatal
+                && !failure.permanent
+                && self.members.len() > 1
+                && self.members.contains_key(&req.node_id);
+            if !hold {
+                self.end_generation(failure, req.fatal, &[]);
+            } else if self.held.is_none() {
+                tracing::info!(
+                    "holding the failure of node {} until the other nodes are known alive",
+                    req.node_id
+                );
+                self.held = Some(HeldFailure {
+                    failure,
+                    since: now,
+                });
+            }
+            self.release_held(now);
         }
         self.directive_for(&req.node_id, req.generation)
+    }
+
+    /// Ends the generation with the held failure once every member has
+    /// been heard from since it came, or the heartbeat timeout passed (by
+    /// then a silent member was found lost, see [`JobState::tick`]).
+    fn release_held(&mut self, now: Instant) {
+        let Some(held) = &self.held else { return };
+        let all_heard = self
+            .members
+            .values()
+            .all(|m| m.last_heartbeat >= held.since);
+        if all_heard || now.saturating_duration_since(held.since) > self.heartbeat_timeout {
+            let failure = held.failure.clone();
+            self.end_generation(failure, false, &[]);
+        }
     }
 
     /// Every worker of a node exited 0.
@@ -556,16 +616,29 @@ impl JobState {
                 );
                 if let Some((node_id, reason)) = lost.first() {
                     let m = &self.members[node_id];
+                    // What broke on the other nodes since is a consequence.
+                    let after = match &self.held {
+                        Some(HeldFailure { failure: f, .. }) => format!(
+                            " (then {}on node {} ({}) {})",
+                            f.rank.map_or_else(String::new, |r| format!("rank {r} ")),
+                            f.node_id,
+                            f.host,
+                            f.reason
+                        ),
+                        None => String::new(),
+                    };
                     let failure = FailureInfo {
                         node_id: node_id.clone(),
                         host: m.host.clone(),
                         node_rank: m.node_rank,
-                        reason: reason.clone(),
+                        reason: format!("{reason}{after}"),
                         generation: self.generation,
                         ..FailureInfo::default()
                     };
                     let lost: Vec<String> = lost.into_iter().map(|(id, _)| id).collect();
                     self.end_generation(failure, false, &lost);
+                } else if self.held.is_some() {
+                    self.release_held(now);
                 } else if watched
                     && now.duration_since(self.last_progress_at) >= Duration::from_millis(500)
                 {
@@ -759,7 +832,7 @@ mod tests {
         join(&mut j, t0, "a");
         join(&mut j, t0, "b");
         assert_eq!(assignment(&j, "a").node_rank, 0);
-        j.report_failure(failure(1, 0));
+        j.report_failure(t0, failure(1, 0));
         // b is back first, but node 0 is still a, on a's host.
         join(&mut j, t0, "b");
         join(&mut j, t0, "a");
@@ -769,7 +842,7 @@ mod tests {
         assert_eq!((b.node_rank, b.rank_offset), (1, 2));
         assert_eq!(b.master_addr, "host-a");
         // A new node takes the rank a lost node left free.
-        j.report_failure(failure(1, 1));
+        j.report_failure(t0, failure(1, 1));
         join(&mut j, t0, "c");
         join(&mut j, t0, "b");
         assert_eq!(assignment(&j, "c").node_rank, 0);
@@ -842,7 +915,7 @@ mod tests {
         let mut j = job(NodeRange::exactly(1), 1);
         let t0 = Instant::now();
         join(&mut j, t0, "a");
-        let d = j.report_failure(failure(1, 0));
+        let d = j.report_failure(t0, failure(1, 0));
         assert_eq!(d.action, Action::Restart as i32);
         assert_eq!(
             d.reason,
@@ -852,10 +925,10 @@ mod tests {
         assert_eq!(assignment(&j, "a").generation, 1);
         // A stale report of generation 0 changes nothing.
         assert_eq!(
-            j.report_failure(failure(0, 0)).action,
+            j.report_failure(t0, failure(0, 0)).action,
             Action::Restart as i32
         );
-        let d = j.report_failure(failure(0, 1));
+        let d = j.report_failure(t0, failure(0, 1));
         assert_eq!(d.action, Action::Finished as i32);
         let outcome = d.outcome.unwrap();
         assert!(!outcome.success);
@@ -894,7 +967,7 @@ mod tests {
         // a's rank 0 exits later, with its own error of 104.
         let mut report = failure(0, 0);
         report.failure.as_mut().unwrap().error = recorded(0, 104).error;
-        let d = j.report_failure(report);
+        let d = j.report_failure(t0, report);
         let outcome = d.outcome.unwrap();
         assert!(
             outcome.summary.starts_with("job failed: rank 0 on node a"),
@@ -930,6 +1003,70 @@ mod tests {
             "{}",
             d.reason
         );
+    }
+
+    #[test]
+    fn a_survivor_failure_is_held_and_the_lost_node_named() {
+        use cohort_proto::v1::RecordedError;
+        let mut j = job(NodeRange::exactly(2), 0);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        j.heartbeat(t0 + Duration::from_secs(1), heartbeat("b"));
+        // b dies; a's collective breaks at once and its rank 0 exits, with
+        // the error it recorded.
+        let mut report = failure(0, 0);
+        report.failure.as_mut().unwrap().error = Some(Box::new(RecordedError {
+            timestamp: 2,
+            message: "RuntimeError: connection reset".into(),
+            ..RecordedError::default()
+        }));
+        let d = j.report_failure(t0 + Duration::from_secs(2), report);
+        assert_eq!(d.action, Action::Continue as i32, "{}", d.reason);
+        j.heartbeat(t0 + Duration::from_secs(3), heartbeat("a"));
+        j.tick(t0 + Duration::from_secs(5), false);
+        assert!(j.outcome().is_none(), "held within the heartbeat timeout");
+        j.tick(t0 + Duration::from_millis(6100), false);
+        let outcome = j.outcome().expect("finished once b is lost").clone();
+        assert!(
+            outcome.summary.starts_with(
+                "job failed: node b (host-b) lost: no heartbeat for 5.1s (limit 5s), the last at "
+            ),
+            "{}",
+            outcome.summary
+        );
+        assert!(
+            outcome
+                .summary
+                .contains(" UTC (then rank 0 on node a (host-a) exited with code 3); "),
+            "{}",
+            outcome.summary
+        );
+        let cause = outcome.root_cause.unwrap();
+        assert_eq!((cause.node_id.as_str(), cause.rank), ("b", None));
+    }
+
+    #[test]
+    fn a_held_failure_ends_the_generation_once_the_others_are_heard() {
+        let mut j = job(NodeRange::exactly(2), 1);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        let d = j.report_failure(t0 + Duration::from_secs(1), failure(1, 0));
+        assert_eq!(d.action, Action::Continue as i32);
+        let d = j.heartbeat(t0 + Duration::from_millis(1500), heartbeat("b"));
+        assert_eq!(d.action, Action::Restart as i32);
+        assert_eq!(
+            d.reason,
+            "rank 1 on node a (host-a) exited with code 3; restart 1 of --max-restarts 1 with 2 node(s)"
+        );
+        // A permanent failure is not held.
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        let mut report = failure(1, 1);
+        report.failure.as_mut().unwrap().permanent = true;
+        let d = j.report_failure(t0 + Duration::from_secs(2), report);
+        assert_eq!(d.action, Action::Finished as i32);
     }
 
     #[test]
