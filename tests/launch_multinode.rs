@@ -13,9 +13,26 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// Starts `cohort coordinator` on a free port; returns it and its address.
 fn coordinator(extra: &[&str]) -> (Proc, String) {
+    coordinator_timed(FAST, extra)
+}
+
+/// Heartbeats often enough to find a node lost in 1.5 s.
+const LOSS: &[&str] = &[
+    "--heartbeat-interval-ms",
+    "100",
+    "--heartbeat-timeout-ms",
+    "1500",
+    "--grace-period-ms",
+    "500",
+    "--connect-retry-ms",
+    "3000",
+];
+
+/// [`coordinator`] with the clock flags `timing`.
+fn coordinator_timed(timing: &[&str], extra: &[&str]) -> (Proc, String) {
     let mut cmd = cohort();
     cmd.args(["coordinator", "--bind", "127.0.0.1:0"])
-        .args(FAST)
+        .args(timing)
         .args(extra);
     let mut p = Proc::spawn(cmd);
     let line = p.wait_line("listening on", false, Duration::from_secs(30));
@@ -128,32 +145,8 @@ fn the_first_node_can_host_the_coordinator() {
 #[test]
 fn a_silent_node_is_dropped_and_an_elastic_job_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let timing = [
-        "--heartbeat-interval-ms",
-        "100",
-        "--heartbeat-timeout-ms",
-        "1500",
-        "--grace-period-ms",
-        "500",
-        "--connect-retry-ms",
-        "3000",
-        "--last-call-ms",
-        "300",
-    ];
-    let mut cmd = cohort();
-    cmd.args([
-        "coordinator",
-        "--bind",
-        "127.0.0.1:0",
-        "--nnodes",
-        "1:2",
-        "--token",
-        "t",
-    ])
-    .args(timing);
-    let mut coord = Proc::spawn(cmd);
-    let line = coord.wait_line("listening on", false, Duration::from_secs(30));
-    let addr = line.rsplit(' ').next().unwrap().to_owned();
+    let timing = [LOSS, &["--last-call-ms", "300"]].concat();
+    let (_coord, addr) = coordinator_timed(&timing, &["--nnodes", "1:2", "--token", "t"]);
     // Generation 0 waits (each worker records its pid under its launcher's
     // pid); generation 1 finishes at once.
     let body = format!(
@@ -166,7 +159,7 @@ fn a_silent_node_is_dropped_and_an_elastic_job_goes_on() {
     let spawn_node = || {
         let mut cmd = cohort();
         cmd.arg("launch")
-            .args(timing)
+            .args(&timing)
             .args(["--coordinator", &addr, "--token", "t", "--nnodes", "1:2"])
             .arg("--log-dir")
             .arg(dir.path().join("logs"))
@@ -225,23 +218,8 @@ fn a_silent_node_is_dropped_and_an_elastic_job_goes_on() {
 #[test]
 fn a_dead_node_is_named_rather_than_the_survivor_whose_peer_went_away() {
     let dir = tempfile::tempdir().unwrap();
-    let timing = [
-        "--heartbeat-interval-ms",
-        "100",
-        "--heartbeat-timeout-ms",
-        "1500",
-        "--grace-period-ms",
-        "500",
-        "--connect-retry-ms",
-        "3000",
-    ];
-    let mut cmd = cohort();
-    cmd.args(["coordinator", "--bind", "127.0.0.1:0", "--token", "t"])
-        .args(["--nnodes", "2"])
-        .args(timing);
-    let mut coord = Proc::spawn(cmd);
-    let line = coord.wait_line("listening on", false, Duration::from_secs(30));
-    let addr = line.rsplit(' ').next().unwrap().to_owned();
+    let timing = LOSS;
+    let (coord, addr) = coordinator_timed(timing, &["--nnodes", "2", "--token", "t"]);
     // Rank 1 waits; rank 0 stands for a collective with it: it fails as
     // soon as rank 1's process is gone.
     let body = format!(
