@@ -17,16 +17,7 @@ fn coordinator(extra: &[&str]) -> (Proc, String) {
 }
 
 /// Heartbeats often enough to find a node lost in 1.5 s.
-const LOSS: &[&str] = &[
-    "--heartbeat-interval-ms",
-    "100",
-    "--heartbeat-timeout-ms",
-    "1500",
-    "--grace-period-ms",
-    "500",
-    "--connect-retry-ms",
-    "3000",
-];
+const LOSS: &[&str] = launch_util::FAST_LOSS;
 
 /// [`coordinator`] with the clock flags `timing`.
 fn coordinator_timed(timing: &[&str], extra: &[&str]) -> (Proc, String) {

@@ -164,19 +164,12 @@ fn a_host_whose_link_goes_down_is_named_lost_and_an_elastic_job_goes_on() {
     let Some(net) = Net::new(2) else { return };
     let dir = tempfile::tempdir().unwrap();
     let timing = [
-        "--heartbeat-interval-ms",
-        "100",
-        "--heartbeat-timeout-ms",
-        "1500",
-        "--grace-period-ms",
-        "500",
-        "--connect-retry-ms",
-        "3000",
+        launch_util::FAST_LOSS,
         // Long enough for host1 to join generation 0: it forms at once
         // when both nodes are in.
-        "--last-call-ms",
-        "5000",
-    ];
+        &["--last-call-ms", "5000"],
+    ]
+    .concat();
     // Generation 0 waits until told (a file per host); generation 1 ends at once.
     let body = format!(
         "touch {d}/started_on_$(hostname)\n\

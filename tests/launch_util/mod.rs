@@ -238,3 +238,16 @@ pub fn worker_pid(job: &str, rank: u32) -> Option<i32> {
         .first()
         .copied()
 }
+
+/// `cohort launch` timing flags under which a node is found lost in 1.5 s
+/// (heartbeats every 100 ms), for tests that lose one.
+pub const FAST_LOSS: &[&str] = &[
+    "--heartbeat-interval-ms",
+    "100",
+    "--heartbeat-timeout-ms",
+    "1500",
+    "--grace-period-ms",
+    "500",
+    "--connect-retry-ms",
+    "3000",
+];
