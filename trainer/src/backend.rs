@@ -121,21 +121,10 @@ impl Collectives {
     ) -> Result<(), CommError> {
         match self {
             Collectives::Host(comm) => comm.all_reduce(values, ReduceOp::Sum, opts),
-            Collectives::Nccl(nccl) => {
+            Collectives::Nccl(_) => {
                 let t = Tensor::from_slice(values).to_device(device);
-                let addr = device_addr(nccl, &t)?;
-                // SAFETY: `t` lives until after the synchronize below.
-                unsafe {
-                    nccl.all_reduce(
-                        addr,
-                        values.len(),
-                        DType::F64,
-                        ReduceOp::Sum,
-                        Stream::DEFAULT,
-                    )?
-                };
-                nccl.synchronize(Stream::DEFAULT, opts.timeout)?;
-                t.to_device(Device::Cpu).copy_data(values, values.len());
+                let sums = self.sum_on_device(&t, opts)?;
+                values.copy_from_slice(&sums);
                 Ok(())
             }
         }
