@@ -371,8 +371,16 @@ impl Writer {
             attempt: self.opts.attempt.clone(),
         };
         let json = serde_json::to_vec(&record).expect("a DoneRecord always serializes");
+        // The directory is opened before the record is published: once rank 0
+        // sees every record it may rename the directory into place, and this
+        // handle still reaches it (a path would name nothing by then).
+        let dir = fs::File::open(&partial).map_err(CkptError::io("open directory", &partial))?;
         format::write_file_atomic(&done_path, &json)?;
-        format::fsync_dir(&partial)?;
+        #[cfg(test)]
+        tests::after_record(self.rank);
+        dir.sync_all()
+            .map_err(CkptError::io("fsync directory", &partial))?;
+        drop(dir);
 
         if self.rank == 0 {
             self.commit(meta, &partial)?;
@@ -566,4 +574,75 @@ fn remove_dir(dir: &Path) -> Result<(), CkptError> {
 
 fn meta_range(meta: &Meta, rank: usize) -> std::ops::Range<usize> {
     cohort_contract::shard_range(meta.total, meta.world, rank)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::ParamLayout;
+
+    /// The rank that pauses between publishing its record and making it
+    /// durable (usize::MAX: none).
+    static PAUSING_RANK: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+    pub(super) fn after_record(rank: usize) {
+        if PAUSING_RANK.load(Ordering::SeqCst) == rank {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Rank 0 renames the partial directory into place as soon as the last
+    /// record appears; the rank that wrote it may still be making it
+    /// durable, and must not fail because the directory has moved.
+    #[test]
+    fn a_record_made_durable_after_rank_0_committed_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = vec![ParamLayout {
+            name: "w".into(),
+            shape: vec![8],
+            offset: 0,
+        }];
+        let meta = Meta {
+            step: 1,
+            world: 2,
+            zero_stage: 1,
+            total: 8,
+            layout,
+            state_names: vec![],
+            train_state: serde_json::json!({}),
+            config_toml: String::new(),
+        };
+        PAUSING_RANK.store(1, Ordering::SeqCst);
+        let results: Vec<Result<(), CkptError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let meta = meta.clone();
+                    let root = dir.path();
+                    s.spawn(move || {
+                        let opts = SaverOptions {
+                            async_save: false,
+                            ..SaverOptions::default()
+                        };
+                        let mut saver = Saver::new(root, rank, 2, opts)?;
+                        let range = cohort_contract::shard_range(8, 2, rank);
+                        let shard = Shard {
+                            params: vec![rank as f32; range.len()],
+                            states: vec![],
+                            range,
+                        };
+                        saver.save(meta, shard)?;
+                        saver.finish()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        PAUSING_RANK.store(usize::MAX, Ordering::SeqCst);
+        for (rank, r) in results.iter().enumerate() {
+            assert!(r.is_ok(), "rank {rank}: {}", r.as_ref().unwrap_err());
+        }
+        assert!(dir.path().join(format::step_dir_name(1)).is_dir());
+    }
 }
