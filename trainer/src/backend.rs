@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use cohort_collectives::nccl::{NcclCommunicator, Stream};
-use cohort_collectives::{Backend, CommError, Communicator, DType, OpOptions, ReduceOp};
+use cohort_collectives::{Backend, CommError, Communicator, DType, OpKind, OpOptions, ReduceOp};
 use tch::{Device, Kind, Tensor};
 
 /// A rank's collectives: cohort's host communicator or NCCL.
@@ -33,19 +33,6 @@ impl From<NcclCommunicator> for Collectives {
     fn from(c: NcclCommunicator) -> Self {
         Collectives::Nccl(c)
     }
-}
-
-/// A collective on a flat tensor, in place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TensorOp {
-    /// All-reduce, average.
-    AllReduceAvg,
-    /// Reduce-scatter, average: this rank's `shard_range` holds the result.
-    ReduceScatterAvg,
-    /// All-gather: each rank's `shard_range` holds its part on entry.
-    AllGather,
-    /// Broadcast from rank 0.
-    Broadcast,
 }
 
 impl Collectives {
@@ -70,25 +57,19 @@ impl Collectives {
         }
     }
 
-    /// Runs `op` in place on `t`: a contiguous 1-D f32 tensor, the same
-    /// length on every rank. Under NCCL the op is enqueued, not waited for.
+    /// Runs `op` in place on `t` (see [`run_host`] for what each does): a
+    /// contiguous 1-D f32 tensor, the same length on every rank. Under NCCL
+    /// the op is enqueued, not waited for.
     pub(crate) fn tensor_op(
         &mut self,
-        op: TensorOp,
+        op: OpKind,
         t: &mut Tensor,
         opts: &OpOptions,
     ) -> Result<(), CommError> {
         check_flat(t, Kind::Float, op)?;
         let count = t.numel();
         match self {
-            Collectives::Host(comm) => with_host_f32(t, |buf| match op {
-                TensorOp::AllReduceAvg => comm.all_reduce(buf, ReduceOp::Avg, opts),
-                TensorOp::ReduceScatterAvg => {
-                    comm.reduce_scatter(buf, ReduceOp::Avg, opts).map(drop)
-                }
-                TensorOp::AllGather => comm.all_gather(buf, opts),
-                TensorOp::Broadcast => comm.broadcast(buf, 0, opts),
-            }),
+            Collectives::Host(comm) => with_host_f32(t, |buf| run_host(comm, op, buf, opts)),
             Collectives::Nccl(nccl) => {
                 let addr = device_addr(nccl, t)?;
                 let s = Stream::DEFAULT;
@@ -98,14 +79,13 @@ impl Collectives {
                 // default stream.
                 unsafe {
                     match op {
-                        TensorOp::AllReduceAvg => {
-                            nccl.all_reduce(addr, count, DType::F32, ReduceOp::Avg, s)
-                        }
-                        TensorOp::ReduceScatterAvg => nccl
-                            .reduce_scatter(addr, count, DType::F32, ReduceOp::Avg, s)
+                        OpKind::AllReduce => nccl.all_reduce(addr, count, DType::F32, REDUCE, s),
+                        OpKind::ReduceScatter => nccl
+                            .reduce_scatter(addr, count, DType::F32, REDUCE, s)
                             .map(drop),
-                        TensorOp::AllGather => nccl.all_gather(addr, count, DType::F32, s),
-                        TensorOp::Broadcast => nccl.broadcast(addr, count, DType::F32, 0, s),
+                        OpKind::AllGather => nccl.all_gather(addr, count, DType::F32, s),
+                        OpKind::Broadcast => nccl.broadcast(addr, count, DType::F32, ROOT, s),
+                        OpKind::Barrier => nccl.barrier(),
                     }
                 }
             }
@@ -140,7 +120,7 @@ impl Collectives {
         t: &Tensor,
         opts: &OpOptions,
     ) -> Result<Vec<f64>, CommError> {
-        check_flat(t, Kind::Double, TensorOp::AllReduceAvg)?;
+        check_flat(t, Kind::Double, OpKind::AllReduce)?;
         let n = t.numel();
         let mut values = vec![0f64; n];
         match self {
@@ -171,12 +151,37 @@ impl Collectives {
     }
 }
 
-fn check_flat(t: &Tensor, kind: Kind, op: TensorOp) -> Result<(), CommError> {
+/// How the trainer reduces: every reduction of a flat f32 vector (gradient
+/// buckets) averages over the ranks.
+const REDUCE: ReduceOp = ReduceOp::Avg;
+/// The rank a broadcast starts from.
+const ROOT: usize = 0;
+
+/// Runs `op` in place on `buf` through the host communicator: all-reduce
+/// and reduce-scatter average (reduce-scatter leaves this rank's
+/// `shard_range` of the result), all-gather fills every rank's
+/// `shard_range` from its owner, broadcast copies rank 0's buffer.
+pub(crate) fn run_host(
+    comm: &mut Communicator,
+    op: OpKind,
+    buf: &mut [f32],
+    opts: &OpOptions,
+) -> Result<(), CommError> {
+    match op {
+        OpKind::AllReduce => comm.all_reduce(buf, REDUCE, opts),
+        OpKind::ReduceScatter => comm.reduce_scatter(buf, REDUCE, opts).map(drop),
+        OpKind::AllGather => comm.all_gather(buf, opts),
+        OpKind::Broadcast => comm.broadcast(buf, ROOT, opts),
+        OpKind::Barrier => comm.barrier(opts),
+    }
+}
+
+fn check_flat(t: &Tensor, kind: Kind, op: OpKind) -> Result<(), CommError> {
     if t.kind() != kind || t.dim() != 1 || !t.is_contiguous() {
         return Err(CommError::InvalidArgument {
             op: "tensor collective",
             reason: format!(
-                "{op:?} needs a contiguous 1-D {kind:?} tensor, got {:?} of shape {:?}",
+                "{op} needs a contiguous 1-D {kind:?} tensor, got {:?} of shape {:?}",
                 t.kind(),
                 t.size()
             ),

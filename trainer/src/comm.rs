@@ -1,6 +1,7 @@
-//! The communication thread: owns the [`Communicator`] and runs the bucket
-//! collectives the step hands it, in order, while the step's own thread packs
-//! the next bucket, unpacks finished ones and runs the optimizer.
+//! The communication thread of the host path: owns the [`Communicator`] and
+//! runs the collectives the step hands it, in order, while the step's own
+//! thread packs the next bucket, unpacks finished ones and runs the
+//! optimizer.
 //!
 //! Buffers travel by value (a `Vec` goes over, the same `Vec` comes back), so
 //! neither thread ever sees memory the other is writing.
@@ -9,60 +10,38 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cohort_collectives::{CommError, Communicator, OpOptions, ReduceOp};
+use cohort_collectives::{CommError, Communicator, OpKind, OpOptions, ReduceOp};
 
-/// What to do with a buffer.
+use crate::backend::run_host;
+
+/// What a buffer holds, so its result can be unpacked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// All-reduce, average (DDP gradients).
-    AllReduceAvg,
-    /// Reduce-scatter, average (ZeRO gradients).
-    ReduceScatterAvg,
-    /// All-gather (ZeRO parameters).
-    AllGather,
-    /// All-reduce, sum, of f64 scalars (grad norm, loss).
-    SumScalars,
-    /// Broadcast from rank 0 (initial parameters).
-    Broadcast,
+pub enum Tag {
+    /// Gradient bucket `k`.
+    Grads(usize),
+    /// Parameter bucket `k`.
+    Params(usize),
+    /// A whole-space vector (start, restore), returned to the caller.
+    Whole,
 }
 
-impl Op {
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::AllReduceAvg => "all_reduce of a gradient bucket",
-            Op::ReduceScatterAvg => "reduce_scatter of a gradient bucket",
-            Op::AllGather => "all_gather of a parameter bucket",
-            Op::SumScalars => "all_reduce of the step's scalars",
-            Op::Broadcast => "broadcast of the initial parameters",
-        }
-    }
-}
-
-/// A buffer of either element type.
-pub enum Buf {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-}
-
-struct Job {
-    op: Op,
-    tag: usize,
-    buf: Buf,
-}
-
-/// A finished job: its buffer back, the time the collective took, and its result.
+/// A finished collective: its buffer back, the time it took, its result.
 pub struct Done {
-    pub op: Op,
-    pub tag: usize,
-    pub buf: Buf,
+    pub kind: OpKind,
+    pub tag: Tag,
+    pub buf: Vec<f32>,
     pub busy: Duration,
     pub result: Result<(), CommError>,
 }
 
+type Job = Box<dyn FnOnce(&mut Communicator) + Send>;
+
 /// Handle to the communication thread.
 pub struct CommThread {
     jobs: Option<Sender<Job>>,
+    done_tx: Sender<Done>,
     done: Receiver<Done>,
+    opts: OpOptions,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -74,41 +53,62 @@ impl CommThread {
         let handle = std::thread::Builder::new()
             .name(format!("cohort-comm-{rank}"))
             .spawn(move || {
-                for Job { op, tag, mut buf } in jobs_rx {
-                    let start = Instant::now();
-                    let result = run(&mut comm, op, &mut buf, &opts);
-                    let done = Done {
-                        op,
-                        tag,
-                        buf,
-                        busy: start.elapsed(),
-                        result,
-                    };
-                    if done_tx.send(done).is_err() {
-                        break;
-                    }
+                for job in jobs_rx {
+                    job(&mut comm);
                 }
             })
             .expect("spawning the communication thread");
         CommThread {
             jobs: Some(jobs_tx),
+            done_tx,
             done: done_rx,
+            opts,
             handle: Some(handle),
         }
     }
 
-    /// Queues `op` on `buf`; its [`Done`] comes back from [`CommThread::recv`].
-    pub fn submit(&self, op: Op, tag: usize, buf: Buf) {
+    fn send(&self, job: Job) {
         self.jobs
             .as_ref()
             .expect("jobs channel lives until drop")
-            .send(Job { op, tag, buf })
+            .send(job)
             .expect("the communication thread outlives its handle");
     }
 
-    /// The next finished job (in submission order).
+    /// Queues `kind` on `buf`; its [`Done`] comes back from [`CommThread::recv`].
+    pub fn submit(&self, kind: OpKind, tag: Tag, mut buf: Vec<f32>) {
+        let (done, opts) = (self.done_tx.clone(), self.opts.clone());
+        self.send(Box::new(move |comm| {
+            let start = Instant::now();
+            let result = run_host(comm, kind, &mut buf, &opts);
+            let _ = done.send(Done {
+                kind,
+                tag,
+                buf,
+                busy: start.elapsed(),
+                result,
+            });
+        }));
+    }
+
+    /// The next finished [`CommThread::submit`] (in submission order).
     pub fn recv(&self) -> Done {
         self.done
+            .recv()
+            .expect("the communication thread outlives its handle")
+    }
+
+    /// Sums `values` over the ranks (after everything queued before it),
+    /// waiting for the result; also returns the time the collective took.
+    pub fn sum_f64(&self, mut values: Vec<f64>) -> (Vec<f64>, Duration, Result<(), CommError>) {
+        let (reply, result) = channel();
+        let opts = self.opts.clone();
+        self.send(Box::new(move |comm| {
+            let start = Instant::now();
+            let r = comm.all_reduce(&mut values, ReduceOp::Sum, &opts);
+            let _ = reply.send((values, start.elapsed(), r));
+        }));
+        result
             .recv()
             .expect("the communication thread outlives its handle")
     }
@@ -120,18 +120,5 @@ impl Drop for CommThread {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-    }
-}
-
-fn run(comm: &mut Communicator, op: Op, buf: &mut Buf, opts: &OpOptions) -> Result<(), CommError> {
-    match (op, buf) {
-        (Op::AllReduceAvg, Buf::F32(b)) => comm.all_reduce(b, ReduceOp::Avg, opts),
-        (Op::ReduceScatterAvg, Buf::F32(b)) => {
-            comm.reduce_scatter(b, ReduceOp::Avg, opts).map(drop)
-        }
-        (Op::AllGather, Buf::F32(b)) => comm.all_gather(b, opts),
-        (Op::Broadcast, Buf::F32(b)) => comm.broadcast(b, 0, opts),
-        (Op::SumScalars, Buf::F64(b)) => comm.all_reduce(b, ReduceOp::Sum, opts),
-        (op, _) => unreachable!("{op:?} submitted with the wrong buffer type"),
     }
 }

@@ -7,7 +7,7 @@
 //! (as PyTorch DDP's `gradient_as_bucket_view`), and the optimizer's updates
 //! to the flat parameters are the model's. Nothing is copied per parameter.
 //!
-//! One step, in order:
+//! The step itself is `step.rs`'s; what this path does at each of its points:
 //! 1. **Reduce gradients.** DDP: each bucket is a range of `grads`,
 //!    all-reduced (average) in place. ZeRO: bucket *k* is packed from `grads`
 //!    (a copy per rank's chunk, as the host path lays buckets out), reduced
@@ -30,28 +30,26 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use cohort_collectives::OpOptions;
-use cohort_configs::{OptimConfig, ParallelConfig};
+use cohort_collectives::{OpKind, OpOptions};
+use cohort_configs::{OptimConfig, ParallelConfig, ZeroStage};
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
-use cohort_checkpoint::Shard;
-
 use crate::TrainError;
-use crate::backend::{Collectives, TensorOp};
+use crate::backend::Collectives;
 use crate::flat::FlatParams;
 use crate::optim::{StepParams, TensorOptimizer};
-use crate::parallel::{Bucket, Core, Plan, StepReport, ZeroStage};
+use crate::plan::{Core, Plan, Timings};
+use crate::step::Buffers;
 
-/// Data-parallel training of one `VarStore` whose tensors live on a device.
-pub(crate) struct DeviceParallel {
-    pub(crate) core: Core,
+/// The device path's buffers: the whole flat space's parameters and
+/// gradients (the model's are views of them) and the optimizer state over
+/// the owned range, as tensors on the model's device.
+pub(crate) struct DeviceBuffers {
     device: Device,
-    owned: Range<usize>,
     /// Every trainable parameter, end to end; the model's are views of it.
     params: Tensor,
     /// Their gradients, end to end; the model's `.grad`s are views of it.
     grads: Tensor,
-    buckets: Vec<Bucket>,
     /// ZeRO: the buffer buckets are packed into (as long as the longest).
     bucket_buf: Tensor,
     optimizer: TensorOptimizer,
@@ -63,25 +61,24 @@ pub(crate) struct DeviceParallel {
     /// host read of device memory comes after such a wait (the test seam
     /// that keeps it so).
     unwaited: usize,
+    /// This step: time enqueuing (or, staged, running) collectives, and
+    /// waiting for the device.
+    comm_time: Duration,
+    wait_time: Duration,
 }
 
-impl DeviceParallel {
+impl DeviceBuffers {
+    /// The core, plan and buffers of `vs` on its device; see
+    /// [`crate::DataParallel::new`].
     pub fn new(
         vs: &VarStore,
         comm: Collectives,
         optim: &OptimConfig,
         parallel: &ParallelConfig,
-    ) -> Result<Self, TrainError> {
+    ) -> Result<(Core, Plan, Self), TrainError> {
         let device = vs.device();
         let (rank, world) = (comm.rank(), comm.world_size());
-        let (
-            core,
-            Plan {
-                opts,
-                owned,
-                buckets,
-            },
-        ) = Plan::new(FlatParams::new(vs)?, rank, world, optim, parallel)?;
+        let (core, plan) = Plan::new(FlatParams::new(vs)?, rank, world, optim, parallel)?;
         let total = core.flat.total();
         let zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
         let mut params = zeros(total);
@@ -90,35 +87,23 @@ impl DeviceParallel {
         core.flat.alias_grads(&grads);
         let longest = match core.stage {
             ZeroStage::Ddp => 0,
-            _ => buckets.iter().map(|b| b.len).max().unwrap_or(0),
+            _ => plan.buckets.iter().map(|b| b.len).max().unwrap_or(0),
         };
-        let decay = core.flat.decay_runs(owned.clone());
-        let mut dp = DeviceParallel {
-            core,
-            optimizer: TensorOptimizer::new(optim, owned.len(), device, &decay),
+        let decay = core.flat.decay_runs(plan.owned.clone());
+        let buffers = DeviceBuffers {
+            optimizer: TensorOptimizer::new(optim, plan.owned.len(), device, &decay),
             bucket_buf: zeros(longest),
             device,
-            owned,
             params,
             grads,
-            buckets,
+            opts: plan.opts.clone(),
             comm,
-            opts,
             realiased: false,
             unwaited: 0,
+            comm_time: Duration::ZERO,
+            wait_time: Duration::ZERO,
         };
-        // Every rank starts from rank 0's parameters, with no gradient;
-        // waited for under the watchdog, so a peer that dies here is an
-        // error, not a hang in the first host read.
-        let params = dp.params.shallow_clone();
-        dp.collective(
-            TensorOp::Broadcast,
-            &params,
-            "broadcast of the initial parameters",
-        )?;
-        dp.wait("waiting for the broadcast of the initial parameters")?;
-        let _ = dp.grads.zero_();
-        Ok(dp)
+        Ok((core, plan, buffers))
     }
 
     pub fn device(&self) -> Device {
@@ -133,30 +118,9 @@ impl DeviceParallel {
         self.optimizer.state_names()
     }
 
-    /// Runs `op` in place on all of `params` (at start and restore).
-    fn collective(
-        &mut self,
-        op: TensorOp,
-        t: &Tensor,
-        what: &'static str,
-    ) -> Result<(), TrainError> {
-        let all = 0..t.numel();
-        self.unwaited += 1;
-        run_op(&mut self.comm, &self.opts, self.core.rank, op, t, all, what)
-    }
-
     /// Collectives enqueued and not yet waited for under the watchdog.
     pub fn collectives_in_flight(&self) -> usize {
         self.unwaited
-    }
-
-    /// Waits for every enqueued collective under the watchdog.
-    pub(crate) fn wait(&mut self, what: &'static str) -> Result<(), TrainError> {
-        self.comm
-            .synchronize(self.opts.timeout)
-            .map_err(TrainError::comm(self.core.rank, what))?;
-        self.unwaited = 0;
-        Ok(())
     }
 
     /// The model's `.grad`s must still be the views of `grads` that
@@ -165,8 +129,8 @@ impl DeviceParallel {
     /// ones: their values are copied into the flat buffer and the views
     /// restored, with a warning the first time, instead of stepping on a
     /// zeroed buffer.
-    fn check_grad_aliasing(&mut self) {
-        let lost = self.core.flat.unaliased_grads(&self.grads);
+    fn check_grad_aliasing(&mut self, core: &Core) {
+        let lost = core.flat.unaliased_grads(&self.grads);
         if lost.is_empty() {
             return;
         }
@@ -175,235 +139,243 @@ impl DeviceParallel {
                 "[rank {}] warning: {} parameter gradient(s) (first: {}) no longer alias the \
                  flat gradient buffer (were they set to none, e.g. by Optimizer::zero_grad?): \
                  copied back and re-aliased; DataParallel zeroes gradients itself after each step",
-                self.core.rank,
+                core.rank,
                 lost.len(),
                 lost[0]
             );
             self.realiased = true;
         }
-        self.core.flat.alias_grads(&self.grads);
+        core.flat.alias_grads(&self.grads);
     }
 
-    /// One step; `local_loss` (a device scalar, this rank's loss) is
-    /// averaged over the ranks in the same collective as the gradient norm,
-    /// read with it: the step's only wait for the device.
-    pub(crate) fn step_inner(
+    /// Runs `op` on elements `r` of `t`, timed as communication.
+    fn run(
         &mut self,
-        local_loss: Option<&Tensor>,
-    ) -> Result<StepReport, TrainError> {
+        core: &Core,
+        op: OpKind,
+        t: &Tensor,
+        r: Range<usize>,
+        what: &'static str,
+    ) -> Result<(), TrainError> {
         let start = Instant::now();
-        let mut comm_time = Duration::ZERO;
-        self.check_grad_aliasing();
+        self.unwaited += 1;
+        let result = run_op(&mut self.comm, &self.opts, core.rank, op, t, r, what);
+        self.comm_time += start.elapsed();
+        result
+    }
+}
 
-        // 1. Gradients.
-        let t = Instant::now();
-        self.unwaited += self.buckets.len();
-        let (comm, opts, rank) = (&mut self.comm, &self.opts, self.core.rank);
-        let (grads, buf) = (&self.grads, &self.bucket_buf);
-        for b in &self.buckets {
-            match self.core.stage {
-                ZeroStage::Ddp => run_op(
-                    comm,
-                    opts,
-                    rank,
-                    TensorOp::AllReduceAvg,
-                    grads,
-                    b.own.clone(),
-                    "all_reduce of a gradient bucket",
-                )?,
-                ZeroStage::Zero1 | ZeroStage::Zero2 => {
-                    tch::no_grad(|| {
-                        let mut at = 0;
-                        for seg in &b.segs {
-                            copy_range(buf, at, grads, seg.start, seg.len());
-                            at += seg.len();
-                        }
-                    });
-                    run_op(
-                        comm,
-                        opts,
-                        rank,
-                        TensorOp::ReduceScatterAvg,
-                        buf,
-                        0..b.len,
-                        "reduce_scatter of a gradient bucket",
-                    )?;
-                    tch::no_grad(|| copy_range(grads, b.own.start, buf, b.own_at, b.own.len()));
-                }
-            }
-        }
-        comm_time += t.elapsed();
+impl Buffers for DeviceBuffers {
+    /// A scalar tensor on the device: read only with the norm, in the
+    /// step's one wait.
+    type Loss = Tensor;
+    type Flat = Tensor;
 
-        // 2. Global norm and mean loss, computed on the device after the
-        //    gradient collectives (stream order) and read once, under the
-        //    watchdog: a dead peer fails here, within the timeout.
-        let owned_grads = self.owned_view(&self.grads);
-        let zero = || Tensor::zeros([], (Kind::Double, self.device));
-        let sq = match self.core.stage {
-            // Every rank holds the whole reduced gradient: count it once.
-            ZeroStage::Ddp if self.core.rank != 0 => zero(),
-            _ => owned_grads.square().sum(Kind::Double),
-        };
-        let loss_t = local_loss.map_or_else(zero, |l| l.detach().to_kind(Kind::Double));
-        let t = Instant::now();
-        let scalars = self
-            .comm
-            .sum_on_device(&Tensor::stack(&[sq, loss_t], 0), &self.opts)
-            .map_err(TrainError::comm(
-                self.core.rank,
-                "all_reduce of the step's scalars (after the gradient collectives)",
-            ))?;
-        self.unwaited = 0;
-        let wait = t.elapsed();
-        let grad_norm = scalars[0].sqrt();
-        let loss = local_loss.map(|_| scalars[1] / self.core.world as f64);
+    fn begin_step(&mut self, core: &Core) {
+        self.comm_time = Duration::ZERO;
+        self.wait_time = Duration::ZERO;
+        self.check_grad_aliasing(core);
+    }
 
-        // 3. Clip (as torch.nn.utils.clip_grad_norm_) and step.
-        let grad_scale = if self.core.grad_clip > 0.0 {
-            (self.core.grad_clip / (grad_norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
-        let lr = self.core.schedule.at(self.core.step);
-        let t = Instant::now();
-        let mut owned_params = self.owned_view(&self.params);
-        self.optimizer.update(
-            &mut owned_params,
-            &owned_grads,
-            StepParams {
-                step: self.core.step,
-                lr: lr as f32,
-                grad_scale: grad_scale as f32,
-            },
-        );
-        let optimizer = t.elapsed();
-
-        // 4. ZeRO: every rank's updated shard, bucket by bucket. Waited for
-        //    at the next wait (the next step's scalars, an evaluation, a
-        //    checkpoint), before anything reads the parameters.
-        let t = Instant::now();
-        if self.core.stage != ZeroStage::Ddp {
-            self.unwaited += self.buckets.len();
-            let (comm, opts, rank) = (&mut self.comm, &self.opts, self.core.rank);
-            let (params, buf) = (&self.params, &self.bucket_buf);
-            for b in &self.buckets {
-                tch::no_grad(|| copy_range(buf, b.own_at, params, b.own.start, b.own.len()));
-                run_op(
-                    comm,
-                    opts,
-                    rank,
-                    TensorOp::AllGather,
-                    buf,
-                    0..b.len,
-                    "all_gather of a parameter bucket",
-                )?;
+    /// DDP: a range of `grads`, reduced in place. ZeRO: packed from `grads`
+    /// into the bucket buffer, reduced and scattered, this rank's part
+    /// copied back into `grads` at its own range. Under NCCL enqueued on
+    /// the default stream after the backward kernels; staged over TCP, run.
+    fn reduce_grads(
+        &mut self,
+        core: &Core,
+        plan: &Plan,
+        k: usize,
+        kind: OpKind,
+    ) -> Result<(), TrainError> {
+        let b = &plan.buckets[k];
+        let grads = self.grads.shallow_clone();
+        match core.stage {
+            ZeroStage::Ddp => self.run(
+                core,
+                kind,
+                &grads,
+                b.own.clone(),
+                "all_reduce of a gradient bucket",
+            ),
+            ZeroStage::Zero1 | ZeroStage::Zero2 => {
+                let buf = self.bucket_buf.shallow_clone();
                 tch::no_grad(|| {
                     let mut at = 0;
-                    for (r, seg) in b.segs.iter().enumerate() {
-                        if r != rank {
-                            copy_range(params, seg.start, buf, at, seg.len());
-                        }
+                    for seg in &b.segs {
+                        copy_range(&buf, at, &grads, seg.start, seg.len());
                         at += seg.len();
                     }
                 });
+                self.run(
+                    core,
+                    kind,
+                    &buf,
+                    0..b.len,
+                    "reduce_scatter of a gradient bucket",
+                )?;
+                tch::no_grad(|| copy_range(&grads, b.own.start, &buf, b.own_at, b.own.len()));
+                Ok(())
             }
         }
-        comm_time += t.elapsed();
-        let _ = self.grads.zero_();
-        self.core.step += 1;
-        Ok(StepReport {
-            step: self.core.step,
-            lr,
-            grad_norm,
-            loss,
-            comm_s: (comm_time + wait).as_secs_f64(),
-            comm_wait_s: (comm_time + wait).as_secs_f64(),
-            optimizer_s: optimizer.as_secs_f64(),
-            pack_s: 0.0,
-            total_s: start.elapsed().as_secs_f64(),
+    }
+
+    /// Nothing to wait for: the norm is computed after the collectives in
+    /// stream order.
+    fn grads_reduced(&mut self, _core: &Core, _plan: &Plan) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    /// Computed on the device and read once, under the watchdog: a dead
+    /// peer fails here, within the timeout.
+    fn sum_norm_and_loss(
+        &mut self,
+        core: &Core,
+        plan: &Plan,
+        count_norm: bool,
+        loss: Option<&Tensor>,
+    ) -> Result<[f64; 2], TrainError> {
+        let zero = || Tensor::zeros([], (Kind::Double, self.device));
+        let sq = if count_norm {
+            owned_view(plan, &self.grads).square().sum(Kind::Double)
+        } else {
+            zero()
+        };
+        let loss = loss.map_or_else(zero, |l| l.detach().to_kind(Kind::Double));
+        let t = Instant::now();
+        let sums = self
+            .comm
+            .sum_on_device(&Tensor::stack(&[sq, loss], 0), &self.opts)
+            .map_err(TrainError::comm(
+                core.rank,
+                "all_reduce of the step's scalars (after the gradient collectives)",
+            ))?;
+        self.unwaited = 0;
+        self.wait_time += t.elapsed();
+        Ok([sums[0], sums[1]])
+    }
+
+    fn update(&mut self, plan: &Plan, local: Range<usize>, sp: StepParams) {
+        let at = plan.owned.start + local.start;
+        let part = |t: &Tensor| t.narrow(0, at as i64, local.len() as i64);
+        let (mut p, g) = (part(&self.params), part(&self.grads));
+        self.optimizer.update(local, &mut p, &g, sp);
+    }
+
+    /// The model's parameters are views of `params`: nothing to write.
+    fn write_back_params(&mut self, _core: &Core, _plan: &Plan) {}
+
+    /// Enqueued, and waited for at the next wait (the next step's scalars,
+    /// an evaluation, a checkpoint), before anything reads the parameters.
+    fn gather_params(&mut self, core: &Core, plan: &Plan, k: usize) -> Result<(), TrainError> {
+        let b = &plan.buckets[k];
+        let (params, buf) = (self.params.shallow_clone(), self.bucket_buf.shallow_clone());
+        tch::no_grad(|| copy_range(&buf, b.own_at, &params, b.own.start, b.own.len()));
+        self.run(
+            core,
+            OpKind::AllGather,
+            &buf,
+            0..b.len,
+            "all_gather of a parameter bucket",
+        )?;
+        tch::no_grad(|| {
+            let mut at = 0;
+            for (r, seg) in b.segs.iter().enumerate() {
+                if r != core.rank {
+                    copy_range(&params, seg.start, &buf, at, seg.len());
+                }
+                at += seg.len();
+            }
+        });
+        Ok(())
+    }
+
+    /// The collectives are not waited for here: every one of them counts
+    /// as time this thread could not hide (the stream runs them in order).
+    fn finish_step(&mut self, _core: &Core, _plan: &Plan) -> Result<Timings, TrainError> {
+        let comm = self.comm_time + self.wait_time;
+        Ok(Timings {
+            comm,
+            wait: comm,
+            pack: Duration::ZERO,
         })
     }
 
-    /// The owned range of a flat tensor.
-    fn owned_view(&self, t: &Tensor) -> Tensor {
-        t.narrow(0, self.owned.start as i64, self.owned.len() as i64)
+    fn zero_grads(&mut self, _core: &Core) {
+        let _ = self.grads.zero_();
     }
 
-    /// Sums `values` over the ranks, in place (every rank must call it).
-    pub fn sum_over_ranks(&mut self, values: &mut [f64]) -> Result<(), TrainError> {
+    fn model_params(&mut self, _core: &Core) -> Tensor {
+        self.params.shallow_clone()
+    }
+
+    fn placed(&mut self, core: &Core, part: &[f32]) -> Tensor {
+        let full = Tensor::zeros([core.flat.total() as i64], (Kind::Float, self.device));
+        let part_t = self.upload(part);
+        tch::no_grad(|| copy_range(&full, core.shard().start, &part_t, 0, part.len()));
+        full
+    }
+
+    fn upload(&mut self, part: &[f32]) -> Tensor {
+        Tensor::from_slice(part).to_device(self.device)
+    }
+
+    fn collective(
+        &mut self,
+        core: &Core,
+        kind: OpKind,
+        flat: &mut Tensor,
+        what: &'static str,
+    ) -> Result<(), TrainError> {
+        let all = 0..flat.numel();
+        self.run(core, kind, flat, all, what)
+    }
+
+    fn wait(&mut self, core: &Core, what: &'static str) -> Result<(), TrainError> {
         self.comm
-            .sum_f64(values, self.device, &self.opts)
-            .map_err(TrainError::comm(
-                self.core.rank,
-                "all_reduce of the step's scalars",
-            ))
+            .synchronize(self.opts.timeout)
+            .map_err(TrainError::comm(core.rank, what))?;
+        self.unwaited = 0;
+        Ok(())
     }
 
-    pub fn checkpoint_shard(&mut self) -> Result<Shard, TrainError> {
-        self.wait("waiting for the parameter collectives")?;
-        let shard = self.core.shard();
-        let local = shard.start - self.owned.start..shard.end - self.owned.start;
-        let params = to_host(&self.params, shard.clone());
+    /// `full` is `params` itself at start (the model's parameters,
+    /// broadcast in place); on restore it is copied in.
+    fn install_params(&mut self, _core: &Core, _plan: &Plan, full: Tensor) {
+        if full.data_ptr() != self.params.data_ptr() {
+            tch::no_grad(|| self.params.copy_(&full));
+        }
+    }
+
+    fn set_states(&mut self, states: Vec<Tensor>) -> Result<(), String> {
+        self.optimizer.set_states(states)
+    }
+
+    fn read_master(&mut self, plan: &Plan, local: Range<usize>) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let global = plan.owned.start + local.start..plan.owned.start + local.end;
+        let params = to_host(&self.params, global);
         let states = self
             .optimizer
             .states()
             .iter()
             .map(|s| to_host(s, local.clone()))
             .collect();
-        Ok(Shard {
-            range: shard,
-            params,
-            states,
-        })
+        (params, states)
     }
 
-    /// See [`crate::DataParallel::restore`] (which has checked the lengths).
-    pub fn restore(
-        &mut self,
-        steps_done: u64,
-        params: Vec<f32>,
-        states: Vec<Vec<f32>>,
-    ) -> Result<(), TrainError> {
-        let total = self.core.flat.total();
-        let shard = self.core.shard();
-        // A full-length vector with this rank's shard in place, gathered.
-        let gather = |dp: &mut Self, part: &[f32]| -> Result<Tensor, TrainError> {
-            let full = Tensor::zeros([total as i64], (Kind::Float, dp.device));
-            tch::no_grad(|| {
-                copy_range(
-                    &full,
-                    shard.start,
-                    &Tensor::from_slice(part).to_device(dp.device),
-                    0,
-                    part.len(),
-                )
-            });
-            dp.collective(
-                TensorOp::AllGather,
-                &full,
-                "all_gather of a restored checkpoint",
-            )?;
-            Ok(full)
-        };
-        let full = gather(self, &params)?;
-        let states = match self.core.stage {
-            ZeroStage::Ddp => states
-                .iter()
-                .map(|s| gather(self, s))
-                .collect::<Result<Vec<_>, _>>()?,
-            _ => states
-                .iter()
-                .map(|s| Tensor::from_slice(s).to_device(self.device))
-                .collect(),
-        };
-        self.wait("waiting for the all_gather of a restored checkpoint")?;
-        self.optimizer
-            .set_states(states)
-            .map_err(|e| TrainError::Config(format!("checkpoint optimizer state: {e}")))?;
-        tch::no_grad(|| self.params.copy_(&full));
-        self.core.step = steps_done;
-        Ok(())
+    fn sum_f64(&mut self, core: &Core, values: &mut [f64]) -> Result<(), TrainError> {
+        self.comm
+            .sum_f64(values, self.device, &self.opts)
+            .map_err(TrainError::comm(
+                core.rank,
+                "all_reduce of the step's scalars",
+            ))
     }
+}
+
+/// The owned range of a flat tensor.
+fn owned_view(plan: &Plan, t: &Tensor) -> Tensor {
+    t.narrow(0, plan.owned.start as i64, plan.owned.len() as i64)
 }
 
 /// Runs `op` in place on elements `r` of the flat tensor `t`, naming `what`
@@ -412,7 +384,7 @@ fn run_op(
     comm: &mut Collectives,
     opts: &OpOptions,
     rank: usize,
-    op: TensorOp,
+    op: OpKind,
     t: &Tensor,
     r: Range<usize>,
     what: &'static str,

@@ -50,6 +50,7 @@
 //! ```
 
 mod backend;
+mod checkpointer;
 mod comm;
 mod connect;
 pub mod data;
@@ -57,9 +58,12 @@ mod device;
 mod error;
 pub mod flat;
 mod host;
+mod metrics;
 pub mod model;
 pub mod optim;
 mod parallel;
+mod plan;
+mod step;
 pub mod train;
 
 pub use backend::Collectives;

@@ -235,19 +235,22 @@ impl StateVec for Tensor {
 }
 
 /// AdamW (decoupled weight decay, bias correction) or SGD with momentum,
-/// over state vectors `S`: [`Optimizer`] on the host, [`TensorOptimizer`] on
-/// a device.
-pub struct Optim<S, M = ()> {
+/// over state vectors `S` and a weight-decay description `M`:
+/// [`Optimizer`] on the host, [`TensorOptimizer`] on a device. Both step
+/// any sub-range `at` of the range they were made for, with the same
+/// arithmetic ([`adamw`], [`sgd`]).
+pub struct Optim<S, M> {
     cfg: OptimConfig,
     /// AdamW: `[exp_avg, exp_avg_sq]`; SGD: `[momentum]` (empty when
     /// `optim.momentum` is 0).
     states: Vec<S>,
-    /// The tensor optimizer's weight-decay mask.
+    /// Which elements take weight decay.
     decay: M,
 }
 
-/// The host path's optimizer: state in host memory, stepped run by run.
-pub type Optimizer = Optim<Vec<f32>>;
+/// The host path's optimizer: state in host memory, stepped run by run of
+/// the weight-decay runs (relative offsets, as `FlatParams::decay_runs`).
+pub type Optimizer = Optim<Vec<f32>, Vec<(Range<usize>, bool)>>;
 
 /// The device path's optimizer: state as flat tensors, stepped all at once.
 pub type TensorOptimizer = Optim<Tensor, DecayMask>;
@@ -303,48 +306,53 @@ impl<S: StateVec, M> Optim<S, M> {
 }
 
 impl Optimizer {
-    /// An optimizer over `len` elements, state zeroed.
-    pub fn new(cfg: &OptimConfig, len: usize) -> Self {
+    /// An optimizer over `len` elements, state zeroed; `decay` gives the
+    /// weight-decay runs of the range (relative offsets, as
+    /// `FlatParams::decay_runs`).
+    pub fn new(cfg: &OptimConfig, len: usize, decay: &[(Range<usize>, bool)]) -> Self {
         Optim {
             cfg: cfg.clone(),
             states: vec![vec![0.0; len]; names_for(cfg).len()],
-            decay: (),
+            decay: decay.to_vec(),
         }
     }
 
     /// Updates `params` (the elements `at` of this optimizer's range) from
-    /// `grads`; `decay` says whether weight decay applies to them.
-    pub fn update(
-        &mut self,
-        at: Range<usize>,
-        params: &mut [f32],
-        grads: &[f32],
-        decay: bool,
-        p: StepParams,
-    ) {
+    /// `grads` (as long), one weight-decay run at a time.
+    pub fn update(&mut self, at: Range<usize>, params: &mut [f32], grads: &[f32], p: StepParams) {
         debug_assert_eq!(params.len(), at.len());
         debug_assert_eq!(grads.len(), at.len());
-        let decay = if decay { Decay::On } else { Decay::Off };
-        match self.cfg.kind {
-            OptimKind::Adamw => {
-                let k = AdamStep::new(&self.cfg, p);
-                let (m, v) = self.states.split_at_mut(1);
-                let (m, v) = (&mut m[0][at.clone()], &mut v[0][at]);
-                for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m).zip(v) {
-                    adamw(p, g, m, v, &decay, &k);
-                }
+        for (run, decay) in &self.decay {
+            let (lo, hi) = (run.start.max(at.start), run.end.min(at.end));
+            if lo >= hi {
+                continue;
             }
-            OptimKind::Sgd => {
-                let k = SgdStep::new(&self.cfg, p);
-                match self.states.first_mut() {
-                    Some(buf) => {
-                        for ((p, g), b) in params.iter_mut().zip(grads).zip(&mut buf[at]) {
-                            sgd(p, g, Some(b), &decay, &k);
-                        }
+            let decay = if *decay { Decay::On } else { Decay::Off };
+            let (ps, gs) = (
+                &mut params[lo - at.start..hi - at.start],
+                &grads[lo - at.start..hi - at.start],
+            );
+            match self.cfg.kind {
+                OptimKind::Adamw => {
+                    let k = AdamStep::new(&self.cfg, p);
+                    let (m, v) = self.states.split_at_mut(1);
+                    let (m, v) = (&mut m[0][lo..hi], &mut v[0][lo..hi]);
+                    for (((p, g), m), v) in ps.iter_mut().zip(gs).zip(m).zip(v) {
+                        adamw(p, g, m, v, &decay, &k);
                     }
-                    None => {
-                        for (p, g) in params.iter_mut().zip(grads) {
-                            sgd(p, g, None, &decay, &k);
+                }
+                OptimKind::Sgd => {
+                    let k = SgdStep::new(&self.cfg, p);
+                    match self.states.first_mut() {
+                        Some(buf) => {
+                            for ((p, g), b) in ps.iter_mut().zip(gs).zip(&mut buf[lo..hi]) {
+                                sgd(p, g, Some(b), &decay, &k);
+                            }
+                        }
+                        None => {
+                            for (p, g) in ps.iter_mut().zip(gs) {
+                                sgd(p, g, None, &decay, &k);
+                            }
                         }
                     }
                 }
@@ -383,16 +391,26 @@ impl TensorOptimizer {
         }
     }
 
-    /// Updates `p` (this optimizer's whole range) from `g`.
-    pub fn update(&mut self, p: &mut Tensor, g: &Tensor, sp: StepParams) {
+    /// Updates `p` (the elements `at` of this optimizer's range) from `g`
+    /// (as long), every element at once.
+    pub fn update(&mut self, at: Range<usize>, p: &mut Tensor, g: &Tensor, sp: StepParams) {
+        if at.is_empty() {
+            return;
+        }
+        let part = |t: &Tensor| t.narrow(0, at.start as i64, at.len() as i64);
+        let mask;
         let decay = match &self.decay {
             DecayMask::None => Decay::Off,
             DecayMask::All => Decay::On,
-            DecayMask::Some(mask) => Decay::Masked(mask),
+            DecayMask::Some(m) => {
+                mask = part(m);
+                Decay::Masked(&mask)
+            }
         };
+        let mut states: Vec<Tensor> = self.states.iter().map(part).collect();
         tch::no_grad(|| match self.cfg.kind {
             OptimKind::Adamw => {
-                let (m, v) = self.states.split_at_mut(1);
+                let (m, v) = states.split_at_mut(1);
                 adamw(
                     p,
                     g,
@@ -404,7 +422,7 @@ impl TensorOptimizer {
             }
             OptimKind::Sgd => {
                 let k = SgdStep::new(&self.cfg, sp);
-                sgd(p, g, self.states.first_mut(), &decay, &k);
+                sgd(p, g, states.first_mut(), &decay, &k);
             }
         });
     }
@@ -465,12 +483,12 @@ mod tests {
     #[test]
     fn adamw_matches_the_reference() {
         let cfg = OptimConfig::default();
-        let mut opt = Optimizer::new(&cfg, 3);
+        let mut opt = Optimizer::new(&cfg, 3, &[(0..3, true)]);
         let mut p = vec![1.0f32, -2.0, 0.5];
         let grads = [[0.1f32, -0.3, 2.0], [0.2, 0.1, -1.0]];
         let (mut rp, mut rm, mut rv) = (vec![1.0f64, -2.0, 0.5], [0.0f64; 3], [0.0f64; 3]);
         for (t, g) in grads.iter().enumerate() {
-            opt.update(0..3, &mut p, g, true, params(t as u64));
+            opt.update(0..3, &mut p, g, params(t as u64));
             let t = t as i32 + 1;
             for i in 0..3 {
                 let gi = f64::from(g[i]);
@@ -496,12 +514,12 @@ mod tests {
             weight_decay: 0.0,
             ..OptimConfig::default()
         };
-        let mut opt = Optimizer::new(&cfg, 1);
+        let mut opt = Optimizer::new(&cfg, 1, &[(0..1, true)]);
         let mut p = [1.0f32];
-        opt.update(0..1, &mut p, &[1.0], true, params(0));
+        opt.update(0..1, &mut p, &[1.0], params(0));
         // buf = 1, d = 1 + 0.9 = 1.9
         assert!((p[0] - (1.0 - 0.19)).abs() < 1e-6);
-        opt.update(0..1, &mut p, &[1.0], true, params(1));
+        opt.update(0..1, &mut p, &[1.0], params(1));
         // buf = 1.9, d = 1 + 0.9 * 1.9 = 2.71
         assert!((p[0] - (0.81 - 0.271)).abs() < 1e-6);
         assert_eq!(opt.state_bytes(), 4);
@@ -527,7 +545,7 @@ mod tests {
             sgd(0.9, false),
             sgd(0.9, true),
         ] {
-            let mut host = Optimizer::new(&cfg, n);
+            let mut host = Optimizer::new(&cfg, n, &runs);
             let mut dev = TensorOptimizer::new(&cfg, n, Device::Cpu, &runs);
             let mut p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
             let mut pt = Tensor::from_slice(&p);
@@ -540,16 +558,12 @@ mod tests {
                     lr: 0.01,
                     grad_scale: if step == 2 { 0.5 } else { 1.0 },
                 };
-                for (run, decay) in &runs {
-                    host.update(
-                        run.clone(),
-                        &mut p[run.clone()],
-                        &g[run.clone()],
-                        *decay,
-                        sp,
-                    );
+                // The host one run by run of a split that cuts the decay
+                // runs, the device one at once.
+                for at in [0..7, 7..30, 30..n] {
+                    host.update(at.clone(), &mut p[at.clone()], &g[at], sp);
                 }
-                dev.update(&mut pt, &Tensor::from_slice(&g), sp);
+                dev.update(0..n, &mut pt, &Tensor::from_slice(&g), sp);
             }
             let mut got = vec![0f32; n];
             pt.copy_data(&mut got, n);
