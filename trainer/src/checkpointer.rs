@@ -23,10 +23,17 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// The checkpointer of `dp`'s rank; its saver (when the job saves)
-    /// writes under `checkpoint.dir` for this attempt of the job, with the
-    /// commit-time fault of `env`'s fault spec, if any.
-    pub fn new(job: &JobConfig, env: &WorkerEnv, dp: &DataParallel) -> Result<Self, TrainError> {
+    /// The checkpointer of `dp`'s rank, after resuming `dp` and `loader`
+    /// from the checkpoint `env` asks for (see [`Checkpointer::resume`]);
+    /// then its saver (when the job saves) takes `checkpoint.dir` for this
+    /// attempt of the job, with the commit-time fault of `env`'s fault
+    /// spec, if any. Also returns the path it resumed from.
+    pub fn start(
+        job: &JobConfig,
+        env: &WorkerEnv,
+        dp: &mut DataParallel,
+        loader: &mut Loader,
+    ) -> Result<(Self, Option<PathBuf>), TrainError> {
         let (rank, world) = (dp.rank(), dp.world_size());
         let layout = dp
             .flat()
@@ -38,8 +45,14 @@ impl Checkpointer {
                 offset: s.offset,
             })
             .collect();
+        let mut ckpt = Checkpointer {
+            job: job.clone(),
+            layout,
+            saver: None,
+        };
+        let resumed_from = ckpt.resume(env.resume.as_ref().unwrap_or(&Resume::Auto), dp, loader)?;
         let c = &job.checkpoint;
-        let saver = match &c.dir {
+        ckpt.saver = match &c.dir {
             Some(dir) if c.every > 0 => Some(Saver::new(
                 dir,
                 rank,
@@ -56,17 +69,13 @@ impl Checkpointer {
             )?),
             _ => None,
         };
-        Ok(Checkpointer {
-            job: job.clone(),
-            layout,
-            saver,
-        })
+        Ok((ckpt, resumed_from))
     }
 
     /// Loads the checkpoint `resume` names (`auto`: the newest that
     /// verifies under `checkpoint.dir`, if any) into `dp` and `loader`;
     /// the path it resumed from.
-    pub fn resume(
+    fn resume(
         &self,
         resume: &Resume,
         dp: &mut DataParallel,

@@ -70,12 +70,7 @@ pub fn run(
     dp.set_schedule(LrSchedule::new(&job.optim, t.max_steps));
     let mut loader = Loader::new(data.clone(), t.seed, rank, world, t.batch_size);
 
-    let mut ckpt = Checkpointer::new(job, env, &dp)?;
-    let resumed_from = ckpt.resume(
-        env.resume.as_ref().unwrap_or(&Resume::Auto),
-        &mut dp,
-        &mut loader,
-    )?;
+    let (mut ckpt, resumed_from) = Checkpointer::start(job, env, &mut dp, &mut loader)?;
     let fault_step = env.fault().and_then(|f| f.step_for(rank, FaultPoint::Step));
     let tokens_per_step = (world * t.batch_size * t.grad_accum_steps * job.model.block_size) as f64;
     if rank == 0 {
