@@ -11,38 +11,64 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Block(nn.Module):
+class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd, n_head):
         super().__init__()
         self.n_head = n_head
-        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.c_attn, self.attn_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
-        self.c_fc, self.mlp_proj = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
 
     def forward(self, x):
         b, t, c = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
+        q, k, v = self.c_attn(x).split(c, dim=2)
         heads = lambda z: z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
         y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
-        x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(n_embd), CausalSelfAttention(n_embd, n_head)
+        self.ln_2, self.mlp = nn.LayerNorm(n_embd), MLP(n_embd)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
+    """Parameter names are cohort's export names (`transformer.wte.weight`,
+    `transformer.h.0.attn.c_attn.weight`, ...), so a `cohort ckpt export` of
+    the built-in gpt loads with `load_state_dict(..., strict=True)`."""
+
     def __init__(self, n_layer, n_head, n_embd, block_size, vocab_size):
         super().__init__()
         self.vocab_size = vocab_size
-        self.wte = nn.Parameter(torch.randn(vocab_size, n_embd) * 0.02)
-        self.wpe = nn.Parameter(torch.randn(block_size, n_embd) * 0.02)
-        self.h = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd),
+            wpe=nn.Embedding(block_size, n_embd),
+            h=nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer)),
+            ln_f=nn.LayerNorm(n_embd),
+        ))
+        for table in (self.transformer.wte, self.transformer.wpe):
+            nn.init.normal_(table.weight, std=0.02)
 
     def forward(self, idx, targets):
+        tr = self.transformer
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = F.embedding(idx, self.wte) + F.embedding(pos, self.wpe)
-        for block in self.h:
+        x = tr.wte(idx) + tr.wpe(pos)
+        for block in tr.h:
             x = block(x)
-        logits = self.ln_f(x) @ self.wte.t()
+        logits = tr.ln_f(x) @ tr.wte.weight.t()  # the output projection is tied to wte
         return F.cross_entropy(logits.float().view(-1, self.vocab_size), targets.reshape(-1))
 
 

@@ -360,17 +360,24 @@ pub struct ExportSummary {
 }
 
 /// Writes the step's parameters to `out` as one safetensors file, one fp32
-/// tensor per parameter with the model's names and shapes. The file appears
-/// atomically (temporary sibling + rename).
-pub fn export(path: &Path, out: &Path) -> Result<ExportSummary, CkptError> {
+/// tensor per parameter with its shape, named `name(layout name)` (the
+/// names a PyTorch module of the model's structure gives them). The file
+/// appears atomically (temporary sibling + rename).
+pub fn export(
+    path: &Path,
+    out: &Path,
+    name: impl Fn(&str) -> String,
+) -> Result<ExportSummary, CkptError> {
     let (dir, manifest) = read_manifest(path)?;
     let flat = read_range(&dir, &manifest, 0..manifest.total, false)?.params;
+    let names: Vec<String> = manifest.layout.iter().map(|p| name(&p.name)).collect();
     let tensors: Vec<(&str, &[usize], &[f32])> = manifest
         .layout
         .iter()
-        .map(|p| {
+        .zip(&names)
+        .map(|(p, name)| {
             (
-                p.name.as_str(),
+                name.as_str(),
                 p.shape.as_slice(),
                 &flat[p.offset..p.offset + p.numel],
             )

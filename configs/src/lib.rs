@@ -239,6 +239,32 @@ mod tests {
     }
 
     #[test]
+    fn a_saved_config_names_its_model_kind_and_the_gpt_tables_get_torch_names() {
+        let gpt = parse("[model]\nkind = \"gpt\"\n", &[]).unwrap();
+        let kind = ModelKind::of_saved_config(&gpt.to_toml_string()).unwrap();
+        assert_eq!(kind, ModelKind::Gpt);
+        assert_eq!(ModelKind::of_saved_config(""), Ok(ModelKind::Mlp));
+        // Other keys of another version do not matter; a bad kind does.
+        let other = "[model]\nkind = \"gpt\"\nfuture_key = 1\n[future]\nx = 2\n";
+        assert_eq!(ModelKind::of_saved_config(other), Ok(ModelKind::Gpt));
+        let err = ModelKind::of_saved_config("[model]\nkind = \"rnn\"\n").unwrap_err();
+        assert!(err.starts_with("model.kind: "), "{err}");
+        assert!(ModelKind::of_saved_config("[model").is_err());
+
+        assert_eq!(
+            kind.state_dict_name("transformer.wte"),
+            "transformer.wte.weight"
+        );
+        assert_eq!(
+            kind.state_dict_name("transformer.wpe"),
+            "transformer.wpe.weight"
+        );
+        let same = "transformer.h.0.attn.c_attn.weight";
+        assert_eq!(kind.state_dict_name(same), same);
+        assert_eq!(ModelKind::Mlp.state_dict_name("wte.weight"), "wte.weight");
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(parse("", &[]).unwrap(), JobConfig::default());
     }

@@ -83,6 +83,37 @@ pub enum ModelKind {
     Gpt,
 }
 
+impl ModelKind {
+    /// The name PyTorch gives parameter `name` of this model in the
+    /// `state_dict` of an `nn.Module` of the same structure (what `cohort
+    /// ckpt export` writes). The GPT holds its token and position tables as
+    /// bare tensors (`transformer.wte`), which PyTorch holds in
+    /// `nn.Embedding`s (`transformer.wte.weight`); every other parameter of
+    /// the built-in models is already named as PyTorch names it.
+    pub fn state_dict_name(self, name: &str) -> String {
+        match (self, name) {
+            (ModelKind::Gpt, "transformer.wte" | "transformer.wpe") => format!("{name}.weight"),
+            _ => name.to_owned(),
+        }
+    }
+
+    /// `model.kind` of a resolved job config as a checkpoint records it (a
+    /// missing key is the default, as when the job was parsed). Only that key
+    /// is read, so a config of another cohort version still answers.
+    pub fn of_saved_config(config_toml: &str) -> Result<ModelKind, String> {
+        let table: toml::Table = config_toml.parse().map_err(|e: toml::de::Error| {
+            format!("the recorded config is not TOML: {}", e.message())
+        })?;
+        match table.get("model").and_then(|m| m.get("kind")) {
+            None => Ok(ModelKind::default()),
+            Some(kind) => kind
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| format!("model.kind: {}", e.message())),
+        }
+    }
+}
+
 /// `[model]`: the model's shape. `mlp` uses `n_layer` and `n_embd`; `gpt` uses
 /// all of them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use cohort_checkpoint::{Manifest, format};
+use cohort_configs::ModelKind;
 use serde::Serialize;
 
 #[derive(clap::Args)]
@@ -251,8 +252,24 @@ fn verify(dir: &Path) -> anyhow::Result<ExitCode> {
     )
 }
 
+/// Exports under the names PyTorch gives the parameters of a module of the
+/// checkpoint's model (`ModelKind::state_dict_name`).
 fn export(dir: &Path, out: &Path) -> anyhow::Result<ExitCode> {
-    let summary = cohort_checkpoint::export(dir, out)?;
+    let (_, manifest) = cohort_checkpoint::read_manifest(dir)?;
+    let kind = match ModelKind::of_saved_config(&manifest.config_toml) {
+        Ok(kind) => Some(kind),
+        Err(problem) => {
+            eprintln!(
+                "warning: {}: {problem}; the tensors keep the names the checkpoint records",
+                dir.display()
+            );
+            None
+        }
+    };
+    let summary = cohort_checkpoint::export(dir, out, |name| match kind {
+        Some(kind) => kind.state_dict_name(name),
+        None => name.to_owned(),
+    })?;
     println!(
         "exported step {} of {} ({} tensors, fp32, {}) to {}",
         summary.step,

@@ -246,10 +246,43 @@ mod tests {
             vocab_size: 0,
             dropout: 0.0,
         };
+        // The torch RNG is global: tests build their models one at a time,
+        // so two builds from the same seed are the same model.
+        static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let net = build(&vs.root(), &cfg, 50, precision);
         (vs, net)
+    }
+
+    /// Every parameter of the built-in models, exported under
+    /// `ModelKind::state_dict_name`, is an `nn.Module` attribute's weight or
+    /// bias, as `load_state_dict(strict=True)` of a PyTorch module of the
+    /// same structure wants them.
+    #[test]
+    fn exported_names_are_those_of_pytorch_modules() {
+        let (vs, _) = gpt(Precision::Fp32);
+        let mut names: Vec<String> = vs
+            .variables()
+            .keys()
+            .map(|n| ModelKind::Gpt.state_dict_name(n))
+            .collect();
+        names.sort();
+        assert!(
+            names.contains(&"transformer.wte.weight".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"transformer.h.1.mlp.c_proj.bias".to_string()),
+            "{names:?}"
+        );
+        for name in &names {
+            assert!(
+                name.ends_with(".weight") || name.ends_with(".bias"),
+                "{name}"
+            );
+        }
     }
 
     /// bf16 computes the fp32 model's function to bf16 accuracy, returns
