@@ -158,11 +158,11 @@ pub struct LaunchArgs {
         env = "COHORT_RENDEZVOUS_TIMEOUT"
     )]
     rendezvous_timeout: u64,
-    /// PROGRAM is a Python module: run `python -m PROGRAM ARGS` (python:
+    /// PROGRAM is a Python module: run `python -u -m PROGRAM ARGS` (python:
     /// $PYTHON_EXEC, else python3).
     #[arg(short = 'm', long, conflicts_with = "no_python", env = "COHORT_MODULE")]
     module: bool,
-    /// Run PROGRAM as it is, even a `.py` file (which is otherwise run with python).
+    /// Run PROGRAM as it is, even a `.py` file (which is otherwise run with `python -u`).
     #[arg(long, alias = "no_python", env = "COHORT_NO_PYTHON")]
     no_python: bool,
     /// Override a config value (repeatable).
@@ -240,8 +240,11 @@ fn parse_ranks(list: &str) -> Result<Vec<u32>, String> {
 }
 
 /// What the workers run for `-- PROGRAM ARGS`, as torchrun runs its
-/// training script: `-m` runs `python -m PROGRAM ARGS`; a `.py` program is
-/// run with python unless `--no-python`; anything else as it is.
+/// training script: `-m` runs `python -u -m PROGRAM ARGS`; a `.py` program
+/// is run with `python -u` unless `--no-python`; anything else as it is.
+/// `-u`, as torchrun passes it: a worker's stdout is a pipe to the
+/// launcher, where Python would otherwise hold its lines back until its
+/// buffer fills or it exits.
 fn program_command(
     program: &OsString,
     rest: &[OsString],
@@ -259,10 +262,17 @@ fn program_command(
     let (program, args) = if module {
         (
             python(),
-            [vec!["-m".into(), program.clone()], rest.to_vec()].concat(),
+            [
+                vec!["-u".into(), "-m".into(), program.clone()],
+                rest.to_vec(),
+            ]
+            .concat(),
         )
     } else if is_script && !no_python {
-        (python(), [vec![program.clone()], rest.to_vec()].concat())
+        (
+            python(),
+            [vec!["-u".into(), program.clone()], rest.to_vec()].concat(),
+        )
     } else {
         (program.clone(), rest.to_vec())
     };
