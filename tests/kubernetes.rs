@@ -279,3 +279,52 @@ fn the_indexed_job_runs_on_hosts_named_as_its_pods() {
         report()
     );
 }
+
+/// A pod that starts before pod 0's name resolves (a headless Service's
+/// names appear only once its pods are up) keeps dialling pod 0 for the
+/// whole rendezvous timeout (not the shorter connect retry), says so every
+/// 5 s, and then gives up naming pod 0. Pod 1 alone, on a namespace host
+/// named as its pod, where pod 0's name resolves nowhere.
+#[test]
+fn a_pod_keeps_dialling_pod_0_until_the_rendezvous_timeout() {
+    let pod1 = format!("late-1.late.{NAMESPACE}.svc.cluster.local");
+    let Some(net) = netns::Net::with_names(&[&pod1]) else {
+        return;
+    };
+    let host = net.host(0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = launch_util::cohort();
+    cmd.current_dir(dir.path())
+        .args(["launch", "--nnodes", "2"])
+        // FAST gives up connecting after 3 s; a pod waits for the rendezvous.
+        .args(FAST)
+        .args(["--rendezvous-timeout", "8", "--log-dir"])
+        .arg(dir.path().join("logs"))
+        .args(["--", "true"])
+        .env("JOB_COMPLETION_INDEX", "1")
+        .env("HOSTNAME", host.hostname())
+        .env("COHORT_TOKEN", "from-the-secret");
+    let started = std::time::Instant::now();
+    let (status, _, err) = launch_util::run(host.inside(cmd), Duration::from_secs(60));
+    let took = started.elapsed();
+    let pod0 = format!("late-0.late.{NAMESPACE}.svc.cluster.local:{PORT}");
+    assert_eq!(status.code(), Some(1), "{err}");
+    for line in [
+        format!("node 1 (JOB_COMPLETION_INDEX); joining the coordinator on {pod0}"),
+        format!(
+            "[cohort] still connecting to the coordinator at {pod0} (giving up after 8s): 5s so far"
+        ),
+        format!("could not reach the coordinator at {pod0}"),
+        format!(
+            "[cohort] {pod0} is pod 0's coordinator: its name resolves once pod 0 runs and the pod \
+             template's subdomain names a headless Service"
+        ),
+        "--rendezvous-timeout (here 8s)".to_owned(),
+    ] {
+        assert!(err.contains(&line), "no {line:?} in:\n{err}");
+    }
+    assert!(
+        took >= Duration::from_millis(7500) && took < Duration::from_secs(20),
+        "gave up after {took:?}, not about 8 s:\n{err}"
+    );
+}

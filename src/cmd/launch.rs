@@ -377,6 +377,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let config_nnodes = launch_config.nnodes;
+    let rendezvous_timeout = args.rendezvous_timeout;
     let token = args.token.filter(|t| !t.is_empty());
     // Under Slurm or Kubernetes, the scheduler's env gives this node's place
     // in the job: flags win over it, it wins over the config.
@@ -489,7 +490,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         command,
         timing: kubernetes_timing(
             Timing {
-                rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout),
+                rendezvous_timeout: Duration::from_secs(rendezvous_timeout),
                 ..args.timing.into()
             },
             scheduler,
@@ -497,7 +498,26 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         host: std::env::var(var::HOST).ok().filter(|h| !h.is_empty()),
         user_set: cohort_contract::UserSet::from_env(),
     };
-    finish(cohort_launcher::launch(options))
+    let result = cohort_launcher::launch(options);
+    let unreachable_pod_0 = match (&result, scheduler) {
+        (
+            Err(LauncherError::Unreachable { addr, .. }),
+            Some(cohort_launcher::sched::Scheduler::Kubernetes),
+        ) => Some(addr.clone()),
+        _ => None,
+    };
+    let code = finish(result);
+    if let Some(addr) = unreachable_pod_0 {
+        eprintln!(
+            "[cohort] {addr} is pod 0's coordinator: its name resolves once pod 0 runs and the pod \
+             template's subdomain names a headless Service selecting the Job's pods, with \
+             publishNotReadyAddresses: true (see examples/kubernetes/); check pod 0 and the Service \
+             with `kubectl get pods,services`, or give pod 0 longer to start with --rendezvous-timeout \
+             (here {}s)",
+            rendezvous_timeout
+        );
+    }
+    code
 }
 
 /// A Kubernetes pod keeps trying to reach pod 0 for the whole rendezvous
