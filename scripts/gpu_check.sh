@@ -15,13 +15,16 @@
 # The checks, each with its own time limit, within a global budget
 # (GPU_CHECK_BUDGET_S, default 480 s), every output line streamed to
 # $OUT/gpu_check.log as it comes and kept per check in $OUT/checks/:
-#   preflight (under 20 s): the binaries, the worker links libtorch_cuda and
-#     its probe sees CUDA, PyTorch's own NCCL all_reduce at world 1;
+#   preflight, one stage with one 20 s budget (GPU_CHECK_PREFLIGHT_S) shared
+#     by its parts: the binaries, the worker links libtorch_cuda and its probe
+#     sees CUDA, cohort doctor picks nccl, PyTorch's own NCCL all_reduce at
+#     world 1 (with NCCL_DEBUG=WARN);
 #   NCCL collectives at world 1: every op, Sum and Avg (Avg launches a kernel
 #     even at world 1; an in-place Sum does not), the host buffer poisoned
 #     before each read-back so a copy that never happened is caught;
 #   NCCL against TCP at world 1 on CUDA (same seed, 20 steps, DDP and ZeRO-2):
-#     per-step loss and grad norm within 1e-6 relative;
+#     per-step loss and grad norm within 1e-6 relative, or within 10x the
+#     noise floor measured by launching the TCP run twice (at most 1e-3);
 #   the CUDA device path against the CPU host path (fp32, 20 steps): losses
 #     within 1e-4;
 #   2 ranks sharing the GPU over TCP (CUDA tensors staged through host memory);
@@ -140,12 +143,15 @@ check() {
     rc="$(cat "$check_dir/rc" 2>/dev/null || echo 1)"
     why="$(grep '^check: ' "$check_dir/check.out" | tail -1)"
     local took=$((SECONDS - t0))
+    # A check may leave a note for its summary line (the preflight's parts).
+    local note=""
+    [[ -s "$check_dir/note" ]] && note=" [$(cat "$check_dir/note")]"
     local stand_in=""
     [[ "$mode" == plumbing && "$needs" != any ]] && stand_in=" [plumbing: CPU stand-in]"
     if [[ $rc -eq 0 ]]; then
-        results+=("PASS  $name ($took s)$stand_in")
+        results+=("PASS  $name ($took s)$note$stand_in")
     else
-        results+=("FAIL  $name ($took s): ${why#check: }")
+        results+=("FAIL  $name ($took s)$note: ${why#check: }")
         [[ "$needs" == nccl ]] && nccl_failed="$name"
     fi
     say "--- ${results[-1]}"
@@ -157,10 +163,14 @@ run() {
     local name="$1"
     shift
     printf '$ %s\n' "$*"
-    timeout --kill-after=10 "$check_limit" "$@" 2>&1 | tee "$check_dir/$name.log"
+    if (( check_limit < 1 )); then
+        echo "check: $name: not run, no time left of its limit"
+        return 124
+    fi
+    timeout --kill-after="${kill_after:-10}" "$check_limit" "$@" 2>&1 | tee "$check_dir/$name.log"
     local rc=${PIPESTATUS[0]}
     if (( rc == 124 || rc == 137 )); then
-        echo "check: $name: killed after its ${check_limit} s limit"
+        echo "check: $name: killed after ${limit_what:-its ${check_limit} s limit}"
     elif (( rc != 0 )); then
         echo "check: $name: exited with $rc (see $check_dir/$name.log)"
     fi
@@ -191,14 +201,18 @@ train() {
     return "${PIPESTATUS[0]}"
 }
 
-# same A B RTOL KEYS: the per-step KEYS of two runs' metrics agree.
+# same A B RTOL KEYS [FROM [C D]]: the per-step KEYS of two runs' metrics
+# agree (from step FROM on); with C and D (the same run launched twice),
+# within max(RTOL, 10 x the noise floor C vs D).
 same() {
+    local noise=()
+    [[ -n "${6:-}" ]] && noise=(--noise "$out/metrics/$6.jsonl" "$out/metrics/$7.jsonl")
     "$py" "$metrics_tool" same "$out/metrics/$1.jsonl" "$out/metrics/$2.jsonl" \
-        --rtol "$3" --keys "$4" ${5:+--from-step "$5"} | sed 's/^error: /check: /'
+        --rtol "$3" --keys "$4" --from-step "${5:-0}" "${noise[@]}" | sed 's/^error: /check: /'
     return "${PIPESTATUS[0]}"
 }
 
-c_binaries() {
+p_binaries() {
     local worker="$bin/cohort-worker"
     if ldd "$worker" | grep -q 'libtorch_cuda'; then
         echo "cohort-worker links $(ldd "$worker" | grep -o 'libtorch_cuda[^ ]*' | head -1)"
@@ -216,7 +230,7 @@ c_binaries() {
     fi
 }
 
-c_torch_baseline() {
+p_torch_baseline() {
     NCCL_DEBUG=WARN run torch "$py" - "$cuda" <<'EOF' || return 1
 import sys
 import torch
@@ -237,13 +251,41 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
-c_doctor() {
+p_doctor() {
     run doctor cohort doctor || return 1
     if [[ "$mode" == gpu ]]; then
         expect doctor 'collective backend \(auto\): nccl'
     else
         expect doctor 'collective backend \(auto\): tcp'
     fi
+}
+
+# The preflight: one stage, one budget (GPU_CHECK_PREFLIGHT_S, 20 s) for all
+# of its parts, each part getting what the earlier ones left. A part that
+# fails or runs out of time names itself; the parts' wall times go to the
+# summary line.
+preflight_s="${GPU_CHECK_PREFLIGHT_S:-20}"
+[[ "$preflight_s" =~ ^[0-9]+$ ]] || die "GPU_CHECK_PREFLIGHT_S=$preflight_s: a number of seconds"
+c_preflight() {
+    local deadline=$((SECONDS + check_limit)) part fn t0 times=() rc=0
+    kill_after=2
+    for part in binaries:p_binaries doctor:p_doctor torch:p_torch_baseline; do
+        fn="${part#*:}" part="${part%%:*}"
+        check_limit=$((deadline - SECONDS))
+        if (( check_limit < 1 )); then
+            echo "check: preflight: $part: not run, the preflight's ${preflight_s} s budget is spent (${times[*]})"
+            rc=1
+            break
+        fi
+        limit_what="the $check_limit s left of the preflight's $preflight_s s budget"
+        t0=$SECONDS
+        "$fn" || rc=1
+        times+=("$part $((SECONDS - t0)) s")
+        (( rc == 0 )) || { echo "check: preflight: $part failed (see above)"; break; }
+    done
+    local IFS=,
+    echo "${times[*]}" | sed 's/,/, /g; s/$/ of '"$preflight_s"' s/' > "$check_dir/note"
+    return "$rc"
 }
 
 # The first NCCL check runs with NCCL_DEBUG=WARN: NCCL says why it failed.
@@ -271,15 +313,27 @@ c_dtypes() {
 small=(configs/quickstart.toml --nproc-per-node 1 --set train.max_steps=20 --set train.log_every=1
        --set train.eval_every=0)
 
+# Two launches of one CUDA run need not agree bit for bit: libtorch's
+# deterministic-algorithms switch is not reachable from the worker (tch 0.24
+# binds no setDeterministicAlgorithms, and libtorch reads no environment
+# variable for it), and the embedding and attention backwards may sum with
+# atomics. So the TCP run is launched twice: NCCL vs TCP must agree within
+# max(1e-6, 10 x the TCP-vs-TCP noise floor), and a floor above 1e-3 fails
+# (the comparison would mean nothing). CUBLAS_WORKSPACE_CONFIG makes cuBLAS
+# itself reproducible. A quickstart-sized run is mostly start-up: the two
+# extra launches cost ~10-20 s of the budget.
 c_nccl_vs_tcp() {
     local stage
+    export CUBLAS_WORKSPACE_CONFIG=:4096:8
     for stage in 0 2; do
         train "nccl-z$stage" "${small[@]}" --set train.device="$cuda" \
             --set parallel.backend="$nccl" --set parallel.zero_stage=$stage || return 1
         expect "nccl-z$stage" "collectives: $nccl" || return 1
         train "tcp-z$stage" "${small[@]}" --set train.device="$cuda" \
             --set parallel.backend=tcp --set parallel.zero_stage=$stage || return 1
-        same "nccl-z$stage" "tcp-z$stage" 1e-6 loss,grad_norm || return 1
+        train "tcp-z$stage-again" "${small[@]}" --set train.device="$cuda" \
+            --set parallel.backend=tcp --set parallel.zero_stage=$stage || return 1
+        same "nccl-z$stage" "tcp-z$stage" 1e-6 loss,grad_norm 0 "tcp-z$stage" "tcp-z$stage-again" || return 1
     done
 }
 
@@ -334,12 +388,10 @@ if [[ "$mode" == gpu ]]; then
     nvidia-smi -L 2>&1 | tee -a "$log"
 fi
 
-check "binaries: the worker links libtorch_cuda and sees CUDA" any 20 c_binaries
-check "PyTorch's own NCCL all_reduce at world 1 (baseline)" gpu 30 c_torch_baseline
-check "cohort doctor: auto picks nccl (tcp without a GPU)" any 30 c_doctor
+check "preflight, one ${preflight_s} s budget: the worker links libtorch_cuda and sees CUDA, cohort doctor picks nccl (tcp without a GPU), PyTorch's own NCCL all_reduce at world 1" any "$preflight_s" c_preflight
 check "NCCL collectives at world 1: every op, Sum and Avg, f32" nccl 90 c_collectives
 check "NCCL collectives at world 1: bf16 f16 f64 i64 u8" nccl 60 c_dtypes
-check "NCCL vs TCP at world 1 on CUDA, DDP and ZeRO-2: loss, grad norm within 1e-6" nccl 120 c_nccl_vs_tcp
+check "NCCL vs TCP at world 1 on CUDA, DDP and ZeRO-2: loss, grad norm within 1e-6 or 10x the noise floor" nccl 150 c_nccl_vs_tcp
 check "CUDA device path vs CPU host path, fp32: losses within 1e-4" gpu 90 c_device_vs_host
 check "2 ranks sharing the GPU over TCP (staged), DDP and ZeRO-2" gpu 90 c_shared_gpu
 check "gpt-100m over NCCL in bf16, ZeRO-0, 1 and 2" nccl 150 c_gpt_zero

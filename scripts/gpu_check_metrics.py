@@ -9,6 +9,11 @@
   gpu_check_metrics.py same A B --rtol R --keys loss,grad_norm [--from-step S]
       the two runs have the same steps (from S on) and at each step every
       key agrees within R relative (|a - b| <= R * max(|a|, |b|)).
+      --noise C D [--noise-factor F] [--max-noise N]: C and D are two runs
+      that should be identical (the same variant launched twice); their
+      largest relative difference is the run-to-run noise floor, and A and B
+      must then agree within max(R, F x floor) (F 10 by default). A floor
+      above N (1e-3 by default) fails: the comparison would mean nothing.
 
 Prints one line saying what held; on failure a line starting "error: " that
 names the step and the values, and exits 1. Only the standard library.
@@ -68,31 +73,54 @@ def sane(args):
           f"loss {first:.4f} -> {last:.4f}")
 
 
-def same(args):
-    a, b = load(args.a), load(args.b)
-    keys = [k for k in args.keys.split(",") if k]
+def worst_difference(args, pa, pb, keys):
+    """The two runs' steps (from --from-step on) and the largest relative
+    difference of any key at any step, with the step and key where it is."""
+    a, b = load(pa), load(pb)
     sa = [s for s in sorted(a) if s >= args.from_step]
     sb = [s for s in sorted(b) if s >= args.from_step]
     if not sa:
-        fail(f"{args.a}: no steps from {args.from_step} on")
+        fail(f"{pa}: no steps from {args.from_step} on")
     if sa != sb:
         fail(f"the runs log different steps from {args.from_step} on: "
-             f"{sa[0]}..{sa[-1]} ({len(sa)}) in {args.a}, "
-             f"{sb[0] if sb else '-'}..{sb[-1] if sb else '-'} ({len(sb)}) in {args.b}")
-    worst = 0.0
+             f"{sa[0]}..{sa[-1]} ({len(sa)}) in {pa}, "
+             f"{sb[0] if sb else '-'}..{sb[-1] if sb else '-'} ({len(sb)}) in {pb}")
+    worst = (0.0, sa[0], keys[0], a[sa[0]].get(keys[0]), b[sa[0]].get(keys[0]))
     for s in sa:
         for k in keys:
             x, y = a[s].get(k), b[s].get(k)
             if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
-                fail(f"step {s}: {k} is missing ({x} in {args.a}, {y} in {args.b})")
+                fail(f"step {s}: {k} is missing ({x} in {pa}, {y} in {pb})")
             scale = max(abs(x), abs(y))
             rel = abs(x - y) / scale if scale > 0 else 0.0
-            if not rel <= args.rtol:
-                fail(f"step {s}: {k} {x!r} in {args.a} vs {y!r} in {args.b}: "
-                     f"relative difference {rel:.3g} > {args.rtol:g}")
-            worst = max(worst, rel)
+            if math.isnan(rel):
+                rel = math.inf
+            if rel > worst[0]:
+                worst = (rel, s, k, x, y)
+    return sa, worst
+
+
+def same(args):
+    keys = [k for k in args.keys.split(",") if k]
+    if args.noise:
+        c, d = args.noise
+        _, (floor, s, k, x, y) = worst_difference(args, c, d, keys)
+        where = f"step {s}: {k} {x!r} vs {y!r}" if floor > 0 else "bit for bit"
+        if not floor <= args.max_noise:
+            fail(f"noise floor {floor:.3g} ({c} vs {d}, the same run twice, {where}) "
+                 f"> {args.max_noise:g}: runs of one seed differ too much for "
+                 f"{args.a} vs {args.b} to mean anything")
+        limit = max(args.rtol, args.noise_factor * floor)
+        print(f"noise floor {floor:.3g} ({c} vs {d}, the same run twice, {where}): "
+              f"limit max({args.rtol:g}, {args.noise_factor:g} x {floor:.3g}) = {limit:.3g}")
+    else:
+        limit = args.rtol
+    sa, (worst, s, k, x, y) = worst_difference(args, args.a, args.b, keys)
+    if not worst <= limit:
+        fail(f"step {s}: {k} {x!r} in {args.a} vs {y!r} in {args.b}: "
+             f"relative difference {worst:.3g} > {limit:.3g}")
     print(f"{len(sa)} steps ({sa[0]}-{sa[-1]}) agree on {','.join(keys)}: "
-          f"largest relative difference {worst:.3g} (limit {args.rtol:g})")
+          f"largest relative difference {worst:.3g} (limit {limit:.3g})")
 
 
 def main():
@@ -107,6 +135,9 @@ def main():
     m.add_argument("--rtol", type=float, required=True)
     m.add_argument("--keys", default="loss")
     m.add_argument("--from-step", type=int, default=0)
+    m.add_argument("--noise", nargs=2, metavar=("C", "D"))
+    m.add_argument("--noise-factor", type=float, default=10.0)
+    m.add_argument("--max-noise", type=float, default=1e-3)
     m.set_defaults(run=same)
     args = p.parse_args()
     args.run(args)

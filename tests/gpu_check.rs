@@ -49,7 +49,7 @@ fn plumbing_mode_passes_or_skips_every_check_and_keeps_its_evidence() {
         .lines()
         .filter(|l| l.starts_with("PASS") || l.starts_with("SKIP") || l.starts_with("FAIL"))
         .collect();
-    assert_eq!(checks.len(), 11, "{summary}");
+    assert_eq!(checks.len(), 9, "{summary}");
     for line in &checks {
         assert!(
             line.starts_with("PASS") || line.ends_with("skipped: no GPU"),
@@ -60,13 +60,25 @@ fn plumbing_mode_passes_or_skips_every_check_and_keeps_its_evidence() {
         summary.contains("of a 480 s budget; mode plumbing"),
         "{summary}"
     );
+    // The preflight is one stage with one budget, its parts timed.
+    let preflight = checks[0];
+    assert!(
+        preflight.contains("preflight, one 20 s budget")
+            && preflight.contains("binaries ")
+            && preflight.contains("doctor ")
+            && preflight.contains("torch ")
+            && preflight.contains(" of 20 s]"),
+        "{preflight}"
+    );
     // Every training run left its metrics, each check its logs.
     let metrics = std::fs::read_dir(out.path().join("metrics"))
         .unwrap()
         .count();
-    assert!(metrics >= 12, "{metrics} metrics files");
+    assert!(metrics >= 15, "{metrics} metrics files");
     let log = std::fs::read_to_string(out.path().join("gpu_check.log")).unwrap();
     assert!(log.contains("agree on loss,grad_norm"), "{log}");
+    // NCCL vs TCP is judged against the TCP run launched twice.
+    assert!(log.contains("noise floor 0 ("), "{log}");
     assert!(log.contains("resumed from"), "{log}");
     assert!(log.contains("#wrong"), "{log}");
 }
@@ -139,4 +151,82 @@ fn the_metrics_checks_catch_zero_gradients_a_flat_loss_and_diverging_runs() {
     assert!(same(&good, &near, "1e-5").0);
     let (ok, why) = same(&good, &short, "1e-6");
     assert!(!ok && why.contains("different steps"), "{why}");
+}
+
+#[test]
+fn a_tiny_preflight_budget_fails_the_preflight_and_says_which_part_ran_out() {
+    worker_bin::ensure();
+    let out = tempfile::tempdir().unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_cohort")).parent().unwrap();
+    let run = Command::new("bash")
+        .arg(root().join("scripts/gpu_check.sh"))
+        .env("GPU_CHECK_MODE", "plumbing")
+        .env("GPU_CHECK_BUDGET_S", "22")
+        .env("GPU_CHECK_PREFLIGHT_S", "1")
+        .env("COHORT_BIN_DIR", bin_dir)
+        .env("OUT", out.path())
+        .env("PYTHON", python())
+        .output()
+        .unwrap();
+    let summary = std::fs::read_to_string(out.path().join("summary.txt")).unwrap();
+    assert!(!run.status.success(), "{summary}");
+    let preflight = summary.lines().next().unwrap();
+    assert!(
+        preflight.starts_with("FAIL  preflight, one 1 s budget")
+            && preflight.contains("preflight's 1 s budget"),
+        "{preflight}\n{}",
+        text(&run)
+    );
+}
+
+#[test]
+fn the_noise_floor_widens_the_limit_only_as_far_as_the_measured_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rows = |eps: f64| [(1, 5.0, 2.0), (2, 4.0 * (1.0 + eps), 1.5), (3, 3.0, 1.0)];
+    let base = metrics(d, "base", &rows(0.0));
+    let again_exact = metrics(d, "again_exact", &rows(0.0));
+    let again_noisy = metrics(d, "again_noisy", &rows(1e-5));
+    let again_wild = metrics(d, "again_wild", &rows(1e-2));
+    let within = metrics(d, "within", &rows(5e-5));
+    let diverging = metrics(
+        d,
+        "diverging",
+        &[(1, 5.0, 2.0), (2, 4.0, 1.5), (3, 3.3, 1.0)],
+    );
+    let same = |a: &Path, b: &Path, c: &Path, e: &Path| {
+        tool(&[
+            "same".as_ref(),
+            a.as_os_str(),
+            b.as_os_str(),
+            "--rtol".as_ref(),
+            "1e-6".as_ref(),
+            "--keys".as_ref(),
+            "loss,grad_norm".as_ref(),
+            "--noise".as_ref(),
+            c.as_os_str(),
+            e.as_os_str(),
+        ])
+    };
+    // A floor of 0: the limit stays 1e-6, a 5e-5 difference fails.
+    let (ok, why) = same(&within, &base, &base, &again_exact);
+    assert!(
+        !ok && why.contains("noise floor 0") && why.contains("> 1e-06"),
+        "{why}"
+    );
+    // A 1e-5 floor: the limit is 1e-4, and 5e-5 is within the noise.
+    let (ok, why) = same(&within, &base, &base, &again_noisy);
+    assert!(
+        ok && why.contains("noise floor 1e-05") && why.contains("= 0.0001"),
+        "{why}"
+    );
+    // A run that diverges (10% at step 3) is caught under a small floor.
+    let (ok, why) = same(&diverging, &base, &base, &again_noisy);
+    assert!(
+        !ok && why.contains("step 3: loss") && why.contains("> 0.0001"),
+        "{why}"
+    );
+    // A floor above 1e-3 says the comparison means nothing, and fails.
+    let (ok, why) = same(&base, &base, &base, &again_wild);
+    assert!(!ok && why.contains("too much"), "{why}");
 }
