@@ -281,7 +281,8 @@ c_preflight() {
         t0=$SECONDS
         "$fn" || rc=1
         times+=("$part $((SECONDS - t0)) s")
-        (( rc == 0 )) || { echo "check: preflight: $part failed (see above)"; break; }
+        # The part said why (its own "check:" line, which the summary shows).
+        (( rc == 0 )) || break
     done
     local IFS=,
     echo "${times[*]}" | sed 's/,/, /g; s/$/ of '"$preflight_s"' s/' > "$check_dir/note"
