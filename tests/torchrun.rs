@@ -205,11 +205,7 @@ fn torchruns_flags_and_their_pet_and_cohort_variables() {
     let log = dir.path().join("logs/aliased/attempt_0/rank_2.log");
     assert!(std::fs::read_to_string(&log).unwrap().contains("RANK=2"));
     // -m runs a module; static ranks host the coordinator on --master-port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port();
     let mut cmd = cohort();
     cmd.current_dir(fixtures::fixture(""))
         .env("PYTHON_EXEC", fixtures::python().unwrap())
@@ -457,17 +453,24 @@ fn nproc_per_node_cpu_auto_and_gpu() {
 fn standalone_with_two_nodes_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--standalone", "--nnodes", "2"];
-    let (status, out, err) = launch_program(dir.path(), &[], &flags, &place());
-    assert_eq!(status.code(), Some(2), "{out}{err}");
-    assert!(
-        err.contains("--standalone runs one node, but --nnodes is 2"),
-        "{err}"
+    assert_refused(
+        dir.path(),
+        &flags,
+        "--standalone runs one node, but --nnodes is 2",
     );
-    assert!(!out.contains("place rank="), "a worker started:\n{out}");
     // Alone it runs (the default, one node).
     let (status, out, err) = launch_program(dir.path(), &[], &["--standalone"], &place());
     assert!(status.success(), "{out}{err}");
     assert_eq!(workers_started(&out, 1), 1);
+}
+
+/// `cohort launch FLAGS` of the placement program exits 2 with `message`
+/// on stderr, before any worker starts.
+fn assert_refused(dir: &Path, flags: &[&str], message: &str) {
+    let (status, out, err) = launch_program(dir, &[], flags, &place());
+    assert_eq!(status.code(), Some(2), "{out}{err}");
+    assert!(err.contains(message), "{err}");
+    assert!(!out.contains("place rank="), "a worker started:\n{out}");
 }
 
 /// A port nothing listens on (bound, then let go).
@@ -495,13 +498,11 @@ fn master_addr_without_node_rank() {
     assert_eq!(workers_started(&out, 1), 1);
 
     let flags = [&flags[..], &["--nnodes", "2"]].concat();
-    let (status, out, err) = launch_program(dir.path(), &[], &flags, &place());
-    assert_eq!(status.code(), Some(2), "{out}{err}");
-    assert!(
-        err.contains("--master-addr/--master-port need --node-rank on every node"),
-        "{err}"
+    assert_refused(
+        dir.path(),
+        &flags,
+        "--master-addr/--master-port need --node-rank on every node",
     );
-    assert!(!out.contains("place rank="), "a worker started:\n{out}");
 }
 
 /// Two `cohort launch` nodes of 1 worker on this host: node 0 started with
