@@ -57,6 +57,7 @@ pub mod data;
 mod device;
 mod error;
 pub mod flat;
+pub mod hooks;
 mod host;
 mod metrics;
 pub mod model;
