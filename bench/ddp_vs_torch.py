@@ -11,6 +11,14 @@ steps of every run are dropped.
 
     .venv/bin/python bench/ddp_vs_torch.py --worker target/release/cohort-worker
 
+With --baseline-worker OTHER/cohort-worker, every round also runs that
+binary's DDP and ZeRO-1 (before/after comparisons in one run, alternating).
+
+"comm hidden" is the share of the gradient buckets' reduction time that ran
+while the backward pass was still running (metrics.jsonl's
+grad_comm_hidden_s / grad_comm_s); for a binary older than that metric, the
+old reading (communication time not waited for) is shown instead.
+
 Prints a table and writes JSON (--json) with every run.
 """
 
@@ -30,6 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", default=os.path.join(ROOT, "target/release/cohort-worker"))
+    p.add_argument("--baseline-worker", default=None,
+                   help="another cohort-worker to run alongside, every round (e.g. the previous build)")
     p.add_argument("--data", default=os.path.join(ROOT, "configs/data/tiny.txt"))
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
@@ -127,7 +137,7 @@ def summarize(step_s, a, extra=None):
     return out
 
 
-def run_cohort(a, stage, tmp):
+def run_cohort(a, stage, tmp, worker):
     config = os.path.join(tmp, f"cohort-z{stage}.toml")
     with open(config, "w") as f:
         f.write(
@@ -168,7 +178,7 @@ bucket_mb = {a.bucket_mb}
             COHORT_LOG_DIR=os.path.join(run_dir, "logs"), OMP_NUM_THREADS=str(a.threads),
             COHORT_RESUME="never",
         )
-        procs.append(subprocess.Popen([a.worker, "train", "--config", config], env=env,
+        procs.append(subprocess.Popen([worker, "train", "--config", config], env=env,
                                       stdout=subprocess.DEVNULL))
     wait_all(procs, f"cohort zero_stage={stage}")
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "logs", "metrics.jsonl"))]
@@ -176,9 +186,15 @@ bucket_mb = {a.bucket_mb}
     step = sum(r["step_s"] for r in kept)
     comm = sum(r["comm_s"] for r in kept)
     wait = sum(r["comm_wait_s"] for r in kept)
+    if "grad_comm_s" in kept[0]:
+        grad = sum(r["grad_comm_s"] for r in kept)
+        hidden = sum(r["grad_comm_hidden_s"] for r in kept) / grad if grad > 0 else 0.0
+    else:
+        hidden = max(0.0, (comm - wait) / comm) if comm > 0 else 0.0
     return summarize([r["step_s"] for r in rows], a, {
         "comm_not_hidden_share": wait / step,
-        "comm_hidden_fraction": max(0.0, (comm - wait) / comm) if comm > 0 else 0.0,
+        "comm_hidden_fraction": hidden,
+        "buckets_in_backward": sum(r.get("buckets_in_backward", 0) for r in kept) / len(kept),
         "compute_share": sum(r["compute_s"] for r in kept) / step,
         "optimizer_share": sum(r["optimizer_s"] for r in kept) / step,
         "final_loss": rows[-1]["loss"],
@@ -206,13 +222,20 @@ def main():
     a = parse_args()
     if a.torch_rank is not None:
         return torch_rank(a)
-    if not os.path.exists(a.worker):
-        sys.exit(f"{a.worker} not found: build it with `cargo build --release --bin cohort-worker`")
+    for w in [a.worker] + ([a.baseline_worker] if a.baseline_worker else []):
+        if not os.path.exists(w):
+            sys.exit(f"{w} not found: build it with `cargo build --release --bin cohort-worker`")
     runs = {"cohort_ddp": [], "cohort_zero1": [], "torch_ddp": []}
+    if a.baseline_worker:
+        runs.update({"baseline_ddp": [], "baseline_zero1": []})
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.repeats):
-            runs["cohort_ddp"].append(run_cohort(a, 0, tmp))
-            runs["cohort_zero1"].append(run_cohort(a, 1, tmp))
+            runs["cohort_ddp"].append(run_cohort(a, 0, tmp, a.worker))
+            if a.baseline_worker:
+                runs["baseline_ddp"].append(run_cohort(a, 0, tmp, a.baseline_worker))
+            runs["cohort_zero1"].append(run_cohort(a, 1, tmp, a.worker))
+            if a.baseline_worker:
+                runs["baseline_zero1"].append(run_cohort(a, 1, tmp, a.baseline_worker))
             runs["torch_ddp"].append(run_torch(a, tmp))
             print(f"repeat {i + 1}/{a.repeats}: " + ", ".join(
                 f"{k} {v[-1]['tokens_per_s']:.0f} tok/s" for k, v in runs.items()), flush=True)
@@ -227,12 +250,16 @@ def main():
     print(f"|---|---:|---:|---:|---:|")
     for k in runs:
         extra = ("| {:.1%} | {:.0%} |".format(med(k, "comm_not_hidden_share"), med(k, "comm_hidden_fraction"))
-                 if k.startswith("cohort") else "| - | - |")
+                 if not k.startswith("torch") else "| - | - |")
         print(f"| {k} | {med(k, 'tokens_per_s'):.0f} | {med(k, 'step_ms_median'):.1f} {extra}")
     ratio = med("cohort_ddp", "tokens_per_s") / med("torch_ddp", "tokens_per_s")
     zero = med("cohort_zero1", "step_ms_median") / med("cohort_ddp", "step_ms_median")
     print(f"\ncohort DDP / PyTorch DDP tokens/s: {ratio:.2f}x (goal >= 1.1x)")
     print(f"cohort ZeRO-1 / DDP step time:     {zero:.2f}x (goal <= 1.1x)")
+    if a.baseline_worker:
+        for k in ("ddp", "zero1"):
+            r = med(f"cohort_{k}", "tokens_per_s") / med(f"baseline_{k}", "tokens_per_s")
+            print(f"cohort {k} / baseline {k} tokens/s: {r:.2f}x")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "runs": runs, "ddp_vs_torch": ratio, "zero1_vs_ddp": zero}, f, indent=1)

@@ -4,7 +4,9 @@
 //! optimizer.
 //!
 //! Buffers travel by value (a `Vec` goes over, the same `Vec` comes back), so
-//! neither thread ever sees memory the other is writing.
+//! neither thread ever sees memory the other is writing. A [`Submitter`]
+//! queues work from another thread too (the gradient hooks, during the
+//! backward pass); results always come back to the [`CommThread`] handle.
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
@@ -25,53 +27,33 @@ pub enum Tag {
     Whole,
 }
 
-/// A finished collective: its buffer back, the time it took, its result.
+/// A finished collective: its buffer back, when it started and the time it
+/// took, its result.
 pub struct Done {
     pub kind: OpKind,
     pub tag: Tag,
     pub buf: Vec<f32>,
+    pub started: Instant,
     pub busy: Duration,
     pub result: Result<(), CommError>,
 }
 
 type Job = Box<dyn FnOnce(&mut Communicator) + Send>;
 
-/// Handle to the communication thread.
-pub struct CommThread {
-    jobs: Option<Sender<Job>>,
+/// Queues collectives on the communication thread; cloned for the
+/// gradient hooks.
+#[derive(Clone)]
+pub struct Submitter {
+    /// `None` tells the thread to stop.
+    jobs: Sender<Option<Job>>,
     done_tx: Sender<Done>,
-    done: Receiver<Done>,
     opts: OpOptions,
-    handle: Option<JoinHandle<()>>,
 }
 
-impl CommThread {
-    pub fn spawn(mut comm: Communicator, opts: OpOptions) -> Self {
-        let rank = comm.rank();
-        let (jobs_tx, jobs_rx) = channel::<Job>();
-        let (done_tx, done_rx) = channel::<Done>();
-        let handle = std::thread::Builder::new()
-            .name(format!("cohort-comm-{rank}"))
-            .spawn(move || {
-                for job in jobs_rx {
-                    job(&mut comm);
-                }
-            })
-            .expect("spawning the communication thread");
-        CommThread {
-            jobs: Some(jobs_tx),
-            done_tx,
-            done: done_rx,
-            opts,
-            handle: Some(handle),
-        }
-    }
-
+impl Submitter {
     fn send(&self, job: Job) {
         self.jobs
-            .as_ref()
-            .expect("jobs channel lives until drop")
-            .send(job)
+            .send(Some(job))
             .expect("the communication thread outlives its handle");
     }
 
@@ -79,16 +61,59 @@ impl CommThread {
     pub fn submit(&self, kind: OpKind, tag: Tag, mut buf: Vec<f32>) {
         let (done, opts) = (self.done_tx.clone(), self.opts.clone());
         self.send(Box::new(move |comm| {
-            let start = Instant::now();
+            let started = Instant::now();
             let result = run_host(comm, kind, &mut buf, &opts);
             let _ = done.send(Done {
                 kind,
                 tag,
                 buf,
-                busy: start.elapsed(),
+                started,
+                busy: started.elapsed(),
                 result,
             });
         }));
+    }
+}
+
+/// Handle to the communication thread.
+pub struct CommThread {
+    submitter: Submitter,
+    done: Receiver<Done>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl CommThread {
+    pub fn spawn(mut comm: Communicator, opts: OpOptions) -> Self {
+        let rank = comm.rank();
+        let (jobs_tx, jobs_rx) = channel::<Option<Job>>();
+        let (done_tx, done_rx) = channel::<Done>();
+        let handle = std::thread::Builder::new()
+            .name(format!("cohort-comm-{rank}"))
+            .spawn(move || {
+                while let Ok(Some(job)) = jobs_rx.recv() {
+                    job(&mut comm);
+                }
+            })
+            .expect("spawning the communication thread");
+        CommThread {
+            submitter: Submitter {
+                jobs: jobs_tx,
+                done_tx,
+                opts,
+            },
+            done: done_rx,
+            handle: Some(handle),
+        }
+    }
+
+    /// A handle that queues work from another thread.
+    pub fn submitter(&self) -> Submitter {
+        self.submitter.clone()
+    }
+
+    /// Queues `kind` on `buf`; its [`Done`] comes back from [`CommThread::recv`].
+    pub fn submit(&self, kind: OpKind, tag: Tag, buf: Vec<f32>) {
+        self.submitter.submit(kind, tag, buf);
     }
 
     /// The next finished [`CommThread::submit`] (in submission order).
@@ -102,8 +127,8 @@ impl CommThread {
     /// waiting for the result; also returns the time the collective took.
     pub fn sum_f64(&self, mut values: Vec<f64>) -> (Vec<f64>, Duration, Result<(), CommError>) {
         let (reply, result) = channel();
-        let opts = self.opts.clone();
-        self.send(Box::new(move |comm| {
+        let opts = self.submitter.opts.clone();
+        self.submitter.send(Box::new(move |comm| {
             let start = Instant::now();
             let r = comm.all_reduce(&mut values, ReduceOp::Sum, &opts);
             let _ = reply.send((values, start.elapsed(), r));
@@ -115,8 +140,10 @@ impl CommThread {
 }
 
 impl Drop for CommThread {
+    /// Stops the thread after the work queued (a [`Submitter`] clone may
+    /// outlive this handle) and joins it.
     fn drop(&mut self) {
-        self.jobs.take();
+        let _ = self.submitter.jobs.send(None);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }

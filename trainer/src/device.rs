@@ -65,6 +65,8 @@ pub(crate) struct DeviceBuffers {
     /// waiting for the device.
     comm_time: Duration,
     wait_time: Duration,
+    /// This step: the part of `comm_time` reducing gradient buckets.
+    grad_time: Duration,
 }
 
 impl DeviceBuffers {
@@ -102,6 +104,7 @@ impl DeviceBuffers {
             unwaited: 0,
             comm_time: Duration::ZERO,
             wait_time: Duration::ZERO,
+            grad_time: Duration::ZERO,
         };
         Ok((core, plan, buffers))
     }
@@ -174,6 +177,7 @@ impl Buffers for DeviceBuffers {
     fn begin_step(&mut self, core: &Core) {
         self.comm_time = Duration::ZERO;
         self.wait_time = Duration::ZERO;
+        self.grad_time = Duration::ZERO;
         self.check_grad_aliasing(core);
     }
 
@@ -190,7 +194,8 @@ impl Buffers for DeviceBuffers {
     ) -> Result<(), TrainError> {
         let b = &plan.buckets[k];
         let grads = self.grads.shallow_clone();
-        match core.stage {
+        let before = self.comm_time;
+        let result = match core.stage {
             ZeroStage::Ddp => self.run(
                 core,
                 kind,
@@ -217,7 +222,9 @@ impl Buffers for DeviceBuffers {
                 tch::no_grad(|| copy_range(&grads, b.own.start, &buf, b.own_at, b.own.len()));
                 Ok(())
             }
-        }
+        };
+        self.grad_time += self.comm_time - before;
+        result
     }
 
     /// Nothing to wait for: the norm is computed after the collectives in
@@ -297,7 +304,8 @@ impl Buffers for DeviceBuffers {
         Ok(Timings {
             comm,
             wait: comm,
-            pack: Duration::ZERO,
+            grad_comm: self.grad_time,
+            ..Timings::default()
         })
     }
 

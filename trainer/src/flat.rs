@@ -89,6 +89,48 @@ impl FlatParams {
         &self.slots
     }
 
+    /// The same layout over handles to the same variables (shallow
+    /// clones: reads and writes reach the model's tensors).
+    pub(crate) fn shallow_clone(&self) -> FlatParams {
+        FlatParams {
+            slots: self
+                .slots
+                .iter()
+                .map(|s| Slot {
+                    name: s.name.clone(),
+                    shape: s.shape.clone(),
+                    offset: s.offset,
+                    numel: s.numel,
+                    decay: s.decay,
+                    tensor: s.tensor.shallow_clone(),
+                })
+                .collect(),
+            total: self.total,
+        }
+    }
+
+    /// The variable of every slot, in slot order.
+    pub(crate) fn tensors(&self) -> Vec<&Tensor> {
+        self.slots.iter().map(|s| &s.tensor).collect()
+    }
+
+    /// The indices of the slots holding elements of `range`.
+    pub(crate) fn slots_in(&self, range: &Range<usize>) -> Vec<usize> {
+        let mut out = Vec::new();
+        let first = self
+            .slots
+            .partition_point(|s| s.offset + s.numel <= range.start);
+        for (i, slot) in self.slots.iter().enumerate().skip(first) {
+            if slot.offset >= range.end {
+                break;
+            }
+            if slot.numel > 0 && slot.offset + slot.numel > range.start {
+                out.push(i);
+            }
+        }
+        out
+    }
+
     /// Calls `f(slot, part_of_slot, part_of_range)` for every slot overlapping
     /// `range`, in order.
     fn overlapping(

@@ -8,11 +8,16 @@
 //! gradients in the variables):
 //!
 //! 1. **Reduce gradients.** The flat gradient is cut into buckets
-//!    (`parallel.bucket_mb`, 25 MiB as PyTorch DDP). Bucket *k* is packed from
-//!    the variables' `.grad` and handed to the communication thread, which
-//!    reduces it while this thread packs bucket *k+1* and unpacks the buckets
-//!    that came back. DDP all-reduces (average) and keeps the whole gradient;
-//!    ZeRO reduce-scatters (average) and keeps only the rank's own shard.
+//!    (`parallel.bucket_mb`, 25 MiB as PyTorch DDP), started last first.
+//!    Bucket *k* is packed from the variables' `.grad` and handed to the
+//!    communication thread: during the last micro-batch's backward pass, from
+//!    the gradient hooks, as soon as its last gradient has been accumulated
+//!    (`overlap.rs`), or else in the step, while this thread packs the next
+//!    bucket and unpacks the buckets that came back. DDP all-reduces
+//!    (average) and keeps the whole gradient; ZeRO reduce-scatters (average)
+//!    and keeps only the rank's own shard. Communication hidden is the part
+//!    of the gradient buckets' reduction time that ran before the backward
+//!    pass ended.
 //! 2. **Global norm.** Each rank sums the squares of the gradient it owns; one
 //!    small all-reduce gives the global norm (and the mean loss) on every rank.
 //! 3. **Clip and step.** The optimizer runs on the owned part of the flat fp32
@@ -29,13 +34,15 @@
 //! world, r)`, which is where the collective leaves each rank's result.
 //!
 //! Memory per rank (P = parameters, B = bucket, S = state vectors):
-//! DDP: P master + P gradient + S·P state + 3 bucket buffers;
+//! DDP: P master + P gradient + S·P state + the bucket buffers (3 when the
+//! step starts the buckets; as many as the backward pass starts before the
+//! step receives them, up to P, with the hooks);
 //! ZeRO-1: P/N master + P/N gradient + S·P/N state + P (the reduced gradient
-//! buckets, kept); ZeRO-2: as ZeRO-1 but 3 bucket buffers instead of the P.
+//! buckets, kept); ZeRO-2: as ZeRO-1 but the bucket buffers instead of the P.
 //! (tch's own `.grad` tensors are full size in every mode: autograd writes them.)
 
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cohort_collectives::{Communicator, OpKind};
 use cohort_configs::{OptimConfig, ParallelConfig, ZeroStage};
@@ -45,10 +52,11 @@ use crate::TrainError;
 use crate::comm::{CommThread, Done, Tag};
 use crate::flat::FlatParams;
 use crate::optim::{Optimizer, StepParams};
+use crate::overlap::Launcher;
 use crate::plan::{Core, Plan, Timings};
 use crate::step::Buffers;
 
-/// Bucket buffers in flight at once (DDP and ZeRO-2).
+/// Bucket buffers the step keeps in flight at once (DDP and ZeRO-2).
 const PIPELINE: usize = 3;
 
 /// The host path's buffers: master parameters, gradients and optimizer
@@ -58,16 +66,17 @@ pub(crate) struct HostBuffers {
     params: Vec<f32>,
     /// Reduced gradient over `owned`.
     grads: Vec<f32>,
-    /// ZeRO-1: the reduced gradient buckets, kept between steps.
-    kept: Vec<Vec<f32>>,
-    /// Free bucket buffers.
-    pool: Vec<Vec<f32>>,
-    /// Buckets submitted and not yet unpacked.
-    in_flight: usize,
+    /// The bucket buffers and the gradient buckets' start, shared with the
+    /// gradient hooks. Dropped before `comm`.
+    launch: Launcher,
     optimizer: Optimizer,
     comm: CommThread,
     timers: Timings,
-    sq_norm: f64,
+    /// This step: each gradient bucket's squared norm (of its owned part),
+    /// summed in bucket order whatever order they came back in.
+    bucket_sq: Vec<f64>,
+    /// When the last armed backward pass ended.
+    backward_end: Option<Instant>,
 }
 
 impl HostBuffers {
@@ -83,20 +92,27 @@ impl HostBuffers {
         let (core, plan) = Plan::new(FlatParams::new(vs)?, rank, world, optim, parallel)?;
         let owned = plan.owned.len();
         let kept = match core.stage {
-            ZeroStage::Zero1 => plan.buckets.iter().map(|b| vec![0.0; b.len]).collect(),
-            _ => Vec::new(),
+            ZeroStage::Zero1 => Some(plan.buckets.iter().map(|b| vec![0.0; b.len]).collect()),
+            _ => None,
         };
         let decay = core.flat.decay_runs(plan.owned.clone());
+        let comm = CommThread::spawn(comm, plan.opts.clone());
+        let launch = Launcher::new(
+            &core.flat,
+            &plan.buckets,
+            core.grad_collective(),
+            kept,
+            comm.submitter(),
+        )?;
         let buffers = HostBuffers {
             optimizer: Optimizer::new(optim, owned, &decay),
             params: vec![0.0; owned],
             grads: vec![0.0; owned],
-            kept,
-            pool: Vec::new(),
-            in_flight: 0,
-            comm: CommThread::spawn(comm, plan.opts.clone()),
+            launch,
+            comm,
             timers: Timings::default(),
-            sq_norm: 0.0,
+            bucket_sq: vec![0.0; plan.buckets.len()],
+            backward_end: None,
         };
         Ok((core, plan, buffers))
     }
@@ -111,22 +127,35 @@ impl HostBuffers {
         self.optimizer.state_names()
     }
 
+    /// Before the last micro-batch's backward pass: its gradient hooks
+    /// start the buckets.
+    pub fn arm(&mut self) -> Result<(), TrainError> {
+        self.launch.arm()
+    }
+
+    /// After that backward pass.
+    pub fn disarm(&mut self) {
+        self.launch.disarm();
+        self.backward_end = Some(Instant::now());
+    }
+
     /// A buffer for bucket `k`: ZeRO-1's kept one, else a free one from the
     /// pool, unpacking an in-flight bucket first when the pipeline is full.
     fn take_buffer(&mut self, core: &Core, plan: &Plan, k: usize) -> Result<Vec<f32>, TrainError> {
-        if core.stage == ZeroStage::Zero1 {
-            return Ok(std::mem::take(&mut self.kept[k]));
-        }
-        if self.pool.is_empty() && self.in_flight >= PIPELINE {
+        let full = {
+            let st = self.launch.lock();
+            st.kept.is_none() && st.pool.is_empty() && st.in_flight >= PIPELINE
+        };
+        if full {
             let done = self.recv();
             self.unpack(core, plan, done)?;
         }
-        Ok(self.pool.pop().unwrap_or_default())
+        Ok(self.launch.lock().take_free(k))
     }
 
     /// Unpacks every bucket in flight.
     fn drain(&mut self, core: &Core, plan: &Plan) -> Result<(), TrainError> {
-        while self.in_flight > 0 {
+        while self.launch.lock().in_flight > 0 {
             let done = self.recv();
             self.unpack(core, plan, done)?;
         }
@@ -138,8 +167,16 @@ impl HostBuffers {
         let done = self.comm.recv();
         self.timers.wait += t.elapsed();
         self.timers.comm += done.busy;
+        if let Tag::Grads(_) = done.tag {
+            self.timers.grad_comm += done.busy;
+            // The part that ran while the last backward pass was running.
+            let before_end = self.backward_end.map_or(Duration::ZERO, |end| {
+                end.saturating_duration_since(done.started)
+            });
+            self.timers.grad_hidden += before_end.min(done.busy);
+        }
         if done.tag != Tag::Whole {
-            self.in_flight -= 1;
+            self.launch.lock().in_flight -= 1;
         }
         done
     }
@@ -161,7 +198,7 @@ impl HostBuffers {
                 let b = &plan.buckets[k];
                 let part = &buf[b.own_at..b.own_at + b.own.len()];
                 self.grads[plan.local(&b.own)].copy_from_slice(part);
-                self.sq_norm += part
+                self.bucket_sq[k] = part
                     .iter()
                     .map(|&g| f64::from(g) * f64::from(g))
                     .sum::<f64>();
@@ -177,16 +214,10 @@ impl HostBuffers {
             Tag::Whole => {}
         }
         self.timers.pack += t.elapsed();
-        match (core.stage, tag) {
-            (ZeroStage::Zero1, Tag::Grads(k) | Tag::Params(k)) => self.kept[k] = buf,
-            _ => self.pool.push(buf),
+        if let Tag::Grads(k) | Tag::Params(k) = tag {
+            self.launch.lock().give_back(k, buf);
         }
         Ok(())
-    }
-
-    fn submit(&mut self, kind: OpKind, tag: Tag, buf: Vec<f32>) {
-        self.comm.submit(kind, tag, buf);
-        self.in_flight += 1;
     }
 }
 
@@ -206,11 +237,12 @@ impl Buffers for HostBuffers {
 
     fn begin_step(&mut self, _core: &Core) {
         self.timers = Timings::default();
-        self.sq_norm = 0.0;
+        self.bucket_sq.fill(0.0);
     }
 
-    /// Packs bucket `k` from the variables' `.grad` while earlier buckets
-    /// are being reduced on the communication thread.
+    /// Bucket `k` unless the backward pass started it: packed from the
+    /// variables' `.grad` while earlier buckets are being reduced on the
+    /// communication thread.
     fn reduce_grads(
         &mut self,
         core: &Core,
@@ -218,23 +250,26 @@ impl Buffers for HostBuffers {
         k: usize,
         kind: OpKind,
     ) -> Result<(), TrainError> {
-        let mut buf = self.take_buffer(core, plan, k)?;
-        let t = Instant::now();
-        let bucket = &plan.buckets[k];
-        buf.resize(bucket.len, 0.0);
-        let mut at = 0;
-        for seg in &bucket.segs {
-            core.flat
-                .read_grads(seg.clone(), &mut buf[at..at + seg.len()]);
-            at += seg.len();
+        debug_assert_eq!(kind, core.grad_collective());
+        if self.launch.lock().started[k] {
+            return Ok(());
         }
-        self.timers.pack += t.elapsed();
-        self.submit(kind, Tag::Grads(k), buf);
+        let buf = self.take_buffer(core, plan, k)?;
+        self.launch.lock().start(k, buf);
         Ok(())
     }
 
     fn grads_reduced(&mut self, core: &Core, plan: &Plan) -> Result<(), TrainError> {
-        self.drain(core, plan)
+        let hooks = self.launch.check_hooks();
+        let misuse = {
+            let mut st = self.launch.lock();
+            self.timers.pack += st.pack;
+            self.timers.in_backward = st.in_backward;
+            st.end_of_reduction()
+        };
+        let drained = self.drain(core, plan);
+        self.backward_end = None;
+        hooks.and(misuse).and(drained)
     }
 
     fn sum_norm_and_loss(
@@ -244,7 +279,11 @@ impl Buffers for HostBuffers {
         count_norm: bool,
         loss: Option<&f64>,
     ) -> Result<[f64; 2], TrainError> {
-        let sq = if count_norm { self.sq_norm } else { 0.0 };
+        let sq = if count_norm {
+            self.bucket_sq.iter().fold(0.0, |sum, b| sum + b)
+        } else {
+            0.0
+        };
         let mut values = [sq, loss.copied().unwrap_or(0.0)];
         self.sum_f64(core, &mut values)?;
         Ok(values)
@@ -272,7 +311,9 @@ impl Buffers for HostBuffers {
         let b = &plan.buckets[k];
         buf.resize(b.len, 0.0);
         buf[b.own_at..b.own_at + b.own.len()].copy_from_slice(&self.params[plan.local(&b.own)]);
-        self.submit(OpKind::AllGather, Tag::Params(k), buf);
+        self.launch
+            .lock()
+            .submit(OpKind::AllGather, Tag::Params(k), buf);
         Ok(())
     }
 

@@ -62,6 +62,7 @@ mod host;
 mod metrics;
 pub mod model;
 pub mod optim;
+mod overlap;
 mod parallel;
 mod plan;
 mod step;

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cohort_contract::{Resumed, WorkerEnv, WorkerProgress};
 use serde_json::json;
 
+use crate::plan::hidden_fraction;
 use crate::{StepReport, TrainError};
 
 /// What one step of the built-in trainer measured, besides its
@@ -136,6 +137,9 @@ fn metrics_line(r: &StepReport, t: &StepTimes, tokens_per_s: f64) -> serde_json:
         "compute_s": t.compute_s,
         "comm_s": r.comm_s,
         "comm_wait_s": r.comm_wait_s,
+        "grad_comm_s": r.grad_comm_s,
+        "grad_comm_hidden_s": r.grad_comm_hidden_s,
+        "buckets_in_backward": r.buckets_in_backward,
         "comm_hidden": r.hidden_comm_fraction(),
         "optimizer_s": r.optimizer_s,
         "pack_s": r.pack_s,
@@ -157,7 +161,8 @@ struct Window {
     step_s: f64,
     compute_s: f64,
     comm_s: f64,
-    wait_s: f64,
+    grad_comm_s: f64,
+    grad_hidden_s: f64,
     optimizer_s: f64,
 }
 
@@ -167,7 +172,8 @@ impl Window {
         self.step_s += t.step_s;
         self.compute_s += t.compute_s;
         self.comm_s += r.comm_s;
-        self.wait_s += r.comm_wait_s;
+        self.grad_comm_s += r.grad_comm_s;
+        self.grad_hidden_s += r.grad_comm_hidden_s;
         self.optimizer_s += r.optimizer_s;
     }
 
@@ -180,11 +186,7 @@ impl Window {
     ) -> String {
         let n = f64::from(self.steps.max(1));
         let ms = |s: f64| s / n * 1e3;
-        let hidden = if self.comm_s > 0.0 {
-            ((self.comm_s - self.wait_s) / self.comm_s).clamp(0.0, 1.0) * 100.0
-        } else {
-            0.0
-        };
+        let hidden = hidden_fraction(self.grad_hidden_s, self.grad_comm_s) * 100.0;
         let mut line = format!(
             "step {}/{max_steps} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | step {:.1} ms: compute {:.1}, comm {:.1} ({hidden:.0}% hidden), optimizer {:.1}",
             r.step,

@@ -2,7 +2,10 @@
 //! GPU.
 //!
 //! One call per step, [`DataParallel::step`], after the micro-batches'
-//! backward passes (tch accumulates their gradients in the variables):
+//! backward passes (tch accumulates their gradients in the variables; run
+//! them with [`DataParallel::backward_no_sync`] and, the last one,
+//! [`DataParallel::backward`], and the host path reduces the gradient
+//! buckets during that last backward pass, as PyTorch DDP does):
 //! gradients are reduced in buckets (`parallel.bucket_mb`, 25 MiB as PyTorch
 //! DDP), clipped by the global norm, the optimizer steps the part of the
 //! flat fp32 parameter space this rank owns (all of it under DDP, its
@@ -174,16 +177,44 @@ impl DataParallel {
         self.core.schedule.at(self.core.step)
     }
 
-    /// Runs `loss.backward()`, then [`DataParallel::step_with_loss_tensor`].
+    /// Runs [`DataParallel::backward`], then
+    /// [`DataParallel::step_with_loss_tensor`].
     pub fn backward_and_step(&mut self, loss: &Tensor) -> Result<StepReport, TrainError> {
-        loss.f_backward().map_err(|source| TrainError::Torch {
-            context: "backward pass".into(),
-            source,
-        })?;
+        self.backward(loss)?;
         self.step_with_loss_tensor(loss)
     }
 
-    /// Reduces the gradients accumulated in the variables, clips them by the
+    /// The backward pass of a step's last (or only) micro-batch: on the
+    /// host path, each gradient bucket's reduction starts during it, as
+    /// soon as the last of its gradients has been accumulated (gradient
+    /// hooks on the parameters); the next [`DataParallel::step`] waits for
+    /// them. Run the micro-batches before it with
+    /// [`DataParallel::backward_no_sync`], and no backward pass after it
+    /// before the step (an error at the step: the buckets started hold the
+    /// gradients as they were). A plain `loss.backward()` works too: the
+    /// step then starts every bucket itself, with the same result.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<(), TrainError> {
+        match &mut self.path {
+            Path::Host(b) => {
+                b.arm()?;
+                let result = run_backward(loss);
+                b.disarm();
+                result
+            }
+            Path::Device(_) => run_backward(loss),
+        }
+    }
+
+    /// The backward pass of a micro-batch before a step's last: its
+    /// gradients accumulate in the variables and nothing is communicated
+    /// (PyTorch DDP's `no_sync`).
+    pub fn backward_no_sync(&mut self, loss: &Tensor) -> Result<(), TrainError> {
+        run_backward(loss)
+    }
+
+    /// Reduces the gradients accumulated in the variables (those buckets the
+    /// last [`DataParallel::backward`] did not start, and waits for those it
+    /// did), clips them by the
     /// global norm, steps the optimizer, updates the model's parameters and
     /// zeroes the gradients.
     pub fn step(&mut self) -> Result<StepReport, TrainError> {
@@ -278,4 +309,11 @@ impl DataParallel {
     ) -> Result<(), TrainError> {
         on_path!(self, step::restore, steps_done, params, states)
     }
+}
+
+fn run_backward(loss: &Tensor) -> Result<(), TrainError> {
+    loss.f_backward().map_err(|source| TrainError::Torch {
+        context: "backward pass".into(),
+        source,
+    })
 }

@@ -27,6 +27,14 @@ pub struct StepReport {
     pub comm_s: f64,
     /// Time this thread waited for them: the communication not hidden.
     pub comm_wait_s: f64,
+    /// Time the gradient buckets' reductions ran (part of `comm_s`).
+    pub grad_comm_s: f64,
+    /// The part of `grad_comm_s` that ran while the last micro-batch's
+    /// backward pass was still running (host path, buckets started from
+    /// the gradient hooks; 0 on the device path).
+    pub grad_comm_hidden_s: f64,
+    /// Gradient buckets whose reduction started during the backward pass.
+    pub buckets_in_backward: usize,
     /// Time in the optimizer update.
     pub optimizer_s: f64,
     /// Time packing gradients into buckets and unpacking results.
@@ -36,13 +44,19 @@ pub struct StepReport {
 }
 
 impl StepReport {
-    /// Share of the communication that overlapped other work (0..=1).
+    /// Share of the gradient reduction time that ran while backward was
+    /// still running (0..=1): the communication hidden behind compute.
     pub fn hidden_comm_fraction(&self) -> f64 {
-        if self.comm_s > 0.0 {
-            ((self.comm_s - self.comm_wait_s) / self.comm_s).clamp(0.0, 1.0)
-        } else {
-            0.0
-        }
+        hidden_fraction(self.grad_comm_hidden_s, self.grad_comm_s)
+    }
+}
+
+/// `hidden / total`, in 0..=1 (0 without communication).
+pub(crate) fn hidden_fraction(hidden: f64, total: f64) -> f64 {
+    if total > 0.0 {
+        (hidden / total).clamp(0.0, 1.0)
+    } else {
+        0.0
     }
 }
 
@@ -185,6 +199,19 @@ pub(crate) struct Timings {
     pub wait: Duration,
     /// Packing gradients into buckets and unpacking results.
     pub pack: Duration,
+    /// The gradient buckets' reductions ran.
+    pub grad_comm: Duration,
+    /// The part of `grad_comm` before the backward pass ended.
+    pub grad_hidden: Duration,
+    /// Gradient buckets started during the backward pass.
+    pub in_backward: usize,
+}
+
+/// The order gradient buckets are reduced in: the last first, as a
+/// backward pass produces gradients (PyTorch DDP's reducer, too, orders its
+/// buckets by reverse registration order).
+pub(crate) fn launch_order(buckets: usize) -> impl Iterator<Item = usize> {
+    (0..buckets).rev()
 }
 
 pub(crate) fn make_buckets(

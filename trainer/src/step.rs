@@ -4,9 +4,11 @@
 //!
 //! A step, after the micro-batches' backward passes:
 //!
-//! 1. **Reduce gradients**, bucket by bucket (`parallel.bucket_mb`): DDP
-//!    all-reduces and keeps the whole gradient, ZeRO reduce-scatters and
-//!    keeps this rank's shard; both average over the ranks.
+//! 1. **Reduce gradients**, bucket by bucket (`parallel.bucket_mb`), the
+//!    last bucket first (the order a backward pass produces them in; a path
+//!    may have started some during the backward pass): DDP all-reduces and
+//!    keeps the whole gradient, ZeRO reduce-scatters and keeps this rank's
+//!    shard; both average over the ranks.
 //! 2. **Global norm and loss**: each rank's squared norm of the gradient it
 //!    owns (DDP: rank 0's only, every rank holds all of it) and its loss,
 //!    summed over the ranks in one small all-reduce.
@@ -29,7 +31,7 @@ use cohort_configs::ZeroStage;
 
 use crate::TrainError;
 use crate::optim::StepParams;
-use crate::plan::{Core, Plan, StepReport, Timings};
+use crate::plan::{Core, Plan, StepReport, Timings, launch_order};
 
 /// Where a path keeps the flat space, and the collectives it runs on it.
 ///
@@ -44,7 +46,8 @@ pub(crate) trait Buffers {
     /// Before the step reads the model's gradients.
     fn begin_step(&mut self, core: &Core);
 
-    /// Starts reducing (averaging) gradient bucket `k` with `kind`.
+    /// Starts reducing (averaging) gradient bucket `k` with `kind`, unless
+    /// the backward pass started it; called in [`launch_order`].
     fn reduce_grads(
         &mut self,
         core: &Core,
@@ -150,7 +153,7 @@ pub(crate) fn step<B: Buffers>(
 
     // 1. Gradients.
     let kind = core.grad_collective();
-    for k in 0..plan.buckets.len() {
+    for k in launch_order(plan.buckets.len()) {
         b.reduce_grads(core, plan, k, kind)?;
     }
     b.grads_reduced(core, plan)?;
@@ -190,6 +193,9 @@ pub(crate) fn step<B: Buffers>(
         loss,
         comm_s: t.comm.as_secs_f64(),
         comm_wait_s: t.wait.as_secs_f64(),
+        grad_comm_s: t.grad_comm.as_secs_f64(),
+        grad_comm_hidden_s: t.grad_hidden.as_secs_f64(),
+        buckets_in_backward: t.in_backward,
         optimizer_s: optimizer.as_secs_f64(),
         pack_s: t.pack.as_secs_f64(),
         total_s: start.elapsed().as_secs_f64(),

@@ -2,7 +2,8 @@
 //!
 //! One step, in order (as nanoGPT's loop): the micro-batches' forward and
 //! backward passes (gradients accumulate in the variables; nothing is
-//! communicated until the last one), then [`DataParallel::step_with_loss`]
+//! communicated until the last one, during whose backward pass the host
+//! path starts reducing the gradient buckets), then [`DataParallel::step_with_loss`]
 //! (reduce, clip, optimizer, parameters), then metrics, evaluation and
 //! checkpoint. Randomness (dropout) is re-seeded every step from
 //! `(train.seed, step, rank)`, and the data order is a function of the
@@ -122,12 +123,20 @@ pub fn run(
         // The loss is summed on the device and reduced with the gradient
         // norm: reading it here would make the host wait for the GPU.
         let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
-        for _ in 0..t.grad_accum_steps {
+        for micro in 0..t.grad_accum_steps {
             let batch = loader.next_batch(device);
             let loss = net.loss(&batch.inputs, &batch.targets, true) / t.grad_accum_steps as f64;
-            loss.f_backward().map_err(|source| TrainError::Torch {
-                context: format!("backward pass of step {step}"),
-                source,
+            if micro + 1 < t.grad_accum_steps {
+                dp.backward_no_sync(&loss)
+            } else {
+                dp.backward(&loss)
+            }
+            .map_err(|e| match e {
+                TrainError::Torch { source, .. } => TrainError::Torch {
+                    context: format!("backward pass of step {step}"),
+                    source,
+                },
+                other => other,
             })?;
             loss_sum += loss.detach().to_kind(Kind::Double);
         }

@@ -3,7 +3,9 @@
 //! summation order), ZeRO-1/2 match DDP, gradient accumulation over
 //! micro-batches matches one big batch, and the device path (flat buffers,
 //! tensor optimizer: what CUDA runs) matches the host path, checkpoints
-//! included. Ranks are threads over the in-process transport.
+//! included, and gradient buckets reduced during the backward pass (the
+//! gradient hooks) give the same bits as buckets reduced by the step.
+//! Ranks are threads over the in-process transport.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +14,7 @@ use cohort_configs::{
     DataConfig, ModelConfig, ModelKind, OptimConfig, OptimKind, ParallelConfig, ZeroStage,
 };
 use cohort_trainer::data::{Dataset, Loader};
-use cohort_trainer::{DataParallel, model};
+use cohort_trainer::{DataParallel, StepReport, model};
 use tch::{Device, nn::VarStore};
 
 /// Building a model reads the global torch RNG: one at a time.
@@ -29,6 +31,12 @@ struct Setup {
     model: ModelConfig,
     /// Run the device path (on CPU tensors) instead of the host path.
     device_path: bool,
+    /// Backward passes through `DataParallel::backward_no_sync` and, the
+    /// last micro-batch's, `DataParallel::backward` (buckets reduced during
+    /// it), instead of `loss.backward()`.
+    overlap: bool,
+    /// `parallel.bucket_mb`.
+    bucket_mb: f64,
 }
 
 impl Setup {
@@ -54,6 +62,8 @@ impl Setup {
                 dropout: 0.0,
             },
             device_path: false,
+            overlap: false,
+            bucket_mb: 0.01,
         }
     }
 }
@@ -63,6 +73,8 @@ struct Outcome {
     params: Vec<Vec<f32>>,
     losses: Vec<f64>,
     state_bytes: Vec<usize>,
+    /// Every rank's step reports.
+    reports: Vec<Vec<StepReport>>,
 }
 
 /// One rank's model (built from the shared seed, one build at a time) and
@@ -87,7 +99,7 @@ fn rank_setup(
     };
     let parallel = ParallelConfig {
         zero_stage: ZeroStage::try_from(u64::from(s.stage)).expect("stage 0, 1 or 2"),
-        bucket_mb: 0.01,
+        bucket_mb: s.bucket_mb,
         ..ParallelConfig::default()
     };
     let dp = if s.device_path {
@@ -110,20 +122,27 @@ fn train(s: &Setup) -> Outcome {
                 let (_vs, net, mut dp) = rank_setup(&s, &data, comm);
                 let mut loader = Loader::new(data, 7, rank, s.world, s.batch);
                 let mut losses = Vec::new();
+                let mut reports = Vec::new();
                 for _ in 0..s.steps {
                     let mut sum = 0.0;
-                    for _ in 0..s.accum {
+                    for micro in 0..s.accum {
                         let b = loader.next_batch(Device::Cpu);
                         let loss = net.loss(&b.inputs, &b.targets, true) / s.accum as f64;
-                        loss.backward();
+                        match (s.overlap, micro + 1 == s.accum) {
+                            (false, _) => loss.backward(),
+                            (true, false) => dp.backward_no_sync(&loss).unwrap(),
+                            (true, true) => dp.backward(&loss).unwrap(),
+                        }
                         sum += loss.double_value(&[]);
                     }
-                    losses.push(dp.step_with_loss(sum).unwrap().loss.unwrap());
+                    let report = dp.step_with_loss(sum).unwrap();
+                    losses.push(report.loss.unwrap());
+                    reports.push(report);
                 }
                 let total = dp.flat().total();
                 let mut params = vec![0.0; total];
                 dp.flat().read_params(0..total, &mut params);
-                (params, losses, dp.optimizer_state_bytes())
+                (params, losses, dp.optimizer_state_bytes(), reports)
             })
         })
         .collect();
@@ -131,12 +150,14 @@ fn train(s: &Setup) -> Outcome {
         params: Vec::new(),
         losses: Vec::new(),
         state_bytes: Vec::new(),
+        reports: Vec::new(),
     };
     for h in handles {
-        let (p, l, b) = h.join().expect("rank thread panicked");
+        let (p, l, b, r) = h.join().expect("rank thread panicked");
         out.params.push(p);
         out.losses = l;
         out.state_bytes.push(b);
+        out.reports.push(r);
     }
     out
 }
@@ -356,4 +377,190 @@ fn checkpoints_move_between_the_paths() {
             assert_eq!(a.states, b.states, "{what}: optimizer state");
         }
     }
+}
+
+/// The buckets the step started, on every rank, of every step.
+fn in_backward(o: &Outcome) -> Vec<usize> {
+    o.reports
+        .iter()
+        .flat_map(|r| r.iter().map(|s| s.buckets_in_backward))
+        .collect()
+}
+
+#[test]
+fn buckets_reduced_during_backward_give_the_same_bits() {
+    for (world, stage, accum, sgd_on) in [
+        (2, 0, 1, false),
+        (2, 0, 3, true),
+        (3, 0, 2, false),
+        (2, 1, 2, false),
+        (3, 2, 1, true),
+    ] {
+        let mut s = Setup::new(world, 2);
+        (s.stage, s.accum) = (stage, accum);
+        if sgd_on {
+            s = sgd(s);
+        }
+        let what = format!("world {world}, stage {stage}, {accum} micro-batches, sgd {sgd_on}");
+        let step = train(&s);
+        let hooked = train(&Setup {
+            overlap: true,
+            ..s.clone()
+        });
+        // (Not assert_eq: the vectors are too long to print.)
+        let first = hooked
+            .params
+            .iter()
+            .flatten()
+            .zip(step.params.iter().flatten())
+            .position(|(a, b)| a != b);
+        assert_eq!(first, None, "{what}: the first flat parameter that differs");
+        assert_eq!(hooked.losses, step.losses, "{what}: losses");
+        let grad_norms =
+            |o: &Outcome| -> Vec<f64> { o.reports[0].iter().map(|r| r.grad_norm).collect() };
+        assert_eq!(grad_norms(&hooked), grad_norms(&step), "{what}: grad norms");
+        // Every parameter of these models is used, so the backward pass
+        // started every bucket (there are several); a plain backward none.
+        let counts = in_backward(&hooked);
+        assert!(
+            counts.iter().all(|&c| c == counts[0]) && counts[0] >= 3,
+            "{what}: buckets started during backward {counts:?}"
+        );
+        assert!(in_backward(&step).iter().all(|&c| c == 0), "{what}");
+        for r in hooked.reports.iter().chain(&step.reports).flatten() {
+            assert!(r.grad_comm_hidden_s <= r.grad_comm_s, "{what}: {r:?}");
+        }
+        assert!(
+            step.reports
+                .iter()
+                .flatten()
+                .all(|r| r.grad_comm_hidden_s == 0.0),
+            "{what}: nothing hides behind a backward pass the step did not overlap"
+        );
+    }
+}
+
+/// With a backward pass long enough to hide behind, the reduction time
+/// measured as hidden is there, and is part of the reduction time.
+#[test]
+fn the_communication_hidden_is_measured_behind_the_backward_pass() {
+    let mut s = Setup::new(2, 8);
+    s.model.n_embd = 64;
+    s.model.block_size = 32;
+    s.steps = 3;
+    s.overlap = true;
+    let out = train(&s);
+    let reports: Vec<&StepReport> = out.reports.iter().flatten().collect();
+    let hidden: f64 = reports.iter().map(|r| r.grad_comm_hidden_s).sum();
+    let total: f64 = reports.iter().map(|r| r.grad_comm_s).sum();
+    assert!(
+        hidden > 0.0 && hidden <= total,
+        "hidden {hidden} of {total} s"
+    );
+    assert!(reports.iter().all(|r| r.hidden_comm_fraction() <= 1.0));
+}
+
+/// A parameter the forward pass never uses never fires its hook: its
+/// bucket (and those after it in launch order) are started by the step,
+/// with the same result.
+#[test]
+fn a_bucket_with_an_unused_parameter_is_started_by_the_step() {
+    use cohort_configs::OptimConfig;
+    use tch::nn::{self, Module};
+    use tch::{Kind, Tensor};
+
+    fn run(overlap: bool) -> (Vec<Vec<f32>>, Vec<usize>) {
+        let handles: Vec<_> = Communicator::mem_group(2)
+            .into_iter()
+            .map(|comm| {
+                std::thread::spawn(move || {
+                    let rank = comm.rank();
+                    let (vs, net) = {
+                        let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+                        tch::manual_seed(11);
+                        let vs = VarStore::new(Device::Cpu);
+                        let p = vs.root();
+                        let l0 = nn::linear(&p / "l0", 8, 600, Default::default());
+                        // Between the layers in the flat space, in no forward pass.
+                        let _unused = p.randn("unused", &[700], 0.0, 1.0);
+                        let l1 = nn::linear(&p / "l1", 600, 4, Default::default());
+                        let net = nn::seq().add(l0).add_fn(|x| x.relu()).add(l1);
+                        (vs, net)
+                    };
+                    let parallel = ParallelConfig {
+                        bucket_mb: 0.004, // 1,048 elements
+                        ..ParallelConfig::default()
+                    };
+                    let optim = OptimConfig {
+                        lr: 1e-2,
+                        ..OptimConfig::default()
+                    };
+                    let mut dp = DataParallel::new(&vs, comm, &optim, &parallel).unwrap();
+                    let mut started = Vec::new();
+                    for step in 0..3 {
+                        let x = {
+                            // The global RNG, as the other tests' builds use it.
+                            let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+                            tch::manual_seed(100 + step * 2 + rank as i64);
+                            Tensor::randn([4, 8], (Kind::Float, Device::Cpu))
+                        };
+                        let loss = net.forward(&x).square().mean(Kind::Float);
+                        if overlap {
+                            dp.backward(&loss).unwrap();
+                        } else {
+                            loss.backward();
+                        }
+                        started.push(dp.step().unwrap().buckets_in_backward);
+                    }
+                    let total = dp.flat().total();
+                    let mut params = vec![0.0; total];
+                    dp.flat().read_params(0..total, &mut params);
+                    (params, started)
+                })
+            })
+            .collect();
+        let (params, started): (Vec<_>, Vec<_>) =
+            handles.into_iter().map(|h| h.join().unwrap()).unzip();
+        (params, started.concat())
+    }
+    let (plain, none) = run(false);
+    let (hooked, started) = run(true);
+    assert_eq!(hooked, plain);
+    assert!(none.iter().all(|&c| c == 0));
+    // Flat space: l0 (0..5,400), unused (5,400..6,100), l1 (6,100..8,504),
+    // in 9 buckets of 1,048. Launched last first, buckets 8, 7 and 6 hold
+    // only l1 and start during backward; bucket 5 holds `unused`, so it and
+    // every bucket after it in launch order wait for the step.
+    assert!(
+        started.iter().all(|&c| c == 3),
+        "buckets started during backward {started:?}"
+    );
+}
+
+#[test]
+fn a_backward_after_the_synchronizing_one_is_an_error_not_stale_gradients() {
+    let s = Setup::new(1, 2);
+    let data = Arc::new(Dataset::open(&DataConfig::default(), s.model.block_size, 0, 7).unwrap());
+    let comm = Communicator::mem_group(1).pop().unwrap();
+    let (_vs, net, mut dp) = rank_setup(&s, &data, comm);
+    let mut loader = Loader::new(data, 7, 0, 1, 2);
+    let mut loss = || {
+        let b = loader.next_batch(Device::Cpu);
+        net.loss(&b.inputs, &b.targets, true)
+    };
+    // Two synchronizing backward passes in one step.
+    dp.backward(&loss()).unwrap();
+    let err = dp.backward(&loss()).unwrap_err().to_string();
+    assert!(err.contains("backward_no_sync"), "{err}");
+    // A backward after the synchronizing one, outside DataParallel.
+    loss().backward();
+    let err = dp.step().unwrap_err().to_string();
+    assert!(
+        err.contains("after the step's gradient reduction had started"),
+        "{err}"
+    );
+    // The next step is clean again.
+    dp.backward_no_sync(&loss()).unwrap();
+    dp.backward(&loss()).unwrap();
+    dp.step().unwrap();
 }
