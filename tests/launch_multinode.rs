@@ -152,6 +152,9 @@ fn a_silent_node_is_dropped_and_an_elastic_job_goes_on() {
         cmd.arg("launch")
             .args(&timing)
             .args(["--coordinator", &addr, "--token", "t", "--nnodes", "1:2"])
+            // The dropped node wakes after the job is over and its
+            // coordinator gone: it gives up on it after the grace.
+            .args(["--coordinator-grace", "2"])
             .arg("--log-dir")
             .arg(dir.path().join("logs"))
             .arg("--")

@@ -181,6 +181,8 @@ fn a_host_whose_link_goes_down_is_named_lost_and_an_elastic_job_goes_on() {
     let flags = [
         &timing[..],
         &["--nnodes", "1:2", "--token", "t", "--max-restarts", "1"],
+        // host1, cut off, gives up on the coordinator after this.
+        &["--coordinator-grace", "3"],
     ]
     .concat();
     let program = ["sh".as_ref(), script.as_os_str()];

@@ -70,8 +70,11 @@ pub struct AgentConfig {
     pub max_restarts: u32,
     pub hang_timeout: Duration,
     pub heartbeat_interval: Duration,
-    /// Give up on a coordinator that has not answered for this long.
+    /// How long one heartbeat may take.
     pub coordinator_timeout: Duration,
+    /// `--coordinator-grace`: while the coordinator does not answer, the
+    /// workers keep running and every call is retried, for this long.
+    pub coordinator_grace: Duration,
     /// Between the stop signal and SIGKILL.
     pub grace_period: Duration,
     /// How long to retry reaching the coordinator at start.
@@ -132,6 +135,9 @@ fn free_port(host: &str) -> u32 {
         .map_or(0, |a| u32::from(a.port()))
 }
 
+/// Between two tries of a call the coordinator did not answer.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 /// How often a node that waits says so.
 const WAITING_LINE_EVERY: Duration = Duration::from_secs(5);
 
@@ -152,6 +158,20 @@ struct Agent {
     config: AgentConfig,
     client: Client,
     console: Arc<Console>,
+    /// Since when the coordinator has not answered (none: it answers).
+    silent_since: std::sync::Mutex<Option<Instant>>,
+}
+
+/// A failed call that may work once the coordinator is back (it restarts,
+/// the network heals), as opposed to one it refused.
+fn retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+    )
 }
 
 /// Runs the node agent until the job is over or the user interrupts it.
@@ -173,6 +193,7 @@ pub async fn run_agent(
         config,
         client,
         console,
+        silent_since: std::sync::Mutex::new(None),
     };
     let outcome = agent.run(&mut signals).await;
     // Say goodbye, so a coordinator hosted by another launcher can exit
@@ -188,7 +209,68 @@ pub async fn run_agent(
 }
 
 impl Agent {
+    /// The coordinator did not answer a call (`status`): says so the first
+    /// time; an error once it has been silent for the grace.
+    fn note_silence(&self, call: &str, status: &tonic::Status) -> Result<(), LauncherError> {
+        let mut silent = self.silent_since.lock().unwrap_or_else(|e| e.into_inner());
+        let since = *silent.get_or_insert_with(|| {
+            self.console.err(&format!(
+                "[cohort] the coordinator at {} does not answer ({call}: {}); this node's workers \
+                 keep running, retrying for up to {:?} (--coordinator-grace)",
+                self.config.coordinator,
+                error_chain(status),
+                self.config.coordinator_grace
+            ));
+            Instant::now()
+        });
+        let waited = since.elapsed();
+        if waited >= self.config.coordinator_grace {
+            return Err(LauncherError::LostCoordinator {
+                addr: self.config.coordinator.clone(),
+                waited,
+                grace: self.config.coordinator_grace,
+                last_error: error_chain(status),
+            });
+        }
+        Ok(())
+    }
+
+    /// The coordinator answered: says so if it had been silent.
+    fn note_answer(&self) {
+        let mut silent = self.silent_since.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(since) = silent.take() {
+            self.console.err(&format!(
+                "[cohort] the coordinator at {} answers again, after {:.1}s",
+                self.config.coordinator,
+                since.elapsed().as_secs_f64()
+            ));
+        }
+    }
+
+    /// Makes the call `call` until the coordinator answers it, retrying
+    /// for up to the grace while it does not.
+    async fn call<T, F, Fut>(&self, name: &'static str, mut call: F) -> Result<T, LauncherError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        loop {
+            match call(self.client.clone()).await {
+                Ok(response) => {
+                    self.note_answer();
+                    return Ok(response.into_inner());
+                }
+                Err(status) if retryable(&status) => {
+                    self.note_silence(name, &status)?;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(status) => return Err(rpc_error(&self.config.coordinator, name, status)),
+            }
+        }
+    }
+
     async fn run(&mut self, signals: &mut Signals) -> Result<AgentOutcome, LauncherError> {
+        let mut joined = false;
         loop {
             let request = JoinRequest {
                 job_id: self.config.job_id.clone(),
@@ -204,15 +286,27 @@ impl Agent {
                 node_rank: self.config.node_rank,
                 role: self.config.role.clone(),
             };
-            let mut client = self.client.clone();
             let waiting = format!(
                 "waiting for the nodes of --nnodes {} to join the coordinator at {} (giving up after {:?})",
                 self.config.nnodes, self.config.coordinator, self.config.rendezvous_timeout
             );
             let console = self.console.clone();
+            // A node that rejoins after a failure hears why it waits from
+            // the coordinator (a lost node, a replacement to wait for).
+            let rejoin = joined;
+            joined = true;
+            let announce_waiting = async {
+                if rejoin {
+                    std::future::pending::<()>().await;
+                }
+                announce(&console, &waiting).await;
+            };
             let response = tokio::select! {
-                r = client.join(request) => r.map_err(|s| rpc_error(&self.config.coordinator, "Join", s))?,
-                () = announce(&console, &waiting) => unreachable!("announce never returns"),
+                r = self.call("Join", |mut c| {
+                    let request = request.clone();
+                    async move { c.join(request).await }
+                }) => r?,
+                () = announce_waiting => unreachable!("announce never returns"),
                 sig = signals.recv() => return Ok(AgentOutcome::Interrupted { signal: sig }),
                 () = tokio::time::sleep(self.config.rendezvous_timeout) => {
                     return Err(LauncherError::RendezvousTimeout {
@@ -222,7 +316,7 @@ impl Agent {
                     });
                 }
             };
-            let assignment = match response.into_inner().outcome {
+            let assignment = match response.outcome {
                 Some(join_response::Outcome::Assignment(a)) => a,
                 Some(join_response::Outcome::Finished(outcome)) => {
                     return Ok(AgentOutcome::Finished(outcome));
@@ -421,12 +515,12 @@ impl Agent {
             fatal,
             recorded: Self::recorded(group),
         };
-        let mut client = self.client.clone();
-        client
-            .report_failure(request)
-            .await
-            .map(|r| r.into_inner().directive.unwrap_or_default())
-            .map_err(|s| rpc_error(&self.config.coordinator, "ReportFailure", s))
+        self.call("ReportFailure", |mut c| {
+            let request = request.clone();
+            async move { c.report_failure(request).await }
+        })
+        .await
+        .map(|r| r.directive.unwrap_or_default())
     }
 
     fn follow(directive: Directive) -> Option<Next> {
@@ -488,7 +582,6 @@ impl Agent {
     ) -> Result<Next, LauncherError> {
         let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_answer = Instant::now();
         // Once this node reported a failure or success, it only waits for
         // the coordinator's directive.
         let mut reported = false;
@@ -524,7 +617,7 @@ impl Agent {
                     let mut client = self.client.clone();
                     match client.heartbeat(call).await {
                         Ok(response) => {
-                            last_answer = Instant::now();
+                            self.note_answer();
                             if let Some(next) = Self::follow(response.into_inner().directive.unwrap_or_default()) {
                                 return Ok(next);
                             }
@@ -532,16 +625,7 @@ impl Agent {
                         Err(status) if status.code() == tonic::Code::Unauthenticated => {
                             return Err(rpc_error(&self.config.coordinator, "Heartbeat", status));
                         }
-                        Err(status) => {
-                            let waited = last_answer.elapsed();
-                            if waited >= self.config.coordinator_timeout {
-                                return Err(LauncherError::LostCoordinator {
-                                    addr: self.config.coordinator.clone(),
-                                    waited,
-                                    last_error: error_chain(&status),
-                                });
-                            }
-                        }
+                        Err(status) => self.note_silence("Heartbeat", &status)?,
                     }
                 }
                 Some((index, status)) = group.next_exit() => {
@@ -563,12 +647,12 @@ impl Agent {
                             node_id: self.config.node_id.clone(),
                             generation: a.generation,
                         };
-                        let mut client = self.client.clone();
-                        let directive = client
-                            .report_done(request)
-                            .await
-                            .map_err(|s| rpc_error(&self.config.coordinator, "ReportDone", s))?
-                            .into_inner()
+                        let directive = self
+                            .call("ReportDone", |mut c| {
+                                let request = request.clone();
+                                async move { c.report_done(request).await }
+                            })
+                            .await?
                             .directive
                             .unwrap_or_default();
                         if let Some(next) = Self::follow(directive) {

@@ -127,16 +127,22 @@ pub fn find_lost_nodes(
 pub enum Recovery {
     /// Start generation + 1 with the nodes that are still there.
     Restart,
+    /// Start generation + 1 once enough nodes joined to replace the lost
+    /// ones, waiting at most the replacement timeout.
+    Replace,
     /// The job is over and failed.
     GiveUp,
 }
 
-/// After a generation ended with a failure: restart or give up?
+/// After a generation ended with a failure: restart, wait for replacement
+/// nodes, or give up?
 ///
 /// `restarts_done` counts restarts before this failure; `live_nodes` the
 /// nodes still heartbeating; `fatal` failures (the user interrupted a node)
 /// and `permanent` ones (a worker's configuration or input is wrong, see
-/// `cohort_contract::exit`) never restart.
+/// `cohort_contract::exit`) never restart. With fewer than MIN nodes left,
+/// the next generation waits up to `replacement_timeout` for new nodes
+/// (none: gives up at once).
 pub fn decide_recovery(
     restarts_done: u32,
     max_restarts: u32,
@@ -144,6 +150,7 @@ pub fn decide_recovery(
     range: NodeRange,
     fatal: bool,
     permanent: bool,
+    replacement_timeout: Duration,
 ) -> (Recovery, String) {
     if fatal {
         return (Recovery::GiveUp, "the job was interrupted".to_owned());
@@ -156,7 +163,8 @@ pub fn decide_recovery(
                 .to_owned(),
         );
     }
-    if live_nodes < range.min as usize {
+    let short = (range.min as usize).saturating_sub(live_nodes);
+    if short > 0 && replacement_timeout.is_zero() {
         return (
             Recovery::GiveUp,
             format!(
@@ -169,6 +177,18 @@ pub fn decide_recovery(
         return (
             Recovery::GiveUp,
             format!("no restarts left ({restarts_done} of --max-restarts {max_restarts} used)"),
+        );
+    }
+    if short > 0 {
+        return (
+            Recovery::Replace,
+            format!(
+                "restart {} of --max-restarts {max_restarts} once {short} new node(s) join: \
+                 {live_nodes} node(s) left, --nnodes {range} needs {}; waiting up to {replacement_timeout:?} \
+                 (--replacement-timeout) for a `cohort launch` with the same --coordinator, --job-id and --token",
+                restarts_done + 1,
+                range.min
+            ),
         );
     }
     (
@@ -400,36 +420,54 @@ mod tests {
     fn recovery_restarts_within_budget_and_gives_up_after() {
         let fixed = NodeRange::exactly(2);
         assert_eq!(
-            decide_recovery(0, 3, 2, fixed, false, false),
+            decide_recovery(0, 3, 2, fixed, false, false, WAIT),
             (
                 Recovery::Restart,
                 "restart 1 of --max-restarts 3 with 2 node(s)".to_owned()
             )
         );
         assert_eq!(
-            decide_recovery(3, 3, 2, fixed, false, false),
+            decide_recovery(3, 3, 2, fixed, false, false, WAIT),
             (
                 Recovery::GiveUp,
                 "no restarts left (3 of --max-restarts 3 used)".to_owned()
             )
         );
         assert_eq!(
-            decide_recovery(0, 3, 2, fixed, true, false),
+            decide_recovery(0, 3, 2, fixed, true, false, WAIT),
             (Recovery::GiveUp, "the job was interrupted".to_owned())
         );
     }
 
+    const WAIT: Duration = Duration::from_secs(300);
+
     #[test]
-    fn recovery_needs_min_nodes() {
+    fn recovery_with_too_few_nodes_waits_for_replacements() {
+        let fixed = NodeRange::exactly(2);
         assert_eq!(
-            decide_recovery(0, 3, 1, NodeRange::exactly(2), false, false),
+            decide_recovery(0, 3, 1, fixed, false, false, WAIT),
+            (
+                Recovery::Replace,
+                "restart 1 of --max-restarts 3 once 1 new node(s) join: 1 node(s) left, --nnodes 2 \
+                 needs 2; waiting up to 300s (--replacement-timeout) for a `cohort launch` with the \
+                 same --coordinator, --job-id and --token"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            decide_recovery(0, 3, 1, fixed, false, false, Duration::ZERO),
             (
                 Recovery::GiveUp,
                 "only 1 node(s) left, --nnodes 2 needs at least 2".to_owned()
             )
         );
+        // No restart left: nothing to wait for.
         assert_eq!(
-            decide_recovery(0, 3, 1, NodeRange { min: 1, max: 2 }, false, false).0,
+            decide_recovery(3, 3, 1, fixed, false, false, WAIT).0,
+            Recovery::GiveUp
+        );
+        assert_eq!(
+            decide_recovery(0, 3, 1, NodeRange { min: 1, max: 2 }, false, false, WAIT).0,
             Recovery::Restart
         );
     }

@@ -54,15 +54,25 @@ pub enum LauncherError {
         code: tonic::Code,
         message: String,
     },
-    /// The coordinator stopped answering heartbeats while the job ran.
+    /// The coordinator did not answer for longer than `--coordinator-grace`.
     #[error(
-        "lost the coordinator at {addr}: no answer for {waited:.1?} ({last_error}); stopped this node's workers"
+        "lost the coordinator at {addr}: no answer for {waited:.1?} ({last_error}), longer than \
+         --coordinator-grace {grace:?}; stopped this node's workers. A coordinator started with \
+         --state-dir can be restarted on the same address to carry on the job"
     )]
     LostCoordinator {
         addr: String,
         waited: Duration,
+        grace: Duration,
         last_error: String,
     },
+    /// `cohort coordinator --state-dir`: a state file that can't be carried on.
+    #[error(
+        "{}: {reason}; this coordinator can't carry on that job: pass the --state-dir (and --token) \
+         the job's coordinator was started with, or move the file away to start a new job",
+        path.display()
+    )]
+    StateFile { path: PathBuf, reason: String },
     /// A job token that can't be sent in a header.
     #[error("the job token must be printable ASCII without spaces")]
     InvalidToken,
@@ -108,6 +118,7 @@ impl LauncherError {
                 | Self::InvalidToken
                 | Self::Unauthenticated { .. }
                 | Self::Usage(_)
+                | Self::StateFile { .. }
         )
     }
 }

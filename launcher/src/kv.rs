@@ -63,6 +63,20 @@ impl KvStore {
         ns.wake(key);
     }
 
+    /// The values of `generation` (for the coordinator's state file).
+    pub fn values(&self, generation: u64) -> HashMap<String, Vec<u8>> {
+        self.lock()
+            .get(&generation)
+            .map(|ns| ns.values.clone())
+            .unwrap_or_default()
+    }
+
+    /// Puts back the values of `generation` a restarted coordinator read
+    /// from its state file.
+    pub fn restore(&self, generation: u64, values: HashMap<String, Vec<u8>>) {
+        self.lock().entry(generation).or_default().values = values;
+    }
+
     pub fn get(&self, generation: u64, key: &str) -> Option<Vec<u8>> {
         self.lock()
             .get(&generation)

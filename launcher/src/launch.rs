@@ -46,6 +46,12 @@ pub struct Timing {
     /// How long a node waits for a generation to form before giving up
     /// (torchrun's rendezvous timeout).
     pub rendezvous_timeout: Duration,
+    /// `--coordinator-grace`: how long a node's workers keep running, and
+    /// its calls are retried, while the coordinator does not answer.
+    pub coordinator_grace: Duration,
+    /// `--replacement-timeout`: with fewer nodes left than `--nnodes` needs,
+    /// how long the job waits for new ones.
+    pub replacement_timeout: Duration,
 }
 
 impl Default for Timing {
@@ -57,6 +63,8 @@ impl Default for Timing {
             connect_retry: Duration::from_secs(30),
             last_call: Duration::from_secs(10),
             rendezvous_timeout: Duration::from_secs(900),
+            coordinator_grace: Duration::from_secs(60),
+            replacement_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -127,7 +135,8 @@ fn node_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Prints the job's events (progress, generations, failures) until aborted.
+/// Prints the job's events (progress, generations, failures) until aborted;
+/// a stream the coordinator dropped (it restarted) is opened again.
 async fn watch(
     addr: String,
     token: String,
@@ -135,17 +144,23 @@ async fn watch(
     console: Arc<Console>,
     retry_for: Duration,
 ) {
-    let Ok(mut client) = connect(&addr, &token, retry_for).await else {
-        return;
-    };
-    let Ok(response) = client.watch_events(WatchEventsRequest { job_id }).await else {
-        return;
-    };
-    let mut stream = response.into_inner();
-    while let Ok(Some(event)) = stream.message().await {
-        if event.kind != EventKind::Finished as i32 {
-            console.event(&event);
+    loop {
+        if let Ok(mut client) = connect(&addr, &token, retry_for).await
+            && let Ok(response) = client
+                .watch_events(WatchEventsRequest {
+                    job_id: job_id.clone(),
+                })
+                .await
+        {
+            let mut stream = response.into_inner();
+            while let Ok(Some(event)) = stream.message().await {
+                if event.kind == EventKind::Finished as i32 {
+                    return;
+                }
+                console.event(&event);
+            }
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -260,9 +275,11 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
                     nnodes: Some(options.nnodes),
                     max_restarts: Some(options.max_restarts),
                     token: token.clone(),
+                    state_dir: None,
                     heartbeat_timeout: timing.heartbeat_timeout,
                     last_call: timing.last_call,
                     tick: (timing.heartbeat_interval / 4).max(Duration::from_millis(10)),
+                    replacement_timeout: timing.replacement_timeout,
                 };
                 let running = RunningCoordinator::start(bind, config).await?;
                 let ip = running.addr().ip();
@@ -298,6 +315,11 @@ pub fn launch(options: LaunchOptions) -> Result<i32, LauncherError> {
             hang_timeout: options.hang_timeout,
             heartbeat_interval: timing.heartbeat_interval,
             coordinator_timeout: timing.heartbeat_timeout,
+            coordinator_grace: match options.coordinator {
+                // Its coordinator lives and dies with this process.
+                CoordinatorMode::Embedded => timing.heartbeat_timeout,
+                _ => timing.coordinator_grace,
+            },
             grace_period: timing.grace_period,
             connect_retry: timing.connect_retry,
             rendezvous_timeout: timing.rendezvous_timeout,
@@ -362,15 +384,23 @@ pub struct CoordinatorOptions {
     pub nnodes: Option<NodeRange>,
     pub token: Option<String>,
     pub job_id: Option<String>,
+    /// `--state-dir`: where the job's durable state is kept.
+    pub state_dir: Option<PathBuf>,
     pub timing: Timing,
 }
 
 /// Runs `cohort coordinator` until its job is over (or SIGINT/SIGTERM);
 /// prints the address it listens on (and a generated token) to stdout.
 pub fn serve(options: CoordinatorOptions) -> Result<i32, LauncherError> {
-    let (token, generated) = match &options.token {
-        Some(t) => (t.clone(), false),
-        None => (generate_token(), true),
+    // A restarted coordinator given no token takes the one its job has.
+    let saved_token = match (&options.token, &options.state_dir) {
+        (None, Some(dir)) => crate::coordinator::saved_token(dir)?,
+        _ => None,
+    };
+    let (token, generated) = match (&options.token, saved_token) {
+        (Some(t), _) => (t.clone(), false),
+        (None, Some(t)) => (t, false),
+        (None, None) => (generate_token(), true),
     };
     runtime()?.block_on(async move {
         let config = CoordinatorConfig {
@@ -378,15 +408,20 @@ pub fn serve(options: CoordinatorOptions) -> Result<i32, LauncherError> {
             nnodes: options.nnodes,
             max_restarts: None,
             token: token.clone(),
+            state_dir: options.state_dir.clone(),
             heartbeat_timeout: options.timing.heartbeat_timeout,
             last_call: options.timing.last_call,
             tick: (options.timing.heartbeat_interval / 4).max(Duration::from_millis(10)),
+            replacement_timeout: options.timing.replacement_timeout,
         };
         let running = RunningCoordinator::start(&options.bind, config).await?;
         say(&format!(
             "cohort coordinator listening on {}",
             running.addr()
         ));
+        if let Some(line) = running.restored() {
+            say(line);
+        }
         if generated {
             say(&format!(
                 "job token: {token} (pass it to every node with --token or COHORT_TOKEN)"

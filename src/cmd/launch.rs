@@ -29,6 +29,15 @@ pub struct TimingArgs {
     connect_retry_ms: u64,
     #[arg(long, hide = true, default_value_t = 10_000)]
     last_call_ms: u64,
+    /// With fewer nodes left than --nnodes needs after a node is lost: how
+    /// long the job waits for new nodes to replace it (0: it fails at once).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 300,
+        env = "COHORT_REPLACEMENT_TIMEOUT"
+    )]
+    replacement_timeout: u64,
 }
 
 impl From<TimingArgs> for Timing {
@@ -39,6 +48,7 @@ impl From<TimingArgs> for Timing {
             grace_period: Duration::from_millis(t.grace_period_ms),
             connect_retry: Duration::from_millis(t.connect_retry_ms),
             last_call: Duration::from_millis(t.last_call_ms),
+            replacement_timeout: Duration::from_secs(t.replacement_timeout),
             ..Timing::default()
         }
     }
@@ -158,6 +168,16 @@ pub struct LaunchArgs {
         env = "COHORT_RENDEZVOUS_TIMEOUT"
     )]
     rendezvous_timeout: u64,
+    /// While the coordinator does not answer (a `cohort coordinator
+    /// --state-dir` being restarted), the workers keep running and the
+    /// node's calls are retried for this long.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        env = "COHORT_COORDINATOR_GRACE"
+    )]
+    coordinator_grace: u64,
     /// PROGRAM is a Python module: run `python -u -m PROGRAM ARGS` (python:
     /// $PYTHON_EXEC, else python3).
     #[arg(short = 'm', long, conflicts_with = "no_python", env = "COHORT_MODULE")]
@@ -491,6 +511,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         timing: kubernetes_timing(
             Timing {
                 rendezvous_timeout: Duration::from_secs(rendezvous_timeout),
+                coordinator_grace: Duration::from_secs(args.coordinator_grace),
                 ..args.timing.into()
             },
             scheduler,

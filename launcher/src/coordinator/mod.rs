@@ -8,6 +8,7 @@
 //! - `service`: the thin tonic service (check, convert, delegate), and
 //!   [`RunningCoordinator`] in `server`: bind, serve, the clock, shutdown.
 
+mod persist;
 mod server;
 mod service;
 pub mod state;
@@ -21,8 +22,10 @@ use tokio::sync::{broadcast, watch};
 pub use server::RunningCoordinator;
 use state::JobState;
 
+use crate::LauncherError;
 use crate::decision::NodeRange;
 use crate::kv::KvStore;
+use persist::StateFile;
 
 /// How a coordinator behaves; the job's shape comes from here or, where
 /// `None`, from the first node that joins.
@@ -36,12 +39,19 @@ pub struct CoordinatorConfig {
     pub max_restarts: Option<u32>,
     /// The job token every RPC must carry.
     pub token: String,
+    /// `cohort coordinator --state-dir`: where the job's durable state is
+    /// kept, so a coordinator restarted with it carries on the job.
+    pub state_dir: Option<std::path::PathBuf>,
     /// A member silent for this long is lost.
     pub heartbeat_timeout: Duration,
     /// With `--nnodes MIN:MAX`: how long to wait for more nodes after MIN joined.
     pub last_call: Duration,
     /// How often the clock-driven decisions (last call, lost nodes) run.
     pub tick: Duration,
+    /// With fewer nodes left than `--nnodes` needs: how long the next
+    /// generation waits for new nodes before the job fails (zero: it fails
+    /// at once).
+    pub replacement_timeout: Duration,
 }
 
 impl CoordinatorConfig {
@@ -52,11 +62,18 @@ impl CoordinatorConfig {
             nnodes: None,
             max_restarts: None,
             token,
+            state_dir: None,
             heartbeat_timeout: Duration::from_secs(15),
             last_call: Duration::from_secs(10),
             tick: Duration::from_millis(100),
+            replacement_timeout: Duration::from_secs(300),
         }
     }
+}
+
+/// The job token of the job saved in `state_dir`, if one is.
+pub fn saved_token(state_dir: &std::path::Path) -> Result<Option<String>, LauncherError> {
+    Ok(StateFile::open(state_dir)?.1.map(|s| s.token))
 }
 
 /// A new job id: time of day plus random bits, e.g. `job-20261122-031633-9f2c`.
@@ -101,17 +118,81 @@ pub struct Coordinator {
     /// Bumped when a generation forms or the job finishes (wakes `Join`s).
     changed: watch::Sender<u64>,
     events: broadcast::Sender<JobEvent>,
+    /// With `--state-dir`: the state file and the token it records.
+    saved: Option<(StateFile, String)>,
 }
 
 impl Coordinator {
     /// A coordinator with no nodes yet.
     pub fn new(config: &CoordinatorConfig) -> Arc<Self> {
+        Self::with_state(JobState::new(config, Instant::now()), None)
+    }
+
+    fn with_state(state: JobState, saved: Option<(StateFile, String)>) -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new(JobState::new(config, Instant::now())),
+            state: Mutex::new(state),
             kv: KvStore::default(),
             changed: watch::Sender::new(0),
             events: broadcast::Sender::new(4096),
+            saved,
         })
+    }
+
+    /// A coordinator for `config`: with a `state_dir` that holds a saved
+    /// job, that job as it was saved (and a line saying so), else a new one.
+    pub fn open(config: &CoordinatorConfig) -> Result<(Arc<Self>, Option<String>), LauncherError> {
+        let Some(dir) = &config.state_dir else {
+            return Ok((Self::new(config), None));
+        };
+        let (file, saved) = StateFile::open(dir)?;
+        let Some(saved) = saved else {
+            let coordinator = Self::with_state(
+                JobState::new(config, Instant::now()),
+                Some((file, config.token.clone())),
+            );
+            coordinator.save();
+            return Ok((coordinator, None));
+        };
+        let refuse = |reason: String| LauncherError::StateFile {
+            path: file.path().to_owned(),
+            reason,
+        };
+        if saved.token != config.token {
+            return Err(refuse(
+                "it is the state of a job with another token".to_owned(),
+            ));
+        }
+        let state = JobState::restore(config, &saved, Instant::now()).map_err(refuse)?;
+        let line = format!(
+            "carrying on job {} from {}: generation {} {}, {} restart(s) so far",
+            saved.job_id.as_deref().unwrap_or("(not named yet)"),
+            file.path().display(),
+            saved.generation,
+            match (&saved.outcome, saved.members.len()) {
+                (Some(o), _) => format!("over ({})", o.summary),
+                (None, 0) => "forming".to_owned(),
+                (None, n) => format!("running on {n} node(s)"),
+            },
+            saved.restart_count
+        );
+        let generation = state.generation();
+        let coordinator = Self::with_state(state, Some((file, config.token.clone())));
+        coordinator.kv.restore(generation, saved.kv);
+        Ok((coordinator, Some(line)))
+    }
+
+    /// Writes the durable state if it changed (with `--state-dir`).
+    fn save(&self) {
+        if self.saved.is_some() {
+            let st = self.lock();
+            self.save_locked(&st);
+        }
+    }
+
+    fn save_locked(&self, st: &JobState) {
+        if let Some((file, token)) = &self.saved {
+            file.save(&st.durable(token, self.kv.values(st.generation())));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, JobState> {
@@ -134,6 +215,7 @@ impl Coordinator {
             event.time = unix_now();
             let _ = self.events.send(event);
         }
+        self.save_locked(&st);
         if effects.changed {
             self.changed.send_modify(|v| *v += 1);
         }

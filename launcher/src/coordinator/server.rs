@@ -17,6 +17,7 @@ use crate::auth::TokenCheck;
 pub struct RunningCoordinator {
     addr: SocketAddr,
     coordinator: Arc<Coordinator>,
+    restored: Option<String>,
     shutdown: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
     clock: tokio::task::JoinHandle<()>,
@@ -26,6 +27,7 @@ impl RunningCoordinator {
     /// Binds `bind` (port 0: any free port) and serves. Must run inside a
     /// tokio runtime.
     pub async fn start(bind: &str, config: CoordinatorConfig) -> Result<Self, LauncherError> {
+        let (coordinator, restored) = Coordinator::open(&config)?;
         let bind_error = |source| LauncherError::Bind {
             addr: bind.to_owned(),
             source,
@@ -35,7 +37,6 @@ impl RunningCoordinator {
             .map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let token = TokenCheck::new(&config.token);
-        let coordinator = Coordinator::new(&config);
         let service =
             CoordinatorServer::with_interceptor(Service(coordinator.clone()), move |req| {
                 token.check(req)
@@ -72,6 +73,7 @@ impl RunningCoordinator {
         Ok(Self {
             addr,
             coordinator,
+            restored,
             shutdown: Some(shutdown),
             server,
             clock,
@@ -81,6 +83,12 @@ impl RunningCoordinator {
     /// The address it listens on (the real port when bound to port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// With `--state-dir` holding a saved job: the line that says which
+    /// job this coordinator carries on, and where it was.
+    pub fn restored(&self) -> Option<&str> {
+        self.restored.as_deref()
     }
 
     /// The job state.

@@ -138,6 +138,7 @@ impl CoordinatorRpc for Service {
         self.job(&req.job_id)?;
         check_key(&req.key)?;
         self.0.kv.set(req.generation, &req.key, req.value);
+        self.0.save();
         Ok(Response::new(KvSetResponse {}))
     }
 
@@ -191,6 +192,7 @@ impl CoordinatorRpc for Service {
             req.expected.as_deref(),
             req.desired,
         );
+        self.0.save();
         Ok(Response::new(KvCompareAndSetResponse { swapped, current }))
     }
 

@@ -11,9 +11,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use cohort_proto::v1::{
-    Action, Assignment, Directive, EventKind, FailureInfo, HeartbeatRequest, JobEvent, JobOutcome,
-    JoinRequest, JoinResponse, Progress, ReportDoneRequest, ReportFailureRequest, WorkerState,
-    WorkerStatus, join_response,
+    Action, Assignment, CoordinatorState, Directive, DurableMember, EventKind, FailureInfo,
+    HeartbeatRequest, JobEvent, JobOutcome, JoinRequest, JoinResponse, Progress, ReportDoneRequest,
+    ReportFailureRequest, WorkerState, WorkerStatus, join_response,
 };
 
 use super::{CoordinatorConfig, generate_job_id};
@@ -66,6 +66,21 @@ struct Member {
     workers: Vec<WorkerStatus>,
 }
 
+/// The generation that ended with too few nodes for `--nnodes`, waiting for
+/// new nodes to replace the lost ones (see [`Recovery::Replace`]).
+struct Awaiting {
+    /// What ended it, the root cause if no replacement comes.
+    failure: FailureInfo,
+    /// The failure as said ("node b (198.18.0.3) lost: ...").
+    what: String,
+    deadline: Instant,
+    /// When to say again that the job waits.
+    next_line: Instant,
+}
+
+/// How often a job waiting for a replacement node says so.
+const AWAITING_LINE_EVERY: Duration = Duration::from_secs(30);
+
 /// A worker failure the coordinator holds before it ends the generation:
 /// when a node dies, the collectives of the nodes left break at once, well
 /// before the node misses its heartbeats, and the rank that reports first is
@@ -88,6 +103,7 @@ enum Phase {
 pub struct JobState {
     heartbeat_timeout: Duration,
     last_call: Duration,
+    replacement_timeout: Duration,
     job_id: Option<String>,
     range: Option<NodeRange>,
     max_restarts: Option<u32>,
@@ -114,6 +130,8 @@ pub struct JobState {
     last_progress_at: Instant,
     /// A worker failure held until the other members are known alive.
     held: Option<HeldFailure>,
+    /// Too few nodes left: the next generation waits for replacements.
+    awaiting: Option<Awaiting>,
     effects: Effects,
 }
 
@@ -131,6 +149,7 @@ impl JobState {
         Self {
             heartbeat_timeout: config.heartbeat_timeout,
             last_call: config.last_call,
+            replacement_timeout: config.replacement_timeout,
             job_id: config.job_id.clone(),
             range: config.nnodes,
             max_restarts: config.max_restarts,
@@ -148,8 +167,126 @@ impl JobState {
             last_progress: None,
             last_progress_at: now,
             held: None,
+            awaiting: None,
             effects: Effects::default(),
         }
+    }
+
+    /// The state a restarted coordinator needs to carry on the job (see
+    /// `CoordinatorState` in the proto), with the running generation's
+    /// store `kv`.
+    pub fn durable(&self, token: &str, kv: HashMap<String, Vec<u8>>) -> CoordinatorState {
+        let mut members: Vec<DurableMember> = self
+            .members
+            .iter()
+            .map(|(id, m)| DurableMember {
+                node_id: id.clone(),
+                host: m.host.clone(),
+                done: m.done,
+                assignment: self.assignments.get(id).cloned(),
+            })
+            .collect();
+        members.sort_by(|x, y| x.node_id.cmp(&y.node_id));
+        CoordinatorState {
+            token: token.to_owned(),
+            job_id: self.job_id.clone(),
+            min_nodes: self.range.map(|r| r.min),
+            max_nodes: self.range.map(|r| r.max),
+            max_restarts: self.max_restarts,
+            generation: self.generation,
+            restart_count: self.restart_count,
+            outcome: self.outcome().cloned(),
+            members,
+            node_ranks: self.node_ranks.clone(),
+            last_restart_reason: self.last_restart_reason.clone(),
+            recorded: self.recorded.clone(),
+            kv,
+            awaiting: self.awaiting.as_ref().map(|a| a.failure.clone()),
+            awaiting_what: self
+                .awaiting
+                .as_ref()
+                .map_or_else(String::new, |a| a.what.clone()),
+        }
+    }
+
+    /// The state of a job a coordinator saved before it stopped, taken up
+    /// at `now`: every member counts as just heard from, a wait for a
+    /// replacement starts over. `config`'s job id and `--nnodes`, where
+    /// given, must be the saved job's.
+    pub fn restore(
+        config: &CoordinatorConfig,
+        saved: &CoordinatorState,
+        now: Instant,
+    ) -> Result<Self, String> {
+        let mut st = Self::new(config, now);
+        if let (Some(asked), Some(saved_id)) = (&config.job_id, &saved.job_id)
+            && asked != saved_id
+        {
+            return Err(format!(
+                "it is the state of job {saved_id:?}, not of --job-id {asked:?}"
+            ));
+        }
+        let range = match (saved.min_nodes, saved.max_nodes) {
+            (Some(min), Some(max)) if min >= 1 && min <= max => Some(NodeRange { min, max }),
+            (None, None) => None,
+            _ => return Err("its --nnodes is not MIN:MAX with 1 <= MIN <= MAX".to_owned()),
+        };
+        if let (Some(asked), Some(saved_range)) = (config.nnodes, range)
+            && asked != saved_range
+        {
+            return Err(format!(
+                "it is the state of a job of --nnodes {saved_range}, not of --nnodes {asked}"
+            ));
+        }
+        st.job_id = saved.job_id.clone().or(st.job_id);
+        st.range = range.or(st.range);
+        st.max_restarts = saved.max_restarts.or(st.max_restarts);
+        st.generation = saved.generation;
+        st.restart_count = saved.restart_count;
+        st.node_ranks = saved.node_ranks.clone();
+        st.last_restart_reason = saved.last_restart_reason.clone();
+        st.recorded = saved.recorded.clone();
+        for m in &saved.members {
+            let Some(a) = &m.assignment else {
+                return Err(format!("member {:?} has no assignment", m.node_id));
+            };
+            st.assignments.insert(m.node_id.clone(), a.clone());
+            st.members.insert(
+                m.node_id.clone(),
+                Member {
+                    node_rank: a.node_rank,
+                    host: m.host.clone(),
+                    last_heartbeat: now,
+                    done: m.done,
+                    workers: Vec::new(),
+                },
+            );
+        }
+        st.phase = match (&saved.outcome, st.members.is_empty()) {
+            (Some(outcome), _) => Phase::Finished(outcome.clone()),
+            (None, false) => Phase::Running,
+            (None, true) => Phase::Forming,
+        };
+        if let Some(world_size) = st.assignments.values().map(|a| a.world_size).max() {
+            st.last_progress = Some(Progress {
+                world_size,
+                ..Progress::default()
+            });
+        }
+        if let (Some(failure), Phase::Forming) = (&saved.awaiting, &st.phase) {
+            st.awaiting = Some(Awaiting {
+                failure: failure.clone(),
+                what: saved.awaiting_what.clone(),
+                deadline: now + st.replacement_timeout,
+                next_line: now + AWAITING_LINE_EVERY,
+            });
+        }
+        Ok(st)
+    }
+
+    /// The generation being formed or running.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// What the transitions since the last call asked the caller to do.
@@ -377,6 +514,7 @@ impl JobState {
             offset += p.nproc;
         }
         self.phase = Phase::Running;
+        self.awaiting = None;
         self.last_progress = Some(Progress {
             world_size,
             ..Progress::default()
@@ -390,8 +528,9 @@ impl JobState {
         self.effects.changed = true;
     }
 
-    /// Ends the running generation with `failure`: restart or give up.
-    fn end_generation(&mut self, failure: FailureInfo, fatal: bool, lost: &[String]) {
+    /// Ends the running generation with `failure`: restart, wait for
+    /// replacement nodes, or give up.
+    fn end_generation(&mut self, now: Instant, failure: FailureInfo, fatal: bool, lost: &[String]) {
         if !matches!(self.phase, Phase::Running) || failure.generation != self.generation {
             return;
         }
@@ -411,9 +550,10 @@ impl JobState {
             range,
             fatal,
             failure.permanent,
+            self.replacement_timeout,
         );
         match decision {
-            Recovery::Restart => {
+            Recovery::Restart | Recovery::Replace => {
                 self.generation += 1;
                 self.restart_count += 1;
                 self.phase = Phase::Forming;
@@ -422,26 +562,73 @@ impl JobState {
                 self.last_restart_reason = format!("{what}; {reason}");
                 let message = format!("generation {} ended: {what}; {reason}", self.generation - 1);
                 self.emit(EventKind::Restarting, message);
+                if decision == Recovery::Replace {
+                    self.awaiting = Some(Awaiting {
+                        failure,
+                        what,
+                        deadline: now + self.replacement_timeout,
+                        next_line: now + AWAITING_LINE_EVERY,
+                    });
+                }
             }
-            Recovery::GiveUp => {
-                // A lost node is the cause of what its peers recorded after
-                // it went silent; only what it recorded itself can come first.
-                let recorded = self
-                    .recorded
-                    .iter()
-                    .filter(|r| lost.is_empty() || lost.contains(&r.node_id));
-                let root_cause = errorfile::root_cause(&failure, recorded).clone();
-                let outcome = JobOutcome {
-                    success: false,
-                    summary: format!("job failed: {what}; {reason}"),
-                    root_cause: Some(root_cause),
-                };
-                let message = outcome.summary.clone();
-                self.phase = Phase::Finished(outcome);
-                self.emit(EventKind::Finished, message);
-            }
+            Recovery::GiveUp => self.give_up(&failure, &what, &reason, lost),
         }
         self.effects.changed = true;
+    }
+
+    /// The job is over and failed with `failure` (said as `what`), for `reason`.
+    fn give_up(&mut self, failure: &FailureInfo, what: &str, reason: &str, lost: &[String]) {
+        // A lost node is the cause of what its peers recorded after it went
+        // silent; only what it recorded itself can come first.
+        let recorded = self
+            .recorded
+            .iter()
+            .filter(|r| lost.is_empty() || lost.contains(&r.node_id));
+        let root_cause = errorfile::root_cause(failure, recorded).clone();
+        let outcome = JobOutcome {
+            success: false,
+            summary: format!("job failed: {what}; {reason}"),
+            root_cause: Some(root_cause),
+        };
+        let message = outcome.summary.clone();
+        self.phase = Phase::Finished(outcome);
+        self.emit(EventKind::Finished, message);
+        self.effects.changed = true;
+    }
+
+    /// Waiting for replacement nodes: says so every
+    /// [`AWAITING_LINE_EVERY`], gives up at the deadline.
+    fn tick_awaiting(&mut self, now: Instant) {
+        let Some(aw) = &mut self.awaiting else { return };
+        let range = self.range.unwrap_or(NodeRange::exactly(1));
+        let joined = self.pending.len();
+        if now >= aw.deadline {
+            let (failure, what) = (aw.failure.clone(), aw.what.clone());
+            self.awaiting = None;
+            let reason = format!(
+                "no node joined to replace it within --replacement-timeout {:?} \
+                 ({joined} of the {} nodes --nnodes {range} needs joined)",
+                self.replacement_timeout, range.min
+            );
+            self.give_up(
+                &failure,
+                &what,
+                &reason,
+                std::slice::from_ref(&failure.node_id),
+            );
+        } else if now >= aw.next_line {
+            aw.next_line = now + AWAITING_LINE_EVERY;
+            let message = format!(
+                "waiting for {} new node(s) to replace {}: {joined} of {} joined, {}s left of \
+                 --replacement-timeout {:?}",
+                (range.min as usize).saturating_sub(joined),
+                describe_node(&aw.failure),
+                range.min,
+                aw.deadline.saturating_duration_since(now).as_secs(),
+                self.replacement_timeout
+            );
+            self.emit(EventKind::Restarting, message);
+        }
     }
 
     /// The directive for a node that reports on `generation`.
@@ -527,7 +714,7 @@ impl JobState {
                 && self.members.len() > 1
                 && self.members.contains_key(&req.node_id);
             if !hold {
-                self.end_generation(failure, req.fatal, &[]);
+                self.end_generation(now, failure, req.fatal, &[]);
             } else if self.held.is_none() {
                 tracing::info!(
                     "holding the failure of node {} until the other nodes are known alive",
@@ -554,7 +741,7 @@ impl JobState {
             .all(|m| m.last_heartbeat >= held.since);
         if all_heard || now.saturating_duration_since(held.since) > self.heartbeat_timeout {
             let failure = held.failure.clone();
-            self.end_generation(failure, false, &[]);
+            self.end_generation(now, failure, false, &[]);
         }
     }
 
@@ -565,27 +752,60 @@ impl JobState {
                 m.done = true;
             }
             if self.members.values().all(|m| m.done) {
+                self.succeed(None);
+            }
+        }
+        self.directive_for(&req.node_id, req.generation)
+    }
+
+    /// Every member not in `lost` (at least one) reported that all its
+    /// workers exited 0: the job's work is done, so a node lost at the end
+    /// costs no restart (a restart would only find the work done).
+    fn others_done(&self, lost: &[String]) -> bool {
+        let mut left = self
+            .members
+            .iter()
+            .filter(|(id, _)| !lost.contains(id))
+            .peekable();
+        left.peek().is_some() && left.all(|(_, m)| m.done)
+    }
+
+    /// The job succeeded: every worker of the generation exited 0, or
+    /// every one of the nodes left after `lost` was lost at the end.
+    fn succeed(&mut self, lost: Option<&FailureInfo>) {
+        let summary = match lost {
+            None => {
                 let world: u32 = self
                     .assignments
                     .values()
                     .map(|a| a.world_size)
                     .max()
                     .unwrap_or(0);
-                let outcome = JobOutcome {
-                    success: true,
-                    summary: format!(
-                        "job succeeded: all {world} ranks of generation {} exited 0 ({} restart(s))",
-                        self.generation, self.restart_count
-                    ),
-                    root_cause: None,
-                };
-                let message = outcome.summary.clone();
-                self.phase = Phase::Finished(outcome);
-                self.emit(EventKind::Finished, message);
-                self.effects.changed = true;
+                format!(
+                    "job succeeded: all {world} ranks of generation {} exited 0 ({} restart(s))",
+                    self.generation, self.restart_count
+                )
             }
-        }
-        self.directive_for(&req.node_id, req.generation)
+            Some(f) => {
+                format!(
+                    "job succeeded: every rank of the node(s) still up exited 0 in generation {} ({} restart(s)); \
+                     {} {} once their work was done",
+                    self.generation,
+                    self.restart_count,
+                    describe_node(f),
+                    f.reason
+                )
+            }
+        };
+        let outcome = JobOutcome {
+            success: true,
+            summary,
+            root_cause: None,
+        };
+        let message = outcome.summary.clone();
+        self.phase = Phase::Finished(outcome);
+        self.emit(EventKind::Finished, message);
+        self.effects.changed = true;
     }
 
     /// A node agent is exiting after the job is over.
@@ -598,7 +818,10 @@ impl JobState {
     /// `watched`, the progress summary for watchers.
     pub fn tick(&mut self, now: Instant, watched: bool) {
         match self.phase {
-            Phase::Forming => self.try_form(now),
+            Phase::Forming => {
+                self.try_form(now);
+                self.tick_awaiting(now);
+            }
             Phase::Running => {
                 let members: Vec<MemberLiveness<'_>> = self
                     .members
@@ -636,7 +859,11 @@ impl JobState {
                         ..FailureInfo::default()
                     };
                     let lost: Vec<String> = lost.into_iter().map(|(id, _)| id).collect();
-                    self.end_generation(failure, false, &lost);
+                    if self.others_done(&lost) {
+                        self.succeed(Some(&failure));
+                    } else {
+                        self.end_generation(now, failure, false, &lost);
+                    }
                 } else if self.held.is_some() {
                     self.release_held(now);
                 } else if watched
@@ -680,6 +907,11 @@ impl JobState {
             outcome,
         }
     }
+}
+
+/// "node b (198.18.0.3)".
+fn describe_node(f: &FailureInfo) -> String {
+    format!("node {} ({})", f.node_id, f.host)
 }
 
 /// torchrun's role when `--role` is not given.
@@ -1067,6 +1299,158 @@ mod tests {
         report.failure.as_mut().unwrap().permanent = true;
         let d = j.report_failure(t0 + Duration::from_secs(2), report);
         assert_eq!(d.action, Action::Finished as i32);
+    }
+
+    #[test]
+    fn a_lost_node_of_a_fixed_job_waits_for_a_replacement_then_gives_up() {
+        let mut j = job(NodeRange::exactly(2), 3);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        j.heartbeat(t0 + Duration::from_secs(5), heartbeat("a"));
+        j.tick(t0 + Duration::from_secs(6), false);
+        let d = j.heartbeat(t0 + Duration::from_secs(6), heartbeat("a"));
+        assert_eq!(d.action, Action::Restart as i32);
+        assert!(
+            d.reason
+                .contains("restart 1 of --max-restarts 3 once 1 new node(s) join"),
+            "{}",
+            d.reason
+        );
+        j.take_effects();
+        // a rejoins and waits; a line every 30 s.
+        join(&mut j, t0 + Duration::from_secs(6), "a");
+        j.tick(t0 + Duration::from_secs(37), false);
+        let said: Vec<String> = j
+            .take_effects()
+            .events
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert!(
+            said.iter().any(|m| m
+                == "waiting for 1 new node(s) to replace node b (host-b): 1 of 2 joined, 269s left of --replacement-timeout 300s"),
+            "{said:?}"
+        );
+        j.tick(t0 + Duration::from_secs(306), false);
+        let outcome = j.outcome().expect("gave up at the deadline").clone();
+        assert!(
+            outcome
+                .summary
+                .starts_with("job failed: node b (host-b) lost: no heartbeat for"),
+            "{}",
+            outcome.summary
+        );
+        assert!(
+            outcome.summary.ends_with(
+                "; no node joined to replace it within --replacement-timeout 300s (1 of the 2 nodes --nnodes 2 needs joined)"
+            ),
+            "{}",
+            outcome.summary
+        );
+        assert_eq!(outcome.root_cause.unwrap().node_id, "b");
+        assert!(matches!(
+            j.poll_join("a").and_then(|r| r.outcome),
+            Some(join_response::Outcome::Finished(_))
+        ));
+    }
+
+    #[test]
+    fn a_replacement_node_forms_the_next_generation() {
+        let mut j = job(NodeRange::exactly(2), 3);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        j.heartbeat(t0 + Duration::from_secs(5), heartbeat("a"));
+        j.tick(t0 + Duration::from_secs(6), false);
+        join(&mut j, t0 + Duration::from_secs(7), "a");
+        join(&mut j, t0 + Duration::from_secs(8), "c");
+        let (a, c) = (assignment(&j, "a"), assignment(&j, "c"));
+        assert_eq!((a.generation, a.node_rank, c.node_rank), (1, 0, 1));
+        j.tick(t0 + Duration::from_secs(400), false);
+        assert!(j.outcome().is_none(), "no deadline once formed");
+    }
+
+    #[test]
+    fn a_node_lost_after_the_others_finished_ends_the_job_at_once() {
+        let mut j = job(NodeRange { min: 1, max: 2 }, 3);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        j.report_done(ReportDoneRequest {
+            job_id: "job".into(),
+            node_id: "a".into(),
+            generation: 0,
+        });
+        j.heartbeat(t0 + Duration::from_secs(5), heartbeat("a"));
+        j.tick(t0 + Duration::from_secs(6), false);
+        let outcome = j.outcome().expect("over without a restart").clone();
+        assert!(outcome.success, "{}", outcome.summary);
+        assert!(
+            outcome.summary.starts_with(
+                "job succeeded: every rank of the node(s) still up exited 0 in generation 0 (0 restart(s)); node b (host-b) lost: no heartbeat for"
+            ),
+            "{}",
+            outcome.summary
+        );
+    }
+
+    #[test]
+    fn a_saved_state_restores_the_running_generation() {
+        let mut j = job(NodeRange::exactly(2), 3);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        join(&mut j, t0, "b");
+        j.report_failure(t0, failure(1, 0));
+        j.heartbeat(t0, heartbeat("b"));
+        join(&mut j, t0, "b");
+        join(&mut j, t0, "a");
+        j.report_done(ReportDoneRequest {
+            job_id: "job".into(),
+            node_id: "b".into(),
+            generation: 1,
+        });
+        let kv = HashMap::from([("k".to_owned(), b"v".to_vec())]);
+        let saved = j.durable("t", kv.clone());
+        assert_eq!(saved.kv, kv);
+        let mut config = CoordinatorConfig::new("t".into());
+        config.heartbeat_timeout = Duration::from_secs(5);
+        let t1 = t0 + Duration::from_secs(100);
+        let mut r = JobState::restore(&config, &saved, t1).unwrap();
+        assert_eq!(r.durable("t", kv), saved, "restores what it saved");
+        assert_eq!(assignment(&r, "a"), assignment(&j, "a"));
+        // The members count as heard from at the restore: not lost.
+        r.tick(t1 + Duration::from_secs(1), false);
+        let hb = HeartbeatRequest {
+            generation: 1,
+            ..heartbeat("a")
+        };
+        assert_eq!(r.heartbeat(t1, hb).action, Action::Continue as i32);
+        // b was done before the restart; a's report finishes the job.
+        let d = r.report_done(ReportDoneRequest {
+            job_id: "job".into(),
+            node_id: "a".into(),
+            generation: 1,
+        });
+        assert_eq!(d.action, Action::Finished as i32, "{}", d.reason);
+        assert_eq!(
+            d.reason,
+            "job succeeded: all 4 ranks of generation 1 exited 0 (1 restart(s))"
+        );
+        // Another job's id or shape is refused.
+        config.job_id = Some("other".into());
+        let err = JobState::restore(&config, &saved, t1).err().unwrap();
+        assert_eq!(
+            err,
+            "it is the state of job \"job\", not of --job-id \"other\""
+        );
+        config.job_id = None;
+        config.nnodes = Some(NodeRange::exactly(3));
+        let err = JobState::restore(&config, &saved, t1).err().unwrap();
+        assert_eq!(
+            err,
+            "it is the state of a job of --nnodes 2, not of --nnodes 3"
+        );
     }
 
     #[test]
