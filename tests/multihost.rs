@@ -161,6 +161,22 @@ fn quickstart_on_two_hosts_matches_one_host_byte_for_byte() {
 
 #[test]
 fn a_host_whose_link_goes_down_is_named_lost_and_an_elastic_job_goes_on() {
+    host1_fails_and_an_elastic_job_goes_on(Failure::LinkDown);
+}
+
+#[test]
+fn a_host_whose_launcher_is_killed_is_named_lost_and_an_elastic_job_goes_on() {
+    host1_fails_and_an_elastic_job_goes_on(Failure::LauncherKilled);
+}
+
+/// What happens to host1 mid-job.
+#[derive(Clone, Copy, PartialEq)]
+enum Failure {
+    LinkDown,
+    LauncherKilled,
+}
+
+fn host1_fails_and_an_elastic_job_goes_on(how: Failure) {
     let Some(net) = Net::new(2) else { return };
     let dir = tempfile::tempdir().unwrap();
     let timing = [
@@ -204,7 +220,13 @@ fn a_host_whose_link_goes_down_is_named_lost_and_an_elastic_job_goes_on() {
         host1.out,
         host1.err
     );
-    net.host(1).link_down();
+    match how {
+        Failure::LinkDown => net.host(1).link_down(),
+        // SAFETY: kill has no memory-safety preconditions.
+        Failure::LauncherKilled => unsafe {
+            libc::kill(host1.pid(), libc::SIGKILL);
+        },
+    }
     let status = host0.wait(LIMIT);
     assert!(status.success(), "host0:\n{}{}", host0.out, host0.err);
     assert!(
@@ -219,8 +241,11 @@ fn a_host_whose_link_goes_down_is_named_lost_and_an_elastic_job_goes_on() {
         "{}",
         host0.out
     );
-    // host1 can't reach anyone: it gives up on its own.
+    // host1 can't reach anyone: it gives up on its own (or was killed).
     let status = host1.wait(LIMIT);
+    if how == Failure::LauncherKilled {
+        return;
+    }
     assert!(
         !status.success(),
         "host1 without a link succeeded:\n{}{}",

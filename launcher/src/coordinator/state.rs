@@ -789,7 +789,7 @@ impl JobState {
             Some(f) => {
                 format!(
                     "job succeeded: every rank of the node(s) still up exited 0 in generation {} ({} restart(s)); \
-                     {} {} once their work was done",
+                     {} {}, after the other nodes' workers had all exited 0",
                     self.generation,
                     self.restart_count,
                     describe_node(f),
