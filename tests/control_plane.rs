@@ -276,6 +276,18 @@ fn a_damaged_state_file_or_another_jobs_token_is_refused_with_exit_2() {
         "{err}"
     );
     assert!(!out.contains("listening on"), "{out}");
+    // A state directory that can't be made is found at start.
+    let not_a_dir = dir.path().join("plain-file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let mut cmd = cohort();
+    cmd.args(bind).arg(not_a_dir.join("state"));
+    let (status, out, err) = run(cmd, LIMIT);
+    assert_eq!(status.code(), Some(2), "{out}{err}");
+    assert!(
+        err.contains("cannot create the state directory")
+            && err.contains("give --state-dir a directory this user can write"),
+        "{err}"
+    );
 }
 
 /// A fixed `--nnodes 2` job under `timing` whose generation 0 runs until

@@ -67,11 +67,7 @@ pub enum LauncherError {
         last_error: String,
     },
     /// `cohort coordinator --state-dir`: a state file that can't be carried on.
-    #[error(
-        "{}: {reason}; this coordinator can't carry on that job: pass the --state-dir (and --token) \
-         the job's coordinator was started with, or move the file away to start a new job",
-        path.display()
-    )]
+    #[error("{}: {reason}", path.display())]
     StateFile { path: PathBuf, reason: String },
     /// A job token that can't be sent in a header.
     #[error("the job token must be printable ASCII without spaces")]

@@ -146,16 +146,20 @@ impl Coordinator {
         };
         let (file, saved) = StateFile::open(dir)?;
         let Some(saved) = saved else {
-            let coordinator = Self::with_state(
-                JobState::new(config, Instant::now()),
-                Some((file, config.token.clone())),
-            );
-            coordinator.save();
+            let state = JobState::new(config, Instant::now());
+            file.save_first(&state.durable(&config.token, Default::default()))
+                .map_err(|e| LauncherError::StateFile {
+                    path: file.path().to_owned(),
+                    reason: format!(
+                        "cannot write it: {e}; give --state-dir a directory this user can write"
+                    ),
+                })?;
+            let coordinator = Self::with_state(state, Some((file, config.token.clone())));
             return Ok((coordinator, None));
         };
         let refuse = |reason: String| LauncherError::StateFile {
             path: file.path().to_owned(),
-            reason,
+            reason: format!("{reason}; {}", persist::CANNOT_CARRY_ON),
         };
         if saved.token != config.token {
             return Err(refuse(

@@ -19,6 +19,10 @@ use sha2::{Digest, Sha256};
 
 use crate::LauncherError;
 
+/// What a user can do about a state file this coordinator can't carry on.
+pub const CANNOT_CARRY_ON: &str = "this coordinator can't carry on that job: pass the --state-dir \
+     (and --token) the job's coordinator was started with, or move the file away to start a new job";
+
 const MAGIC: &[u8] = b"cohort coordinator state v1\n";
 const FILE: &str = "coordinator.state";
 
@@ -38,12 +42,17 @@ impl StateFile {
             path: path.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| LauncherError::StateFile {
+            path: dir.to_owned(),
+            reason: format!(
+                "cannot create the state directory: {e}; give --state-dir a directory this user can write"
+            ),
+        })?;
         let path = dir.join(FILE);
         let saved = match std::fs::read(&path) {
             Ok(bytes) => Some(decode(&bytes).map_err(|reason| LauncherError::StateFile {
                 path: path.clone(),
-                reason,
+                reason: format!("{reason}; {CANNOT_CARRY_ON}"),
             })?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&path, e)),
@@ -93,6 +102,16 @@ impl StateFile {
                 last.1 = true;
             }
         }
+    }
+
+    /// Writes `state` now, failing if it can't be written (a new job's
+    /// first state: a state directory that can't be written is found at
+    /// start, not when the job needs it).
+    pub fn save_first(&self, state: &CoordinatorState) -> std::io::Result<()> {
+        let payload = state.encode_to_vec();
+        self.write(&payload)?;
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = (payload, false);
+        Ok(())
     }
 
     fn write(&self, payload: &[u8]) -> std::io::Result<()> {
