@@ -12,11 +12,16 @@ torch.nn.utils.clip_grad_norm_. N ranks are simulated in one process: each
 rank's loss and gradients on its own part of the global batch, then the mean
 of the gradients (what DDP's all-reduce and ZeRO's reduce-scatter compute).
 
+With --module FILE.pt (a job of model.kind = "torchscript",
+tests/torchscript.rs) the model is that TorchScript module, trained from the
+weights in the file, which cohort starts from as well.
+
 Writes one loss per step, the mean over the ranks as cohort's metrics.jsonl
 reports it, as a JSON list to --out.
 
     python tests/torch_equivalence.py --config JOB.toml --world 2 \
         --weights initial.safetensors --out losses.json [--lr-scale 1.01] [--seed-offset 1]
+    python tests/torch_equivalence.py --config JOB.toml --world 2 --module model.pt --out losses.json
 """
 
 import argparse
@@ -122,7 +127,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the job's TOML, every key below set")
     p.add_argument("--world", type=int, required=True)
-    p.add_argument("--weights", required=True, help="cohort's exported initial weights")
+    p.add_argument("--weights", help="cohort's exported initial weights (the built-in gpt)")
+    p.add_argument("--module", help="a TorchScript module's file (model.kind = torchscript)")
     p.add_argument("--out", required=True)
     p.add_argument("--lr-scale", type=float, default=1.0, help="a control: a different learning rate")
     p.add_argument("--seed-offset", type=int, default=0, help="a control: another data order")
@@ -136,7 +142,7 @@ def main():
     seed = need(train, "seed", "train") + a.seed_offset
     if train.get("grad_accum_steps", 1) != 1 or model.get("dropout", 0.0) != 0.0:
         sys.exit("torch_equivalence.py: only grad_accum_steps = 1 and dropout = 0 are modelled")
-    n_layer, n_head, n_embd, block = (need(model, k, "model") for k in ("n_layer", "n_head", "n_embd", "block_size"))
+    block = need(model, "block_size", "model")
     if need(data, "kind", "data") != "text" or need(optim, "kind", "optim") != "adamw":
         sys.exit("torch_equivalence.py: only data.kind = text and optim.kind = adamw are modelled")
     lr, min_lr, warmup = (need(optim, k, "optim") for k in ("lr", "min_lr", "warmup_steps"))
@@ -146,8 +152,15 @@ def main():
 
     torch.manual_seed(0)  # the weights come from cohort; nothing random is drawn after this
     torch.set_num_threads(1)
-    net = GPT(n_layer, n_head, n_embd, block, 256)
-    net.load_state_dict(load_file(a.weights), strict=True)
+    if a.module:
+        net = torch.jit.load(a.module)
+    elif a.weights:
+        n_layer, n_head, n_embd = (need(model, k, "model") for k in ("n_layer", "n_head", "n_embd"))
+        net = GPT(n_layer, n_head, n_embd, block, 256)
+        net.load_state_dict(load_file(a.weights), strict=True)
+    else:
+        sys.exit("torch_equivalence.py: give --weights (the built-in gpt) or --module")
+    net.train()
     opt = adamw(
         net,
         lr=lr,

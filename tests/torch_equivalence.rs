@@ -108,18 +108,7 @@ impl Run {
         }
         let (status, out, err) = run(cmd, DEADLINE);
         assert!(status.success(), "cohort launch {name} failed:\n{out}{err}");
-        let metrics = find(&logs, "metrics.jsonl")
-            .unwrap_or_else(|| panic!("no metrics.jsonl under {}", logs.display()));
-        std::fs::read_to_string(&metrics)
-            .unwrap()
-            .lines()
-            .map(|line| {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                v["loss"]
-                    .as_f64()
-                    .unwrap_or_else(|| panic!("no loss in {line}"))
-            })
-            .collect()
+        fixtures::step_losses(&logs)
     }
 
     /// cohort's initial weights, exported: one step at a learning rate of
@@ -176,31 +165,6 @@ impl Run {
     }
 }
 
-fn find(dir: &Path, name: &str) -> Option<PathBuf> {
-    for entry in std::fs::read_dir(dir).ok()? {
-        let path = entry.ok()?.path();
-        if path.is_dir() {
-            if let Some(found) = find(&path, name) {
-                return Some(found);
-            }
-        } else if path.file_name().is_some_and(|n| n == name) {
-            return Some(path);
-        }
-    }
-    None
-}
-
-/// The largest relative difference of two loss curves of `STEPS` steps.
-fn max_rel_diff(cohort: &[f64], torch: &[f64]) -> f64 {
-    assert_eq!(cohort.len(), STEPS as usize, "cohort logged {cohort:?}");
-    assert_eq!(torch.len(), STEPS as usize, "torch logged {torch:?}");
-    cohort
-        .iter()
-        .zip(torch)
-        .map(|(a, b)| (a - b).abs() / b.abs())
-        .fold(0.0, f64::max)
-}
-
 #[test]
 fn per_step_losses_match_pytorch_at_1_and_2_ranks_ddp_and_zero1() {
     let Some(python) = fixtures::python() else {
@@ -213,7 +177,7 @@ fn per_step_losses_match_pytorch_at_1_and_2_ranks_ddp_and_zero1() {
         for stage in [0, 1] {
             let name = format!("world{world}-zero{stage}");
             let losses = job.cohort(&name, world, &[format!("parallel.zero_stage={stage}")]);
-            let diff = max_rel_diff(&losses, &reference);
+            let diff = fixtures::max_rel_diff(&losses, &reference, STEPS as usize);
             println!("{name}: largest relative loss difference to PyTorch {diff:.2e}");
             assert!(
                 diff <= TOLERANCE,
@@ -223,7 +187,7 @@ fn per_step_losses_match_pytorch_at_1_and_2_ranks_ddp_and_zero1() {
                 // The controls: what the comparison must not accept.
                 for control in [&["--lr-scale", "1.01"][..], &["--seed-offset", "1"]] {
                     let other = job.torch(&python, &weights, world, control);
-                    let diff = max_rel_diff(&losses, &other);
+                    let diff = fixtures::max_rel_diff(&losses, &other, STEPS as usize);
                     println!("control {control:?}: {diff:.2e}");
                     assert!(
                         diff > CONTROL_MIN,

@@ -150,6 +150,39 @@ impl JobConfig {
                 return err("model.block_size", "must be at least 1".into());
             }
         }
+        if m.kind == ModelKind::Torchscript {
+            if m.path.is_none() {
+                return err(
+                    "model.path",
+                    "model.kind = \"torchscript\" trains the module in a file, but model.path is not set: \
+                     name the file torch.jit.script(model).save(FILE) wrote (--set model.path=FILE)"
+                        .into(),
+                );
+            }
+            if m.block_size == 0 {
+                return err("model.block_size", "must be at least 1".into());
+            }
+            if self.train.precision != Precision::Fp32 {
+                return err(
+                    "train.precision",
+                    "a TorchScript module computes in the precision its own code chooses: \
+                     train.precision must be \"fp32\" with model.kind = \"torchscript\""
+                        .into(),
+                );
+            }
+        } else if m.path.is_some() {
+            return err(
+                "model.path",
+                format!(
+                    "is read only with model.kind = \"torchscript\", and model.kind is \"{}\": \
+                     set model.kind = \"torchscript\" or remove model.path",
+                    match m.kind {
+                        ModelKind::Gpt => "gpt",
+                        _ => "mlp",
+                    }
+                ),
+            );
+        }
         if !(0.0..1.0).contains(&m.dropout) {
             return err("model.dropout", format!("{} is not in [0, 1)", m.dropout));
         }
@@ -262,6 +295,29 @@ mod tests {
         let same = "transformer.h.0.attn.c_attn.weight";
         assert_eq!(kind.state_dict_name(same), same);
         assert_eq!(ModelKind::Mlp.state_dict_name("wte.weight"), "wte.weight");
+    }
+
+    #[test]
+    fn a_torchscript_model_needs_its_file_fp32_and_keeps_its_names() {
+        let err = parse("[model]\nkind = \"torchscript\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("model.path"), "{err}");
+        let job = parse(
+            "[model]\nkind = \"torchscript\"\npath = \"m.pt\"\n",
+            &["train.precision=bf16"],
+        )
+        .unwrap_err();
+        assert!(job.to_string().contains("train.precision"), "{job}");
+        let err = parse("[model]\npath = \"m.pt\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("model.kind"), "{err}");
+        let job = parse("[model]\nkind = \"torchscript\"\npath = \"m.pt\"\n", &[]).unwrap();
+        assert_eq!(job.model.path.as_deref(), Some(Path::new("m.pt")));
+        let kind = ModelKind::of_saved_config(&job.to_toml_string()).unwrap();
+        assert_eq!(kind, ModelKind::Torchscript);
+        let name = "blocks.0.attn.weight";
+        assert_eq!(kind.state_dict_name(name), name);
+        // The recorded config reads back as the same job.
+        let again = JobConfig::from_toml_str(&job.to_toml_string(), "saved", &[]).unwrap();
+        assert_eq!(again, job);
     }
 
     #[test]

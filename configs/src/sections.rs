@@ -72,7 +72,7 @@ impl Default for TrainConfig {
     }
 }
 
-/// Which built-in model to train.
+/// Which model to train: a built-in one, or the user's own TorchScript module.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
@@ -81,6 +81,9 @@ pub enum ModelKind {
     Mlp,
     /// A decoder-only transformer shaped like nanoGPT.
     Gpt,
+    /// A module scripted in Python (`torch.jit.script(m).save(FILE)`) at
+    /// `model.path`, whose `forward(inputs, targets)` returns the mean loss.
+    Torchscript,
 }
 
 impl ModelKind {
@@ -89,7 +92,9 @@ impl ModelKind {
     /// ckpt export` writes). The GPT holds its token and position tables as
     /// bare tensors (`transformer.wte`), which PyTorch holds in
     /// `nn.Embedding`s (`transformer.wte.weight`); every other parameter of
-    /// the built-in models is already named as PyTorch names it.
+    /// the built-in models is already named as PyTorch names it, and a
+    /// TorchScript module's parameters keep the module's own names
+    /// (`blocks.0.attn.weight`).
     pub fn state_dict_name(self, name: &str) -> String {
         match (self, name) {
             (ModelKind::Gpt, "transformer.wte" | "transformer.wpe") => format!("{name}.weight"),
@@ -115,7 +120,8 @@ impl ModelKind {
 }
 
 /// `[model]`: the model's shape. `mlp` uses `n_layer` and `n_embd`; `gpt` uses
-/// all of them.
+/// all of them; `torchscript` uses `path`, and `block_size` and `vocab_size`
+/// for the data (the module's own shape is in the file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
@@ -128,6 +134,10 @@ pub struct ModelConfig {
     /// Vocabulary size; 0 = take it from the data (256 for byte-level text).
     pub vocab_size: usize,
     pub dropout: f64,
+    /// The TorchScript file of `kind = "torchscript"` (relative paths are
+    /// relative to the directory `cohort launch` runs in).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
@@ -140,6 +150,7 @@ impl Default for ModelConfig {
             block_size: 64,
             vocab_size: 0,
             dropout: 0.0,
+            path: None,
         }
     }
 }

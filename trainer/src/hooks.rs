@@ -285,18 +285,21 @@ mod tests {
             block_size: 4,
             vocab_size: 0,
             dropout: 0.0,
+            path: None,
         };
         let (vs, net) = {
             let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
             tch::manual_seed(5);
             let vs = VarStore::new(Device::Cpu);
-            let net = model::build(&vs.root(), &cfg, 11, model::Precision::Fp32);
+            let net = model::build(&vs.root(), &cfg, 11, model::Precision::Fp32).unwrap();
             (vs, net)
         };
         let (names, tensors) = params(&vs);
         let (_hooks, order) = recording(&tensors);
         let tokens = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8]).view([2, 4]);
-        net.loss(&tokens, &tokens.remainder(11), true).backward();
+        net.loss(&tokens, &tokens.remainder(11), true)
+            .unwrap()
+            .backward();
         let fired = order.lock().unwrap().clone();
         let mut sorted = fired.clone();
         sorted.sort();

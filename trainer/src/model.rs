@@ -1,6 +1,6 @@
-//! Built-in models: `mlp` and `gpt` (decoder-only transformer shaped like
-//! nanoGPT). Both map `[batch, time]` token ids to `[batch, time, vocab]`
-//! logits. Parameters are created in a fixed order from the global torch seed
+//! The models: the built-in `mlp` and `gpt` (decoder-only transformer shaped
+//! like nanoGPT), which map `[batch, time]` token ids to `[batch, time, vocab]`
+//! logits, and the user's own `torchscript` module (`torchscript.rs`). Parameters are created in a fixed order from the global torch seed
 //! (set from `train.seed` before building), so every rank builds the same model.
 //!
 //! [`Precision::Bf16`] does what `torch.autocast(dtype=torch.bfloat16)` does
@@ -14,6 +14,11 @@ pub use cohort_configs::Precision;
 use cohort_configs::{ModelConfig, ModelKind};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
+
+use crate::TrainError;
+
+mod torchscript;
+pub use torchscript::TorchScript;
 
 /// `x` in the kind matrix multiplies take under `p` (`train.precision`).
 fn cast(p: Precision, x: &Tensor) -> Tensor {
@@ -36,32 +41,42 @@ fn matmul_linear(p: Precision, l: &nn::Linear, x: &Tensor) -> Tensor {
 
 /// A next-token model.
 pub trait LanguageModel: Send {
-    /// Logits `[batch, time, vocab]` for `tokens` `[batch, time]`; `train`
-    /// enables dropout.
-    fn forward(&self, tokens: &Tensor, train: bool) -> Tensor;
+    /// Mean loss (in fp32) of predicting `targets` from `tokens` (both int64
+    /// `[batch, time]`); `train` enables dropout.
+    fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor, TrainError>;
+}
 
-    /// Mean cross-entropy (in fp32) of predicting `targets` from `tokens`.
-    fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {
-        let logits = self.forward(tokens, train).to_kind(Kind::Float);
-        let vocab = *logits.size().last().expect("logits have a vocab dimension");
-        logits
-            .reshape([-1, vocab])
-            .cross_entropy_for_logits(&targets.reshape([-1]))
-    }
+/// Mean cross-entropy (in fp32) of `logits` `[batch, time, vocab]` for
+/// `targets` `[batch, time]`.
+fn logits_loss(logits: Tensor, targets: &Tensor) -> Tensor {
+    let logits = logits.to_kind(Kind::Float);
+    let vocab = *logits.size().last().expect("logits have a vocab dimension");
+    logits
+        .reshape([-1, vocab])
+        .cross_entropy_for_logits(&targets.reshape([-1]))
 }
 
 /// Builds the model `cfg` describes under `vs` with `vocab_size` tokens,
-/// computing in `precision`.
+/// computing in `precision`. Only a `torchscript` model can fail: its file
+/// is checked here ([`TorchScript::load`]), before training starts.
 pub fn build(
     vs: &nn::Path,
     cfg: &ModelConfig,
     vocab_size: usize,
     precision: Precision,
-) -> Box<dyn LanguageModel> {
-    match cfg.kind {
+) -> Result<Box<dyn LanguageModel>, TrainError> {
+    Ok(match cfg.kind {
         ModelKind::Mlp => Box::new(Mlp::new(vs, cfg, vocab_size, precision)),
         ModelKind::Gpt => Box::new(Gpt::new(vs, cfg, vocab_size, precision)),
-    }
+        ModelKind::Torchscript => {
+            let path = cfg.path.as_deref().ok_or_else(|| {
+                TrainError::Config(
+                    "model.kind = \"torchscript\" needs model.path (the module's file)".into(),
+                )
+            })?;
+            Box::new(TorchScript::load(vs, path, vocab_size, cfg.block_size)?)
+        }
+    })
 }
 
 fn normal(stdev: f64) -> Init {
@@ -116,7 +131,14 @@ impl Mlp {
 }
 
 impl LanguageModel for Mlp {
-    fn forward(&self, tokens: &Tensor, _train: bool) -> Tensor {
+    fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor, TrainError> {
+        Ok(logits_loss(self.forward(tokens, train), targets))
+    }
+}
+
+impl Mlp {
+    /// Logits `[batch, time, vocab]` for `tokens` `[batch, time]`.
+    pub fn forward(&self, tokens: &Tensor, _train: bool) -> Tensor {
         let p = self.precision;
         let mut x = tokens.apply(&self.wte);
         for layer in &self.hidden {
@@ -216,7 +238,15 @@ impl Gpt {
 }
 
 impl LanguageModel for Gpt {
-    fn forward(&self, tokens: &Tensor, train: bool) -> Tensor {
+    fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor, TrainError> {
+        Ok(logits_loss(self.forward(tokens, train), targets))
+    }
+}
+
+impl Gpt {
+    /// Logits `[batch, time, vocab]` for `tokens` `[batch, time]`; `train`
+    /// enables dropout.
+    pub fn forward(&self, tokens: &Tensor, train: bool) -> Tensor {
         let t = tokens.size()[1];
         let pos = Tensor::arange(t, (Kind::Int64, tokens.device()));
         let tok = Tensor::embedding(&self.wte, tokens, -1, false, false);
@@ -236,7 +266,7 @@ mod tests {
     use cohort_configs::ModelKind;
     use tch::{Device, nn::VarStore};
 
-    fn gpt(precision: Precision) -> (VarStore, Box<dyn LanguageModel>) {
+    fn gpt(precision: Precision) -> (VarStore, Gpt) {
         let cfg = ModelConfig {
             kind: ModelKind::Gpt,
             n_layer: 2,
@@ -245,6 +275,7 @@ mod tests {
             block_size: 16,
             vocab_size: 0,
             dropout: 0.0,
+            path: None,
         };
         // The torch RNG is global: tests build their models one at a time,
         // so two builds from the same seed are the same model.
@@ -252,7 +283,7 @@ mod tests {
         let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
-        let net = build(&vs.root(), &cfg, 50, precision);
+        let net = Gpt::new(&vs.root(), &cfg, 50, precision);
         (vs, net)
     }
 
@@ -300,7 +331,7 @@ mod tests {
         assert_eq!(b.kind(), Kind::BFloat16);
         let diff = (a - b.to_kind(Kind::Float)).abs().max().double_value(&[]);
         assert!(diff < 0.05, "bf16 logits differ by {diff}");
-        let loss = mixed.loss(&tokens, &tokens, true);
+        let loss = mixed.loss(&tokens, &tokens, true).unwrap();
         assert_eq!(loss.kind(), Kind::Float);
         loss.backward();
         for (name, t) in vs.variables() {

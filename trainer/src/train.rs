@@ -66,7 +66,7 @@ pub fn run(
     )?);
     tch::manual_seed(t.seed as i64);
     let vs = VarStore::new(device);
-    let net = model::build(&vs.root(), &job.model, data.vocab_size(), t.precision);
+    let net = model::build(&vs.root(), &job.model, data.vocab_size(), t.precision)?;
     let mut dp = DataParallel::new(&vs, comm, &job.optim, &job.parallel)?;
     dp.set_schedule(LrSchedule::new(&job.optim, t.max_steps));
     let mut loader = Loader::new(data.clone(), t.seed, rank, world, t.batch_size);
@@ -125,7 +125,7 @@ pub fn run(
         let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
         for micro in 0..t.grad_accum_steps {
             let batch = loader.next_batch(device);
-            let loss = net.loss(&batch.inputs, &batch.targets, true) / t.grad_accum_steps as f64;
+            let loss = net.loss(&batch.inputs, &batch.targets, true)? / t.grad_accum_steps as f64;
             if micro + 1 < t.grad_accum_steps {
                 dp.backward_no_sync(&loss)
             } else {
@@ -188,10 +188,7 @@ fn evaluate(
         let Some(batch) = loader.eval_batch(k, device) else {
             return Ok(None);
         };
-        sum += tch::no_grad(|| {
-            net.loss(&batch.inputs, &batch.targets, false)
-                .double_value(&[])
-        });
+        sum += tch::no_grad(|| net.loss(&batch.inputs, &batch.targets, false))?.double_value(&[]);
     }
     let mean = dp.mean_over_ranks(&[sum / batches.max(1) as f64])?;
     Ok(Some(mean[0]))

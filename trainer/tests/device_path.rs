@@ -31,11 +31,12 @@ fn small_gpt() -> (Arc<Dataset>, VarStore, Box<dyn model::LanguageModel>) {
         block_size: 8,
         vocab_size: 0,
         dropout: 0.0,
+        path: None,
     };
     let data = Arc::new(Dataset::open(&DataConfig::default(), cfg.block_size, 0, 7).unwrap());
     tch::manual_seed(7);
     let vs = VarStore::new(Device::Cpu);
-    let net = model::build(&vs.root(), &cfg, data.vocab_size(), model::Precision::Fp32);
+    let net = model::build(&vs.root(), &cfg, data.vocab_size(), model::Precision::Fp32).unwrap();
     (data, vs, net)
 }
 
@@ -60,7 +61,7 @@ fn run(stage: u8, zero_grad_to_none: bool) -> (Vec<f32>, Vec<(f64, f64)>) {
             other.zero_grad();
         }
         let b = loader.next_batch(Device::Cpu);
-        let loss = net.loss(&b.inputs, &b.targets, true);
+        let loss = net.loss(&b.inputs, &b.targets, true).unwrap();
         loss.backward();
         let r = dp
             .step_with_loss_tensor(&loss.to_kind(Kind::Double))
@@ -108,7 +109,7 @@ fn every_collective_is_waited_for_under_the_watchdog() {
     assert_eq!(dp.collectives_in_flight(), 0, "the initial broadcast");
     let mut loader = Loader::new(data, 7, 0, 1, 4);
     let b = loader.next_batch(Device::Cpu);
-    net.loss(&b.inputs, &b.targets, true).backward();
+    net.loss(&b.inputs, &b.targets, true).unwrap().backward();
     dp.step().unwrap();
     assert!(
         dp.collectives_in_flight() > 0,
@@ -123,7 +124,7 @@ fn every_collective_is_waited_for_under_the_watchdog() {
         0,
         "a restore waits for its all-gathers"
     );
-    net.loss(&b.inputs, &b.targets, true).backward();
+    net.loss(&b.inputs, &b.targets, true).unwrap().backward();
     dp.step().unwrap();
     dp.wait_for_collectives().unwrap();
     assert_eq!(dp.collectives_in_flight(), 0);

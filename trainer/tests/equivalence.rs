@@ -60,6 +60,7 @@ impl Setup {
                 block_size: 8,
                 vocab_size: 0,
                 dropout: 0.0,
+                path: None,
             },
             device_path: false,
             overlap: false,
@@ -94,7 +95,8 @@ fn rank_setup(
             &s.model,
             data.vocab_size(),
             model::Precision::Fp32,
-        );
+        )
+        .unwrap();
         (vs, net)
     };
     let parallel = ParallelConfig {
@@ -127,7 +129,7 @@ fn train(s: &Setup) -> Outcome {
                     let mut sum = 0.0;
                     for micro in 0..s.accum {
                         let b = loader.next_batch(Device::Cpu);
-                        let loss = net.loss(&b.inputs, &b.targets, true) / s.accum as f64;
+                        let loss = net.loss(&b.inputs, &b.targets, true).unwrap() / s.accum as f64;
                         match (s.overlap, micro + 1 == s.accum) {
                             (false, _) => loss.backward(),
                             (true, false) => dp.backward_no_sync(&loss).unwrap(),
@@ -351,7 +353,7 @@ fn checkpoints_move_between_the_paths() {
                             let mut loader = Loader::new(data, 7, rank, world, 2);
                             for _ in 0..3 {
                                 let b = loader.next_batch(Device::Cpu);
-                                let loss = net.loss(&b.inputs, &b.targets, true);
+                                let loss = net.loss(&b.inputs, &b.targets, true).unwrap();
                                 loss.backward();
                                 dp.step_with_loss(loss.double_value(&[])).unwrap();
                             }
@@ -546,7 +548,7 @@ fn a_backward_after_the_synchronizing_one_is_an_error_not_stale_gradients() {
     let mut loader = Loader::new(data, 7, 0, 1, 2);
     let mut loss = || {
         let b = loader.next_batch(Device::Cpu);
-        net.loss(&b.inputs, &b.targets, true)
+        net.loss(&b.inputs, &b.targets, true).unwrap()
     };
     // Two synchronizing backward passes in one step.
     dp.backward(&loss()).unwrap();
