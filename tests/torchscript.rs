@@ -17,7 +17,8 @@
 //! than 1e-4, and must fail the comparison.
 //!
 //! Bad modules (a missing file, a file that is not a module, a forward of
-//! the wrong signature or not returning a scalar, no parameter to train)
+//! the wrong signature or not returning a scalar, no parameter to train,
+//! buffers)
 //! stop `cohort launch` before the first step with exit 2 and a message
 //! naming model.path.
 
@@ -176,10 +177,20 @@ class Frozen(nn.Module):
         return F.cross_entropy(self.emb(inputs).view(-1, 256), targets.reshape(-1))
 
 
+class Buffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(256, 256)
+        self.bn = nn.BatchNorm1d(256)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.bn(self.emb(inputs).view(-1, 256)), targets.reshape(-1))
+
+
 if kind == "text":
     open(out, "w").write("not a module\n")
 else:
-    torch.jit.script({"one_argument": OneArgument, "logits": Logits, "pair": Pair, "frozen": Frozen}[kind]()).save(out)
+    torch.jit.script({"one_argument": OneArgument, "logits": Logits, "pair": Pair, "frozen": Frozen, "buffers": Buffers}[kind]()).save(out)
 "#;
 
 #[test]
@@ -200,6 +211,7 @@ fn bad_modules_are_refused_before_training_with_exit_2() {
         ("logits", "not a scalar"),
         ("pair", "forward returned a tuple, not a tensor"),
         ("frozen", "no parameter that requires grad"),
+        ("buffers", "has buffers (bn.running_mean, bn.running_var"),
     ];
     for (kind, needle) in cases {
         let module = dir.path().join(format!("{kind}.pt"));

@@ -1,5 +1,6 @@
 //! Compiles `csrc/grad_hooks.cpp` (the gradient hooks of `src/hooks.rs`)
-//! against the libtorch headers tch builds against: `$LIBTORCH`, which
+//! and `csrc/module_buffers.cpp` (a TorchScript module's buffers, for
+//! `src/model/torchscript.rs`) against the libtorch headers tch builds against: `$LIBTORCH`, which
 //! `make setup` writes into `.cargo/config.toml` (the venv's torch),
 //! or `$LIBTORCH_INCLUDE` when set, as torch-sys reads them.
 
@@ -12,6 +13,7 @@ fn env(name: &str) -> Option<String> {
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/grad_hooks.cpp");
+    println!("cargo:rerun-if-changed=csrc/module_buffers.cpp");
     let root = match env("LIBTORCH_INCLUDE").or_else(|| env("LIBTORCH")) {
         Some(dir) => PathBuf::from(dir),
         None => fail(
@@ -52,6 +54,7 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("GLOG_USE_GLOG_EXPORT", None)
         .file("csrc/grad_hooks.cpp")
+        .file("csrc/module_buffers.cpp")
         .compile("cohort_grad_hooks");
 }
 

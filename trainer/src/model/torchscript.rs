@@ -15,12 +15,15 @@
 //! `PERMANENT_FAILURE` and the job is not restarted): a missing file, a
 //! file that is not a TorchScript module, parameters that are not float32
 //! or do not require grad (cohort trains every parameter), none at all,
-//! buffers (their values would drift apart between ranks: refused), and a
+//! buffers (refused: they would not be kept equal across ranks,
+//! checkpointed or exported; csrc/module_buffers.cpp lists them), and a
 //! `forward` that does not take `(inputs, targets)` or does not return a
 //! scalar loss that depends on the parameters (one forward on a batch of
 //! two sequences).
 
 use std::cell::{Cell, RefCell};
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use tch::{CModule, Device, IValue, Kind, Tensor, nn};
@@ -64,6 +67,22 @@ impl TorchScript {
                 first_lines(&e.to_string(), 3)
             ))
         })?;
+        let buffers = module_buffers(path).map_err(|e| {
+            bad(format!(
+                "cannot list the module's buffers: {}",
+                first_lines(&e, 3)
+            ))
+        })?;
+        if !buffers.is_empty() {
+            return Err(bad(format!(
+                "the module has buffers ({}), which cohort refuses: it trains parameters only, \
+                 so buffers would not be kept equal across ranks (running statistics drift \
+                 apart), checkpointed, or exported. Compute constants in forward instead \
+                 (F.scaled_dot_product_attention(..., is_causal=True) needs no mask buffer), \
+                 and use LayerNorm or GroupNorm instead of BatchNorm",
+                buffers.join(", ")
+            )));
+        }
         let params = module
             .named_parameters()
             .map_err(|e| bad(format!("cannot list the module's parameters: {e}")))?;
@@ -185,6 +204,56 @@ impl LanguageModel for TorchScript {
         module
             .forward_ts(&[tokens, targets])
             .map_err(torch("forward"))
+    }
+}
+
+type BufferNameFn = extern "C" fn(ctx: *mut c_void, name: *const c_char);
+
+unsafe extern "C" {
+    fn cohort_module_buffers(
+        path: *const c_char,
+        ctx: *mut c_void,
+        name: BufferNameFn,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+}
+
+/// Appends `name` to the `Vec<String>` `ctx`.
+extern "C" fn push_buffer_name(ctx: *mut c_void, name: *const c_char) {
+    // SAFETY: `ctx` is `module_buffers`'s `&mut Vec<String>`, alive and not
+    // otherwise borrowed during the call that passes it; `name` is a
+    // NUL-terminated string valid for this call.
+    let (names, name) = unsafe { (&mut *ctx.cast::<Vec<String>>(), CStr::from_ptr(name)) };
+    names.push(name.to_string_lossy().into_owned());
+}
+
+/// The names of the buffers of the TorchScript module at `path`
+/// (csrc/module_buffers.cpp: tch lists only parameters), or libtorch's
+/// error.
+fn module_buffers(path: &Path) -> Result<Vec<String>, String> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| "the path contains a NUL byte".to_owned())?;
+    let mut names: Vec<String> = Vec::new();
+    let mut err = vec![0 as c_char; 4096];
+    // SAFETY: every pointer is valid for the call; `push_buffer_name` gets
+    // `names` back as its context, and the shim catches its exceptions.
+    let rc = unsafe {
+        cohort_module_buffers(
+            c_path.as_ptr(),
+            (&mut names as *mut Vec<String>).cast(),
+            push_buffer_name,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc == 0 {
+        Ok(names)
+    } else {
+        // SAFETY: the shim NUL-terminates what it writes within `err`.
+        Err(unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned())
     }
 }
 
