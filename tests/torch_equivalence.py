@@ -12,6 +12,9 @@ torch.nn.utils.clip_grad_norm_. N ranks are simulated in one process: each
 rank's loss and gradients on its own part of the global batch, then the mean
 of the gradients (what DDP's all-reduce and ZeRO's reduce-scatter compute).
 
+With --ddp the ranks are --world processes training under PyTorch's
+DistributedDataParallel over gloo instead.
+
 With --module FILE.pt (a job of model.kind = "torchscript",
 tests/torchscript.rs) the model is that TorchScript module, trained from the
 weights in the file, which cohort starts from as well.
@@ -132,8 +135,38 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--lr-scale", type=float, default=1.0, help="a control: a different learning rate")
     p.add_argument("--seed-offset", type=int, default=0, help="a control: another data order")
+    p.add_argument("--ddp", action="store_true",
+                   help="--world processes under DistributedDataParallel (gloo) instead of one simulating them")
     a = p.parse_args()
+    if a.ddp:
+        import tempfile
 
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as tmp:  # a FileStore rendezvous: no port to pick
+            mp.spawn(ddp_rank, args=(a, os.path.join(tmp, "store")), nprocs=a.world, join=True)
+        return
+    losses = train(a)
+    with open(a.out, "w") as f:
+        json.dump(losses, f)
+
+
+def ddp_rank(rank, a, store):
+    """One rank of --ddp: gloo, DDP's gradient all-reduce (the mean over the
+    ranks, bucketed, during backward); rank 0 writes the losses."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=a.world)
+    losses = train(a, rank)
+    if rank == 0:
+        with open(a.out, "w") as f:
+            json.dump(losses, f)
+    dist.destroy_process_group()
+
+
+def train(a, rank=None):
+    """Per-step losses (means over the ranks): of all ranks simulated in this
+    process (rank None), or of rank `rank` of a DDP job."""
     with open(a.config, "rb") as f:
         job = tomllib.load(f)
     train, model, data, optim = (job.get(k, {}) for k in ("train", "model", "data", "optim"))
@@ -172,6 +205,25 @@ def main():
     loader = Loader(data["path"], block, need(data, "val_fraction", "data"), seed, a.world, batch)
 
     losses = []
+    if rank is not None:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(net)
+        for step in range(steps):
+            inputs, targets = loader.next_batches()[rank]
+            opt.zero_grad(set_to_none=True)
+            loss = ddp(inputs, targets)
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, lr, min_lr, warmup, decay)
+            opt.step()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / a.world)
+        return losses
     for step in range(steps):
         grads = [torch.zeros_like(p) for p in net.parameters()]
         step_loss = 0.0
@@ -190,8 +242,7 @@ def main():
             group["lr"] = lr_at(step, lr, min_lr, warmup, decay)
         opt.step()
         losses.append(step_loss / a.world)
-    with open(a.out, "w") as f:
-        json.dump(losses, f)
+    return losses
 
 
 if __name__ == "__main__":
