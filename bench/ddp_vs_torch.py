@@ -19,6 +19,17 @@ while the backward pass was still running (metrics.jsonl's
 grad_comm_hidden_s / grad_comm_s); for a binary older than that metric, the
 old reading (communication time not waited for) is shown instead.
 
+With --link-rate RATE (root: network namespaces), every rank runs on a host
+of its own made by scripts/netns-hosts.sh, each host's link rate-limited to
+RATE with tc tbf (e.g. 1gbit), cohort and PyTorch alike; each round also runs
+cohort's ranks as independent one-rank jobs at the same time (its
+compute-only step, under the same CPU load), and the table adds the link's
+bound on one gradient all-reduce (2(n-1)/n of the gradient bytes over RATE:
+the communication-only time no implementation beats) and cohort's step time
+against max(compute-only, that bound).
+
+    sudo .venv/bin/python bench/ddp_vs_torch.py --link-rate 1gbit --bucket-mb 1
+
 Prints a table and writes JSON (--json) with every run.
 """
 
@@ -53,6 +64,8 @@ def parse_args():
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--link-rate", default=None,
+                   help="run each rank on its own namespace host, links limited to this rate (e.g. 1gbit)")
     # Internal: run one PyTorch rank.
     p.add_argument("--torch-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--torch-out", default=None, help=argparse.SUPPRESS)
@@ -125,9 +138,9 @@ def wait_all(procs, what, timeout=900):
             sys.exit(f"{what}: a rank exited with {rc}")
 
 
-def summarize(step_s, a, extra=None):
+def summarize(step_s, a, world, extra=None):
     s = step_s[a.warmup :]
-    tokens = a.world * a.batch * a.block
+    tokens = world * a.batch * a.block
     out = {
         "tokens_per_s": tokens * len(s) / sum(s),
         "step_ms_median": 1e3 * statistics.median(s),
@@ -137,7 +150,24 @@ def summarize(step_s, a, extra=None):
     return out
 
 
-def run_cohort(a, stage, tmp, worker):
+# Set by main() with --link-rate: the namespace hosts the ranks run on.
+HOSTS = None
+
+
+def on_host(r, cmd):
+    """`cmd` as run on rank r's host (this host without --link-rate)."""
+    return HOSTS.exec(r, *cmd) if HOSTS else cmd
+
+
+def host_addr(r):
+    return HOSTS.addr(r) if HOSTS else "127.0.0.1"
+
+
+def run_cohort(a, stage, tmp, worker, alone=False):
+    """One cohort run of a.world ranks; `alone`: a.world independent
+    one-rank runs at the same time, one per rank's place (compute only,
+    under the same CPU load), reported for the first."""
+    world = 1 if alone else a.world
     config = os.path.join(tmp, f"cohort-z{stage}.toml")
     with open(config, "w") as f:
         f.write(
@@ -172,13 +202,17 @@ bucket_mb = {a.bucket_mb}
     procs = []
     for r in range(a.world):
         env = dict(os.environ)
+        if HOSTS:
+            env["COHORT_HOST"] = host_addr(r)
+        rank = 0 if alone else r
+        logs = os.path.join(run_dir, f"logs{r}" if alone and r > 0 else "logs")
         env.update(
-            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(a.world),
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
             COHORT_TOKEN="bench", COHORT_STORE_DIR=os.path.join(run_dir, "store"),
-            COHORT_LOG_DIR=os.path.join(run_dir, "logs"), OMP_NUM_THREADS=str(a.threads),
+            COHORT_LOG_DIR=logs, OMP_NUM_THREADS=str(a.threads),
             COHORT_RESUME="never",
         )
-        procs.append(subprocess.Popen([worker, "train", "--config", config], env=env,
+        procs.append(subprocess.Popen(on_host(r, [worker, "train", "--config", config]), env=env,
                                       stdout=subprocess.DEVNULL))
     wait_all(procs, f"cohort zero_stage={stage}")
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "logs", "metrics.jsonl"))]
@@ -191,7 +225,7 @@ bucket_mb = {a.bucket_mb}
         hidden = sum(r["grad_comm_hidden_s"] for r in kept) / grad if grad > 0 else 0.0
     else:
         hidden = max(0.0, (comm - wait) / comm) if comm > 0 else 0.0
-    return summarize([r["step_s"] for r in rows], a, {
+    return summarize([r["step_s"] for r in rows], a, world, {
         "comm_not_hidden_share": wait / step,
         "comm_hidden_fraction": hidden,
         "buckets_in_backward": sum(r.get("buckets_in_backward", 0) for r in kept) / len(kept),
@@ -206,16 +240,18 @@ def run_torch(a, tmp):
     port = free_port()
     procs = []
     for r in range(a.world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        env = dict(os.environ, MASTER_ADDR=host_addr(0), MASTER_PORT=str(port),
                    OMP_NUM_THREADS=str(a.threads))
+        if HOSTS:
+            env["GLOO_SOCKET_IFNAME"] = "eth0"
         args = [sys.executable, os.path.abspath(__file__), "--torch-rank", str(r), "--torch-out", out,
                 "--data", a.data, "--steps", str(a.steps), "--world", str(a.world),
                 "--threads", str(a.threads), "--batch", str(a.batch), "--n-layer", str(a.n_layer),
                 "--n-head", str(a.n_head), "--n-embd", str(a.n_embd), "--block", str(a.block)]
-        procs.append(subprocess.Popen(args, env=env))
+        procs.append(subprocess.Popen(on_host(r, args), env=env))
     wait_all(procs, "pytorch ddp")
     res = json.load(open(out))
-    return summarize(res["step_s"], a, {"final_loss": res["loss"][-1]})
+    return summarize(res["step_s"], a, a.world, {"final_loss": res["loss"][-1]})
 
 
 def main():
@@ -228,8 +264,27 @@ def main():
     runs = {"cohort_ddp": [], "cohort_zero1": [], "torch_ddp": []}
     if a.baseline_worker:
         runs.update({"baseline_ddp": [], "baseline_zero1": []})
+    global HOSTS
+    if a.link_rate:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from collectives_netns import Hosts, parse_rate
+
+        rate_bps = parse_rate(a.link_rate)
+        HOSTS = Hosts(a.world, a.link_rate)
+        runs["cohort_compute_only"] = []
+    try:
+        run_rounds(a, runs)
+    finally:
+        if HOSTS:
+            HOSTS.close()
+    report(a, runs, rate_bps if a.link_rate else None)
+
+
+def run_rounds(a, runs):
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.repeats):
+            if HOSTS:
+                runs["cohort_compute_only"].append(run_cohort(a, 0, tmp, a.worker, alone=True))
             runs["cohort_ddp"].append(run_cohort(a, 0, tmp, a.worker))
             if a.baseline_worker:
                 runs["baseline_ddp"].append(run_cohort(a, 0, tmp, a.baseline_worker))
@@ -240,6 +295,8 @@ def main():
             print(f"repeat {i + 1}/{a.repeats}: " + ", ".join(
                 f"{k} {v[-1]['tokens_per_s']:.0f} tok/s" for k, v in runs.items()), flush=True)
 
+
+def report(a, runs, rate_bps):
     med = lambda k, f: statistics.median(r[f] for r in runs[k])
     params = 12 * a.n_layer * a.n_embd ** 2 + (256 + a.block) * a.n_embd
     print(f"\ngpt n_layer={a.n_layer} n_head={a.n_head} n_embd={a.n_embd} block={a.block} "
@@ -260,9 +317,21 @@ def main():
         for k in ("ddp", "zero1"):
             r = med(f"cohort_{k}", "tokens_per_s") / med(f"baseline_{k}", "tokens_per_s")
             print(f"cohort {k} / baseline {k} tokens/s: {r:.2f}x")
+    bound = {}
+    if rate_bps:
+        grad_bytes = 4 * params
+        comm_bound_ms = 1e3 * 2 * (a.world - 1) / a.world * grad_bytes / rate_bps  # bytes/s
+        compute_ms = med("cohort_compute_only", "step_ms_median")
+        step_ms = med("cohort_ddp", "step_ms_median")
+        bound = {"comm_bound_ms": comm_bound_ms, "compute_only_ms": compute_ms,
+                 "step_over_bound": step_ms / max(compute_ms, comm_bound_ms)}
+        print(f"link {a.link_rate}: one gradient all-reduce ({grad_bytes / 1e6:.2f} MB) needs >= "
+              f"{comm_bound_ms:.1f} ms; compute-only step {compute_ms:.1f} ms; cohort DDP step "
+              f"{step_ms:.1f} ms = {bound['step_over_bound']:.2f}x max(compute, comm) (goal <= 1.1x)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "runs": runs, "ddp_vs_torch": ratio, "zero1_vs_ddp": zero}, f, indent=1)
+            json.dump({"args": vars(a), "runs": runs, "ddp_vs_torch": ratio, "zero1_vs_ddp": zero,
+                       **bound}, f, indent=1)
 
 
 if __name__ == "__main__":
