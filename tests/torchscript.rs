@@ -6,7 +6,7 @@
 //! compared with the same module trained by PyTorch DDP (gloo, 2 ranks) on
 //! the same batches (tests/torch_equivalence.py --module --ddp: cohort's
 //! data order, schedule, AdamW and clipping), and so are those of ZeRO-2
-//! training it.
+//! training it and of DDP resumed from a checkpoint after rank 1 died.
 //!
 //! Tolerance: 1e-5 relative, as tests/torch_equivalence.rs. Both sides run
 //! the same TorchScript graph in the same libtorch in fp32 from the same
@@ -127,6 +127,46 @@ fn the_example_trains_like_pytorch_and_loads_back_strictly() {
     assert!(
         diff <= TOLERANCE,
         "ZeRO-2: per-step losses differ from PyTorch's by up to {diff:.2e}\ncohort {zero2:?}\ntorch  {reference:?}"
+    );
+
+    // Rank 1 dies at step 13; the restart resumes from step 10's
+    // checkpoint, and the steps it redoes and those after are the
+    // uninterrupted run's.
+    let mut cmd = cohort();
+    cmd.current_dir(&work)
+        .arg("launch")
+        .args(FAST)
+        .args(["--max-restarts", "1", "--nproc-per-node", "2", "--log-dir"])
+        .arg(logs.join("resumed"))
+        .arg(work.join("job.toml"))
+        .args(["--set", "checkpoint.every=5", "--set"])
+        .arg(format!(
+            "checkpoint.dir={}",
+            dir.path().join("ckpt3").display()
+        ))
+        .env("COHORT_INJECT_FAULT", "rank=1,step=13");
+    let (status, out, err) = run(cmd, DEADLINE);
+    let all = format!("{out}{err}");
+    assert!(status.success(), "the resumed job failed:\n{all}");
+    assert!(all.contains("resumed from"), "no resume:\n{all}");
+    let metrics = fixtures::find_file(&logs.join("resumed"), "metrics.jsonl").unwrap();
+    let mut resumed = vec![f64::NAN; STEPS];
+    let mut lines = 0;
+    for line in std::fs::read_to_string(metrics).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let step = v["step"].as_u64().unwrap() as usize;
+        resumed[step - 1] = v["loss"].as_f64().unwrap();
+        lines += 1;
+    }
+    assert!(
+        lines > STEPS,
+        "no step was redone after the restart ({lines} lines)"
+    );
+    let diff = max_rel_diff(&resumed, &reference, STEPS);
+    println!("resumed: largest relative loss difference to PyTorch {diff:.2e}");
+    assert!(
+        diff <= TOLERANCE,
+        "resumed: per-step losses differ from PyTorch's by up to {diff:.2e}\ncohort {resumed:?}\ntorch  {reference:?}"
     );
 }
 
