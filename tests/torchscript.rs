@@ -106,7 +106,8 @@ fn the_example_trains_like_pytorch_and_loads_back_strictly() {
         "the comparison cannot see a 1% larger learning rate: {moved:.2e}"
     );
 
-    // The same file under ZeRO-2, from scratch (another checkpoint dir).
+    // The same file under ZeRO-2, from scratch (another checkpoint dir),
+    // evaluated every 10 steps.
     let mut cmd = cohort();
     cmd.current_dir(&work)
         .arg("launch")
@@ -114,13 +115,22 @@ fn the_example_trains_like_pytorch_and_loads_back_strictly() {
         .args(["--max-restarts", "0", "--nproc-per-node", "2", "--log-dir"])
         .arg(logs.join("zero2"))
         .arg(work.join("job.toml"))
-        .args(["--set", "parallel.zero_stage=2", "--set"])
+        .args([
+            "--set",
+            "parallel.zero_stage=2",
+            "--set",
+            "train.eval_every=10",
+        ])
+        .arg("--set")
         .arg(format!(
             "checkpoint.dir={}",
             dir.path().join("ckpt2").display()
         ));
     let (status, out, err) = run(cmd, DEADLINE);
     assert!(status.success(), "ZeRO-2 failed:\n{out}{err}");
+    // Evaluation (the module in eval(), then back in train()) changes no
+    // training loss.
+    assert!(out.contains("eval loss"), "no evaluation:\n{out}{err}");
     let zero2 = step_losses(&logs.join("zero2"));
     let diff = max_rel_diff(&zero2, &reference, STEPS);
     println!("zero2: largest relative loss difference to PyTorch {diff:.2e}");
