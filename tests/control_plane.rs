@@ -119,15 +119,7 @@ fn a_coordinator_killed_mid_run_and_restarted_with_its_state_dir_carries_on_the_
     let (mut coord, again) = coordinator(&addr, FAST, &state_flag);
     assert_eq!(again, addr);
     coord.wait_line("carrying on job ", false, Duration::from_secs(10));
-    let (sa, sb) = (a.wait(LIMIT), b.wait(LIMIT));
-    assert!(
-        sa.success() && sb.success(),
-        "a:\n{}{}\nb:\n{}{}",
-        a.out,
-        a.err,
-        b.out,
-        b.err
-    );
+    launch_util::both_succeed(&mut a, &mut b, LIMIT);
     assert!(a.err.contains("answers again, after"), "{}", a.err);
     assert!(
         !a.err.contains("generation 1"),
@@ -195,15 +187,7 @@ fn a_job_that_finishes_while_the_coordinator_is_down_exits_0_once_it_is_back() {
             == 2
     }));
     let (mut coord, _) = coordinator(&addr, FAST, &extra);
-    let (sa, sb) = (a.wait(LIMIT), b.wait(LIMIT));
-    assert!(
-        sa.success() && sb.success(),
-        "a:\n{}{}\nb:\n{}{}",
-        a.out,
-        a.err,
-        b.out,
-        b.err
-    );
+    launch_util::both_succeed(&mut a, &mut b, LIMIT);
     assert!(a.err.contains("job succeeded"), "{}", a.err);
     assert!(coord.wait(LIMIT).success(), "{}{}", coord.out, coord.err);
 }
@@ -334,15 +318,7 @@ fn a_lost_node_of_a_fixed_job_is_replaced_by_a_new_one() {
         "{line}"
     );
     let mut c = spawn();
-    let (sa, sc) = (a.wait(LIMIT), c.wait(LIMIT));
-    assert!(
-        sa.success() && sc.success(),
-        "a:\n{}{}\nc:\n{}{}",
-        a.out,
-        a.err,
-        c.out,
-        c.err
-    );
+    launch_util::both_succeed(&mut a, &mut c, LIMIT);
     assert!(
         a.err.contains("generation 1 formed: 2 node(s)"),
         "{}",

@@ -62,15 +62,7 @@ fn two_nodes_get_every_rank_exactly_once() {
     let extra = ["--nnodes", "2", "--nproc-per-node", "2"];
     let mut a = Proc::spawn(node(&addr, "s3cret", dir.path(), &extra, &program));
     let mut b = Proc::spawn(node(&addr, "s3cret", dir.path(), &extra, &program));
-    let (sa, sb) = (a.wait(LIMIT), b.wait(LIMIT));
-    assert!(
-        sa.success() && sb.success(),
-        "a:\n{}{}\nb:\n{}{}",
-        a.out,
-        a.err,
-        b.out,
-        b.err
-    );
+    launch_util::both_succeed(&mut a, &mut b, LIMIT);
     let mut ranks: Vec<u32> = Vec::new();
     for out in [&a.out, &b.out] {
         for line in out.lines().filter(|l| l.contains("layout ")) {

@@ -239,6 +239,20 @@ pub fn worker_pid(job: &str, rank: u32) -> Option<i32> {
         .copied()
 }
 
+/// Waits for both nodes `a` and `b`; fails, with both outputs, unless both
+/// exited 0.
+pub fn both_succeed(a: &mut Proc, b: &mut Proc, timeout: Duration) {
+    let (sa, sb) = (a.wait(timeout), b.wait(timeout));
+    assert!(
+        sa.success() && sb.success(),
+        "a ({sa}):\n{}{}\nb ({sb}):\n{}{}",
+        a.out,
+        a.err,
+        b.out,
+        b.err
+    );
+}
+
 /// `cohort launch` timing flags under which a node is found lost in 1.5 s
 /// (heartbeats every 100 ms), for tests that lose one.
 pub const FAST_LOSS: &[&str] = &[
