@@ -3,7 +3,8 @@
 Tied embeddings, pre-LayerNorm blocks, exact GELU, causal scaled-dot-product
 attention, biases on every Linear and LayerNorm, no dropout; the logits go to
 the cross-entropy in fp32 (as under autocast). The benchmarks that compare
-cohort with PyTorch (ddp_vs_torch.py, gpu_vs_torch.py) train this.
+cohort with PyTorch (ddp_vs_torch.py, gpu_vs_torch.py) train this, and
+torchscript_vs_builtin.py trains it scripted (torch.jit.script) under cohort.
 """
 
 import torch
@@ -18,11 +19,14 @@ class CausalSelfAttention(nn.Module):
         self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
 
     def forward(self, x):
-        b, t, c = x.shape
+        b, t, c = x.size(0), x.size(1), x.size(2)
         q, k, v = self.c_attn(x).split(c, dim=2)
-        heads = lambda z: z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+        y = F.scaled_dot_product_attention(self.heads(q), self.heads(k), self.heads(v), is_causal=True)
         return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+    def heads(self, z):
+        b, t, c = z.size(0), z.size(1), z.size(2)
+        return z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
 
 
 class MLP(nn.Module):
