@@ -11,22 +11,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use launch_util::{FAST, FAST_LOSS, Proc, cohort, eventually, run};
+use launch_util::{FAST, FAST_LOSS, Proc, cohort, coordinator, eventually, run};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// `cohort coordinator` on `bind` with the clock `timing` and `extra` flags;
-/// returns it and the address it listens on.
-fn coordinator(bind: &str, timing: &[&str], extra: &[&str]) -> (Proc, String) {
-    let mut cmd = cohort();
-    cmd.args(["coordinator", "--bind", bind])
-        .args(timing)
-        .args(extra);
-    let mut p = Proc::spawn(cmd);
-    let line = p.wait_line("listening on", false, Duration::from_secs(30));
-    let addr = line.rsplit(' ').next().unwrap().to_owned();
-    (p, addr)
-}
 
 fn kill(p: &Proc, signal: i32) {
     // SAFETY: kill has no memory-safety preconditions.
@@ -49,7 +36,7 @@ fn node(addr: &str, timing: &[&str], log_dir: &Path, extra: &[&str], program: &[
     cmd
 }
 
-/// The quickstart model trained for 40 steps (checkpoints every 10 into
+/// The quickstart model trained for 150 steps (checkpoints every 10 into
 /// `dir/ckpt`), as a node of the job at `addr`, or alone with `extra`.
 fn quickstart(dir: &Path, coordinator: Option<&str>, extra: &[&str]) -> Command {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -65,7 +52,9 @@ fn quickstart(dir: &Path, coordinator: Option<&str>, extra: &[&str]) -> Command 
             "--set",
             &format!("data.path={}", repo.join("configs/data/tiny.txt").display()),
         ])
-        .args(["--set", "train.max_steps=40"])
+        // Long enough that the coordinator dies mid-run, after step 10,
+        // also on a fast machine (some 40 ms a step here).
+        .args(["--set", "train.max_steps=150"])
         .args(["--set", "train.eval_every=0"])
         .args(["--set", "checkpoint.every=10"])
         .args(["--set", "checkpoint.dir=ckpt"]);
@@ -101,7 +90,9 @@ fn a_coordinator_killed_mid_run_and_restarted_with_its_state_dir_carries_on_the_
     for d in [&a_dir, &b_dir] {
         std::fs::create_dir_all(d).unwrap();
     }
-    // Both nodes write the same checkpoint root, as on a shared file system.
+    // Both nodes write the same checkpoint root, as on a shared file system
+    // (made first: a dangling link is no directory to write into).
+    std::fs::create_dir_all(a_dir.join("ckpt")).unwrap();
     std::os::unix::fs::symlink(a_dir.join("ckpt"), b_dir.join("ckpt")).unwrap();
     let mut a = Proc::spawn(quickstart(&a_dir, Some(&addr), &[]));
     let mut b = Proc::spawn(quickstart(&b_dir, Some(&addr), &[]));
@@ -118,7 +109,8 @@ fn a_coordinator_killed_mid_run_and_restarted_with_its_state_dir_carries_on_the_
     // Restarted on the same address, without the token: the state has it.
     let (mut coord, again) = coordinator(&addr, FAST, &state_flag);
     assert_eq!(again, addr);
-    coord.wait_line("carrying on job ", false, Duration::from_secs(10));
+    let line = coord.wait_line("carrying on job ", false, Duration::from_secs(10));
+    assert!(line.contains("generation 0 running on 2 node(s)"), "{line}");
     launch_util::both_succeed(&mut a, &mut b, LIMIT);
     assert!(a.err.contains("answers again, after"), "{}", a.err);
     assert!(

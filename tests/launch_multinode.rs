@@ -21,14 +21,7 @@ const LOSS: &[&str] = launch_util::FAST_LOSS;
 
 /// [`coordinator`] with the clock flags `timing`.
 fn coordinator_timed(timing: &[&str], extra: &[&str]) -> (Proc, String) {
-    let mut cmd = cohort();
-    cmd.args(["coordinator", "--bind", "127.0.0.1:0"])
-        .args(timing)
-        .args(extra);
-    let mut p = Proc::spawn(cmd);
-    let line = p.wait_line("listening on", false, Duration::from_secs(30));
-    let addr = line.rsplit(' ').next().unwrap().to_owned();
-    (p, addr)
+    launch_util::coordinator("127.0.0.1:0", timing, extra)
 }
 
 fn node(

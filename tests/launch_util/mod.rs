@@ -239,6 +239,19 @@ pub fn worker_pid(job: &str, rank: u32) -> Option<i32> {
         .copied()
 }
 
+/// Starts `cohort coordinator` on `bind` (port 0: a free one) with the clock
+/// flags `timing` and `extra`; returns it and the address it listens on.
+pub fn coordinator(bind: &str, timing: &[&str], extra: &[&str]) -> (Proc, String) {
+    let mut cmd = cohort();
+    cmd.args(["coordinator", "--bind", bind])
+        .args(timing)
+        .args(extra);
+    let mut p = Proc::spawn(cmd);
+    let line = p.wait_line("listening on", false, Duration::from_secs(30));
+    let addr = line.rsplit(' ').next().unwrap().to_owned();
+    (p, addr)
+}
+
 /// Waits for both nodes `a` and `b`; fails, with both outputs, unless both
 /// exited 0.
 pub fn both_succeed(a: &mut Proc, b: &mut Proc, timeout: Duration) {
