@@ -149,6 +149,19 @@ choice! {
     }
 }
 
+choice! {
+    /// `recovery.mode`: what a worker's failure costs the job.
+    pub enum RecoveryMode ("recovery mode") {
+        /// In place: the survivors keep their processes and memory, only
+        /// the failed rank starts again and takes its state from a peer.
+        #[default]
+        Peer = "peer",
+        /// Every worker stops and the job restarts from the newest
+        /// checkpoint on disk.
+        Restart = "restart",
+    }
+}
+
 /// `parallel.zero_stage`: how gradients and optimizer state are spread over
 /// the ranks. Written as its number, `0`, `1` or `2`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

@@ -51,6 +51,7 @@ pub struct JobConfig {
     pub optim: OptimConfig,
     pub parallel: ParallelConfig,
     pub checkpoint: CheckpointConfig,
+    pub recovery: RecoveryConfig,
 }
 
 impl JobConfig {
@@ -220,6 +221,15 @@ impl JobConfig {
         }
         if self.checkpoint.every > 0 && self.checkpoint.keep_last == 0 {
             return err("checkpoint.keep_last", "must be at least 1".into());
+        }
+        if self.recovery.mirror_every == 0 {
+            return err(
+                "recovery.mirror_every",
+                "must be at least 1 (the mirror is refreshed every N steps)".into(),
+            );
+        }
+        if self.recovery.rejoin_timeout_s == 0 {
+            return err("recovery.rejoin_timeout_s", "must be at least 1".into());
         }
         Ok(())
     }
@@ -404,6 +414,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.kind"), "{err}");
+    }
+
+    #[test]
+    fn recovery_is_peer_by_default_and_checked() {
+        let job = parse("", &[]).unwrap();
+        assert_eq!(job.recovery.mode, RecoveryMode::Peer);
+        assert_eq!(job.recovery.mirror_every, 1);
+        let job = parse("[recovery]\nmode = \"restart\"\n", &[]).unwrap();
+        assert_eq!(job.recovery.mode, RecoveryMode::Restart);
+        let err = parse("", &["recovery.mode=pray"]).unwrap_err().to_string();
+        assert!(
+            err.contains("recovery.mode") && err.contains("use peer or restart"),
+            "{err}"
+        );
+        let err = parse("", &["recovery.mirror_every=0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("recovery.mirror_every"), "{err}");
     }
 
     #[test]

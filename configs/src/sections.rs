@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::choice::{
-    AlgorithmChoice, BackendChoice, DeviceChoice, NodeRange, Precision, TransportChoice, ZeroStage,
+    AlgorithmChoice, BackendChoice, DeviceChoice, NodeRange, Precision, RecoveryMode,
+    TransportChoice, ZeroStage,
 };
 
 /// `[launch]`: defaults for `cohort launch` flags. A flag given on the command
@@ -296,6 +297,33 @@ impl Default for CheckpointConfig {
             every: 0,
             keep_last: 3,
             async_save: true,
+        }
+    }
+}
+
+/// `[recovery]`: what a failed worker of the built-in trainer costs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// `peer` (in place: only the failed rank restarts and takes its state
+    /// from a survivor) or `restart` (every worker restarts from the newest
+    /// checkpoint on disk). Programs run with `cohort launch -- PROGRAM`
+    /// always restart.
+    pub mode: RecoveryMode,
+    /// ZeRO: refresh the host-memory mirror of the buddy rank's shard every
+    /// this many steps.
+    pub mirror_every: u64,
+    /// How long the survivors of a failure wait for the replacement to
+    /// rejoin before the job falls back to a restart from disk (seconds).
+    pub rejoin_timeout_s: u64,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            mode: RecoveryMode::Peer,
+            mirror_every: 1,
+            rejoin_timeout_s: 120,
         }
     }
 }

@@ -149,6 +149,11 @@ pub struct WorkerEnv {
     /// the first run); read from `TORCHELASTIC_RESTART_COUNT` when unset,
     /// and written to both.
     pub restart_count: u64,
+    /// `COHORT_EPOCH`: the communicator epoch this worker joins: 0 for the
+    /// workers a generation starts with, N for the worker that replaces a
+    /// failed rank in place after the job's N-th in-place recovery (see
+    /// [`crate::recovery`]).
+    pub epoch: u64,
     /// The collectives' part: token, host, op timeout.
     pub comm: CommEnv,
     /// `COHORT_LOG_DIR`: the job's log directory (the trainer's rank 0
@@ -192,6 +197,7 @@ impl Default for WorkerEnv {
             job_id: None,
             generation: None,
             restart_count: 0,
+            epoch: 0,
             comm: CommEnv::default(),
             log_dir: None,
             status_file: None,
@@ -332,6 +338,7 @@ impl WorkerEnv {
             job_id,
             generation: v.num(var::GENERATION)?,
             restart_count,
+            epoch: v.num(var::EPOCH)?.unwrap_or(0),
             comm: v.comm()?,
             log_dir: v.path(var::LOG_DIR),
             status_file: v.path(var::STATUS_FILE),
@@ -398,6 +405,10 @@ impl WorkerEnv {
             var::GENERATION,
             self.generation.map(|g| g.to_string().into()),
         );
+        set(
+            var::EPOCH,
+            (self.epoch > 0).then(|| self.epoch.to_string().into()),
+        );
         set(var::TOKEN, string(&self.comm.token));
         set(var::HOST, string(&self.comm.host));
         set(
@@ -419,10 +430,12 @@ impl WorkerEnv {
     }
 
     /// The fault to inject in this attempt: `COHORT_INJECT_FAULT`, in the
-    /// job's first attempt only (`COHORT_RESTART_COUNT` 0), so the restarted
-    /// job gets past it.
+    /// job's first attempt only (`COHORT_RESTART_COUNT` 0) and never in a
+    /// worker that replaces a failed rank in place (`COHORT_EPOCH` > 0), so
+    /// the restarted job, or the replacement, gets past it.
     pub fn fault(&self) -> Option<FaultSpec> {
-        self.inject_fault.filter(|_| self.restart_count == 0)
+        self.inject_fault
+            .filter(|_| self.restart_count == 0 && self.epoch == 0)
     }
 
     /// The step at which this worker must abort at `at`, in this attempt.
@@ -629,6 +642,7 @@ mod tests {
             job_id: Some("job-1".into()),
             generation: Some(3),
             restart_count: 2,
+            epoch: 4,
             comm: CommEnv {
                 token: Some("sekrit".into()),
                 host: Some("198.18.0.2".into()),

@@ -8,3 +8,11 @@
 /// your own run by `cohort launch -- PROGRAM` may exit with it too. A worker
 /// killed by a signal, or failing any other way, is restarted as before.
 pub const PERMANENT_FAILURE: i32 = 78;
+
+/// The status a worker of the built-in trainer exits with when it gave up
+/// on recovering in place (no replacement came within
+/// `recovery.rejoin_timeout_s`, the state could not be recovered from the
+/// peers, or the path it runs cannot recover in place): its agent then
+/// reports an ordinary failure and the job restarts from the newest
+/// checkpoint on disk. sysexits' `EX_TEMPFAIL`.
+pub const RECOVERY_FAILED: i32 = 75;

@@ -10,6 +10,7 @@
 //!   and its agent reads to detect hangs;
 //! - [`FaultSpec`]: `COHORT_INJECT_FAULT`, the recovery drills;
 //! - [`exit`]: the status of a failure that a restart can't fix;
+//! - [`recovery`]: the store keys and records of an in-place recovery;
 //! - [`shard_range`]: which elements of a flat buffer each rank owns.
 //!
 //! Only the processes read their environment: the worker binary (and a
@@ -34,6 +35,7 @@ mod env;
 mod error;
 pub mod exit;
 mod fault;
+pub mod recovery;
 mod shard;
 mod status;
 pub mod var;

@@ -62,6 +62,9 @@ pub const JOB_ID: &str = "COHORT_JOB_ID";
 pub const GENERATION: &str = "COHORT_GENERATION";
 /// How many times the job has restarted (0 in its first attempt).
 pub const RESTART_COUNT: &str = "COHORT_RESTART_COUNT";
+/// The communicator epoch a worker joins (0 unless it replaces a failed
+/// rank in place; see `cohort_contract::recovery`).
+pub const EPOCH: &str = "COHORT_EPOCH";
 /// The job secret every rank proves to its peers and to the coordinator.
 pub const TOKEN: &str = "COHORT_TOKEN";
 /// The job's log directory, `<log-dir>/<job-id>`.
@@ -107,6 +110,7 @@ pub const ALL: &[&str] = &[
     JOB_ID,
     GENERATION,
     RESTART_COUNT,
+    EPOCH,
     TOKEN,
     LOG_DIR,
     HOST,
