@@ -288,6 +288,49 @@ impl Communicator {
         )
     }
 
+    /// Sends `send` to rank `(rank + offset) % world` and receives `recv`
+    /// from rank `(rank - offset) % world`, all ranks at once (each calls
+    /// it with the same offset and length): e.g. every rank copies its
+    /// state to a buddy. `offset` 0 (mod world) copies `send` into `recv`.
+    pub fn shift<T: Element>(
+        &mut self,
+        send: &[T],
+        recv: &mut [T],
+        offset: usize,
+        opts: &OpOptions,
+    ) -> Result<(), CommError> {
+        if send.len() != recv.len() {
+            return Err(CommError::InvalidArgument {
+                op: "shift",
+                reason: format!(
+                    "send has {} elements, recv {}: they must be as long",
+                    send.len(),
+                    recv.len()
+                ),
+            });
+        }
+        if offset % self.world == 0 {
+            recv.copy_from_slice(send);
+            return Ok(());
+        }
+        let count = send.len();
+        self.run(
+            OpKind::Shift,
+            T::DTYPE,
+            ReduceOp::Sum,
+            offset % self.world,
+            count,
+            opts,
+            |ctx| {
+                algorithms::shift(
+                    ctx,
+                    bytemuck::cast_slice(send),
+                    bytemuck::cast_slice_mut(recv),
+                )
+            },
+        )
+    }
+
     /// Returns once every rank has entered the barrier.
     pub fn barrier(&mut self, opts: &OpOptions) -> Result<(), CommError> {
         let mut token = [0u8; 1];

@@ -318,6 +318,9 @@ pub enum OpKind {
     AllGather,
     Broadcast,
     Barrier,
+    /// Every rank sends to the rank `offset` after it and receives from
+    /// the rank `offset` before it (`Communicator::shift`).
+    Shift,
 }
 
 impl OpKind {
@@ -328,6 +331,7 @@ impl OpKind {
             OpKind::AllGather => "all_gather",
             OpKind::Broadcast => "broadcast",
             OpKind::Barrier => "barrier",
+            OpKind::Shift => "shift",
         }
     }
 }

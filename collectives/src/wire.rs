@@ -82,6 +82,7 @@ impl Header {
         match self.kind {
             OpKind::AllReduce | OpKind::ReduceScatter => s.push_str(&format!(", {}", self.op)),
             OpKind::Broadcast => s.push_str(&format!(", root {}", self.root)),
+            OpKind::Shift => s.push_str(&format!(", offset {}", self.root)),
             OpKind::AllGather | OpKind::Barrier => {}
         }
         s.push_str(&format!(", {}) seq {}", self.algo, self.seq));
@@ -272,6 +273,7 @@ pub(crate) fn decode(b: &[u8; HEADER_LEN]) -> Result<Frame, String> {
         3 => OpKind::AllGather,
         4 => OpKind::Broadcast,
         5 => OpKind::Barrier,
+        6 => OpKind::Shift,
         k => return Err(format!("unknown op kind code {k}")),
     };
     let dtype = DType::from_code(dtype).ok_or_else(|| format!("unknown dtype code {dtype}"))?;

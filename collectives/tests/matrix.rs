@@ -471,3 +471,42 @@ fn thousand_ranks_on_mem() {
         comm.barrier(&OpOptions::default()).unwrap();
     });
 }
+
+/// `shift`: every rank's buffer lands on the rank `offset` after it, over
+/// every transport, for messages of one segment and of many, and for every
+/// offset of the world.
+#[test]
+fn shift_moves_each_rank_buffer_to_the_rank_offset_after_it() {
+    for kind in [Kind::Mem, Kind::Tcp, Kind::Shm] {
+        let world = 3;
+        let mut comms = group(kind, world);
+        for len in [5usize, 300_000] {
+            for offset in 0..=world {
+                let got = each_rank(&mut comms, |c| {
+                    let send: Vec<f32> = (0..len)
+                        .map(|i| (c.rank() * 1_000_000 + i) as f32)
+                        .collect();
+                    let mut recv = vec![-1.0f32; len];
+                    c.shift(&send, &mut recv, offset, &OpOptions::default())
+                        .map(|()| recv)
+                });
+                for (rank, recv) in got.into_iter().enumerate() {
+                    let recv = recv.unwrap_or_else(|e| panic!("{kind:?} rank {rank}: {e}"));
+                    let from = (rank + world - offset % world) % world;
+                    assert!(
+                        recv.iter()
+                            .enumerate()
+                            .all(|(i, &x)| x == (from * 1_000_000 + i) as f32),
+                        "{kind:?}: rank {rank} of {world}, offset {offset}, {len} elements: not rank {from}'s"
+                    );
+                }
+            }
+        }
+        // Buffers of different lengths are refused before anything moves.
+        let err = comms[0]
+            .shift(&[1.0f32; 3], &mut [0.0f32; 2], 1, &OpOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("as long"), "{err}");
+    }
+}

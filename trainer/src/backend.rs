@@ -86,6 +86,7 @@ impl Collectives {
                         OpKind::AllGather => nccl.all_gather(addr, count, DType::F32, s),
                         OpKind::Broadcast => nccl.broadcast(addr, count, DType::F32, ROOT, s),
                         OpKind::Barrier => nccl.barrier(),
+                        OpKind::Shift => Err(not_in_place()),
                     }
                 }
             }
@@ -173,6 +174,15 @@ pub(crate) fn run_host(
         OpKind::AllGather => comm.all_gather(buf, opts),
         OpKind::Broadcast => comm.broadcast(buf, ROOT, opts),
         OpKind::Barrier => comm.barrier(opts),
+        OpKind::Shift => Err(not_in_place()),
+    }
+}
+
+/// A shift sends one buffer and receives another: it has no in-place form.
+fn not_in_place() -> CommError {
+    CommError::InvalidArgument {
+        op: "shift",
+        reason: "a shift sends one buffer and receives another; it does not run in place".into(),
     }
 }
 

@@ -303,6 +303,8 @@ pub(crate) fn choose(
     let node_aware = nodes.is_some();
     match kind {
         OpKind::Barrier => Algorithm::Doubling,
+        // Point to point: each rank's two transfers, whatever the label.
+        OpKind::Shift => Algorithm::Ring,
         OpKind::AllReduce | OpKind::ReduceScatter | OpKind::AllGather
             if node_aware && bytes > NODE_AWARE_FROM =>
         {
@@ -358,6 +360,34 @@ pub(crate) fn all_gather(ctx: &mut Ctx<'_>, buf: &mut [u8]) -> Result<(), CommEr
         Algorithm::Hierarchical => hierarchical::all_gather(ctx, buf),
         Algorithm::Ring | Algorithm::Auto => ring::all_gather(ctx, buf),
     }
+}
+
+/// Sends `send` to the rank `ctx.base.root` (the offset) after this one
+/// and receives `recv` (as long) from the rank as far before it, segment by
+/// segment, both directions at once.
+pub(crate) fn shift(
+    ctx: &mut Ctx<'_>,
+    send_buf: &[u8],
+    recv_buf: &mut [u8],
+) -> Result<(), CommError> {
+    let offset = ctx.base.root as usize % ctx.world;
+    let (to, from) = (
+        (ctx.rank + offset) % ctx.world,
+        (ctx.rank + ctx.world - offset) % ctx.world,
+    );
+    let elem = ctx.elem();
+    let n = send_buf.len() / elem;
+    let all = 0..n;
+    for k in 0..segments(n, ctx.seg_elems) {
+        let seg = bytes(&segment(&all, ctx.seg_elems, k), elem);
+        let base = ctx.base;
+        let mut xfers = [
+            send(&base, to, k as u64, &send_buf[seg.clone()]),
+            recv(&base, from, k as u64, &mut recv_buf[seg]),
+        ];
+        ctx.exchange(&mut xfers)?;
+    }
+    Ok(())
 }
 
 /// Broadcast from `root` (in `ctx.base.root`).
