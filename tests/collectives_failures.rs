@@ -21,10 +21,12 @@ impl Drop for Procs {
 
 /// Starts rank `rank` of `world` in the hidden worker mode of the benchmark.
 fn worker(store: &Path, rank: usize, world: usize, token: &str, timeout_s: &str) -> Child {
-    worker_up_to(store, rank, world, token, timeout_s, "64M", "auto")
+    worker_up_to(store, rank, world, token, timeout_s, "64M", "auto", 3)
 }
 
-/// As [`worker`], with buffers of 1 KiB up to `max_bytes`, over `transport`.
+/// As [`worker`], with buffers of 1 KiB up to `max_bytes`, over `transport`,
+/// `iters` iterations per size.
+#[allow(clippy::too_many_arguments)]
 fn worker_up_to(
     store: &Path,
     rank: usize,
@@ -33,6 +35,7 @@ fn worker_up_to(
     timeout_s: &str,
     max_bytes: &str,
     transport: &str,
+    iters: usize,
 ) -> Child {
     Command::new(env!("CARGO_BIN_EXE_cohort"))
         .args(["bench", "collectives", "--nproc", &world.to_string()])
@@ -48,7 +51,7 @@ fn worker_up_to(
         ])
         .args([
             "--iters",
-            "3",
+            &iters.to_string(),
             "--warmup",
             "0",
             "--transport",
@@ -92,7 +95,7 @@ fn a_killed_worker_fails_the_others_quickly() {
         // A 60 s op timeout: the survivors must notice the death long before.
         let mut procs = Procs(
             (0..3)
-                .map(|r| worker_up_to(store.path(), r, 3, "sekrit", "60", "64M", transport))
+                .map(|r| worker_up_to(store.path(), r, 3, "sekrit", "60", "64M", transport, 3))
                 .collect(),
         );
         // Rank 0 prints a row once the group is up and running ops.
@@ -124,7 +127,10 @@ fn a_killed_worker_fails_the_others_quickly() {
 
 /// Shared-memory segments are memfds: they live only as long as a process
 /// holds them, so a job killed with SIGKILL leaves nothing in /dev/shm (or
-/// anywhere). The workers are seen holding their segments first.
+/// anywhere). The workers are seen holding their segments first: 1000
+/// iterations of every size up to 64 MiB keep them busy for many seconds
+/// after the first row (where 3 could finish the sweep and drop the
+/// segments before their descriptors were read).
 #[test]
 fn a_killed_job_leaves_no_segment_behind() {
     let shm_entries = || -> Vec<String> {
@@ -140,7 +146,7 @@ fn a_killed_job_leaves_no_segment_behind() {
     let store = tempfile::tempdir().unwrap();
     let mut procs = Procs(
         (0..2)
-            .map(|r| worker_up_to(store.path(), r, 2, "tok", "60", "64M", "shm"))
+            .map(|r| worker_up_to(store.path(), r, 2, "tok", "60", "64M", "shm", 1000))
             .collect(),
     );
     let out = procs.0[0].stdout.take().unwrap();
@@ -205,6 +211,7 @@ fn idle_connections_to_a_worker_cost_nothing() {
         "8",
         "1K",
         "auto",
+        3,
     )]);
     // Rank 1's address, once it has published it.
     let entry = store.path().join("bench%addr%1");
@@ -225,7 +232,7 @@ fn idle_connections_to_a_worker_cost_nothing() {
         .collect();
     procs
         .0
-        .push(worker_up_to(store.path(), 0, 2, "tok", "8", "1K", "tcp"));
+        .push(worker_up_to(store.path(), 0, 2, "tok", "8", "1K", "tcp", 3));
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut outcomes = Vec::new();
     for child in procs.0.iter_mut() {
