@@ -5,8 +5,10 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::abort::{AbortHandle, AbortSignal};
 use crate::algorithms::{self, Ctx, Nodes};
 use crate::error::CommError;
 use crate::store::Store;
@@ -81,6 +83,12 @@ impl fmt::Display for OpRecord {
 /// - After any error other than [`CommError::InvalidArgument`], the
 ///   communicator is broken: it tells its peers, closes its connections and
 ///   answers [`CommError::Broken`]. Rebuild it (under a new store prefix).
+/// - Another thread can end the op in flight at once through an
+///   [`AbortHandle`] ([`Communicator::abort_handle`]), e.g. when a peer is
+///   known to be gone: the op fails with [`CommError::Aborted`] (the next
+///   one, if none is in flight) and the communicator breaks as above, so
+///   peers waiting on this rank fail with [`CommError::PeerAborted`]
+///   instead of waiting out their timeout.
 /// - Reductions: see [`ReduceOp`] (integer `Avg` truncates toward zero).
 ///   Results are identical on every rank.
 pub struct Communicator {
@@ -95,6 +103,8 @@ pub struct Communicator {
     flight: VecDeque<OpRecord>,
     /// How the ranks sit on hosts, when node-aware algorithms apply.
     nodes: Option<Nodes>,
+    /// Shared with the transport and every `AbortHandle`.
+    abort: Arc<AbortSignal>,
 }
 
 impl fmt::Debug for Communicator {
@@ -115,9 +125,11 @@ impl Communicator {
         transport: Box<dyn Transport>,
         timeout: Duration,
         nodes: Option<Nodes>,
+        abort: Arc<AbortSignal>,
     ) -> Self {
         Communicator {
             nodes,
+            abort,
             rank,
             world,
             transport,
@@ -149,12 +161,14 @@ impl Communicator {
     pub fn mem_group_on_hosts(hosts: &[usize]) -> Vec<Communicator> {
         let world = hosts.len();
         assert!(world > 0, "mem_group: world size must be at least 1");
-        MemTransport::group(world)
+        let aborts: Vec<Arc<AbortSignal>> = (0..world).map(|_| Arc::default()).collect();
+        MemTransport::group(&aborts)
             .into_iter()
+            .zip(aborts)
             .enumerate()
-            .map(|(rank, t)| {
+            .map(|(rank, (t, abort))| {
                 let nodes = Nodes::from_hosts(hosts);
-                Communicator::new(rank, world, Box::new(t), MEM_DEFAULT_TIMEOUT, nodes)
+                Communicator::new(rank, world, Box::new(t), MEM_DEFAULT_TIMEOUT, nodes, abort)
             })
             .collect()
     }
@@ -176,13 +190,15 @@ impl Communicator {
                 reason: format!("rank {rank} is not in a world of {world}"),
             });
         }
-        let (transport, hosts) = bootstrap::connect(store, rank, world, cfg)?;
+        let abort = Arc::<AbortSignal>::default();
+        let (transport, hosts) = bootstrap::connect(store, rank, world, cfg, abort.clone())?;
         Ok(Communicator::new(
             rank,
             world,
             Box::new(transport),
             cfg.default_timeout,
             Nodes::from_hosts(&hosts),
+            abort,
         ))
     }
 
@@ -192,6 +208,13 @@ impl Communicator {
 
     pub fn world_size(&self) -> usize {
         self.world
+    }
+
+    /// A handle that aborts this communicator from any thread: the op in
+    /// flight fails at once with [`CommError::Aborted`] (or the next op, if
+    /// none is), and the communicator is broken from then on.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle::new(self.abort.clone())
     }
 
     /// The timeout of ops whose options give none.
@@ -381,7 +404,24 @@ impl Communicator {
         self.seq += 1;
         let started = Instant::now();
         let timeout = opts.timeout.unwrap_or(self.default_timeout);
-        let mut result = if self.world == 1 || count == 0 {
+        let base = Header {
+            kind,
+            dtype,
+            op,
+            algo: algorithm,
+            seq,
+            count: count as u64,
+            chunk: 0,
+            root: root as u32,
+            len: 0,
+        };
+        let mut result = if let Some(reason) = self.abort.reason() {
+            Err(CommError::Aborted {
+                rank: self.rank,
+                op: base.describe(),
+                reason: reason.to_owned(),
+            })
+        } else if self.world == 1 || count == 0 {
             Ok(())
         } else {
             let mut ctx = Ctx {
@@ -392,17 +432,7 @@ impl Communicator {
                 tag: 0,
                 root,
                 nodes: self.nodes.as_ref(),
-                base: Header {
-                    kind,
-                    dtype,
-                    op,
-                    algo: algorithm,
-                    seq,
-                    count: count as u64,
-                    chunk: 0,
-                    root: root as u32,
-                    len: 0,
-                },
+                base,
                 deadline: started + timeout,
                 seg_elems: (self.segment_bytes / dtype.size()).max(1),
                 scratch: &mut self.scratch,

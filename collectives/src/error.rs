@@ -2,7 +2,8 @@
 //!
 //! Two classes, as in Gloo. [`CommError::InvalidArgument`] is raised before
 //! any byte moves: the communicator stays usable. Every other error (a
-//! timeout, a peer that closed or aborted, a desync, an I/O error) leaves the
+//! timeout, a peer that closed or aborted, a desync, an I/O error, an abort
+//! through the [`AbortHandle`](crate::AbortHandle)) leaves the
 //! byte streams between ranks in an unknown state: the communicator tells its
 //! peers, closes its connections and answers [`CommError::Broken`] from then
 //! on. Rebuild it (a new `Communicator`, under a new store prefix) to go on.
@@ -63,6 +64,15 @@ pub enum CommError {
     PeerAborted {
         rank: usize,
         peer: usize,
+        op: String,
+        reason: String,
+    },
+
+    /// The op was aborted through the communicator's
+    /// [`AbortHandle`](crate::AbortHandle) (a peer is known to be gone).
+    #[error("{op} on rank {rank} was aborted: {reason}. The communicator is broken: rebuild it")]
+    Aborted {
+        rank: usize,
         op: String,
         reason: String,
     },

@@ -5,7 +5,8 @@
 //!
 //! Layers, as in Gloo:
 //! - [`Communicator`] (the front): validates, numbers ops, picks the
-//!   algorithm, applies timeouts, records ops, breaks on failure;
+//!   algorithm, applies timeouts, records ops, breaks on failure; its
+//!   [`AbortHandle`] fails the op in flight from another thread;
 //! - `algorithms`: ring, tree, chain, doubling; they move bytes through a
 //!   point-to-point `Transport` and never name one;
 //! - `transport`: between processes, a pipe per peer (`tcp`, or `shm` for a
@@ -36,6 +37,7 @@
 //! }
 //! ```
 
+mod abort;
 mod algorithms;
 mod auth;
 pub mod backend;
@@ -49,6 +51,7 @@ mod transport;
 mod types;
 mod wire;
 
+pub use abort::AbortHandle;
 pub use backend::{Backend, BackendRequest};
 pub use communicator::{Communicator, OpOptions, OpRecord};
 pub use error::CommError;

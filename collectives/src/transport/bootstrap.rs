@@ -30,11 +30,13 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::links::{Conn, HostTransport, Spin};
 use super::shm::Local;
 use super::tcp::{TcpConfig, TcpPipe, tune};
+use crate::abort::AbortSignal;
 use crate::auth::{self, Acceptor, ListenerId, Me, Refusal, Target};
 use crate::error::CommError;
 use crate::host;
@@ -131,11 +133,12 @@ pub(crate) fn connect(
     rank: usize,
     world: usize,
     cfg: &TcpConfig,
+    abort: Arc<AbortSignal>,
 ) -> Result<(HostTransport, Vec<String>), CommError> {
     let deadline = Instant::now() + cfg.connect_timeout;
     let mut conns: Vec<Option<Conn>> = (0..world).map(|_| None).collect();
     if world == 1 {
-        let transport = HostTransport::new(rank, conns, Spin::default(), None);
+        let transport = HostTransport::new(rank, conns, Spin::default(), None, abort)?;
         return Ok((transport, vec![String::new()]));
     }
     let tcp = TcpListener::bind((cfg.bind_host.as_str(), 0))
@@ -258,7 +261,7 @@ pub(crate) fn connect(
         None => None,
     };
     let hosts = entries.into_iter().map(|e| e.host).collect();
-    Ok((HostTransport::new(rank, conns, spin, bell), hosts))
+    Ok((HostTransport::new(rank, conns, spin, bell, abort)?, hosts))
 }
 
 fn shm_failed(rank: usize, peer: usize, reason: String) -> CommError {
@@ -612,7 +615,6 @@ mod tests {
     use super::*;
     use crate::store::MemStore;
     use crate::transport::shm::fds;
-    use std::sync::Arc;
 
     fn config(token: &[u8]) -> TcpConfig {
         TcpConfig {
@@ -642,7 +644,9 @@ mod tests {
         store.set("addr/0", early.encode().as_bytes()).unwrap();
         let listener_rank = {
             let store = store.clone();
-            std::thread::spawn(move || connect(store.as_ref(), 1, 2, &config(b"right")))
+            std::thread::spawn(move || {
+                connect(store.as_ref(), 1, 2, &config(b"right"), Arc::default())
+            })
         };
         let entry = store
             .wait(&["addr/1".into()], Duration::from_secs(20))
@@ -686,7 +690,7 @@ mod tests {
             .unwrap();
         assert_eq!(garbage.read(&mut sink).unwrap_or(0), 0);
 
-        connect(store.as_ref(), 0, 2, &config(b"right")).unwrap();
+        connect(store.as_ref(), 0, 2, &config(b"right"), Arc::default()).unwrap();
         listener_rank.join().unwrap().unwrap();
     }
 
@@ -701,7 +705,7 @@ mod tests {
                         host_id: Some(format!("host{rank}")),
                         ..config(b"t")
                     };
-                    connect(store.as_ref(), rank, 2, &cfg).map(|_| ())
+                    connect(store.as_ref(), rank, 2, &cfg, Arc::default()).map(|_| ())
                 })
             })
             .collect();

@@ -20,14 +20,20 @@
 //! (a flag the peer checks after every write), makes one more pass so no
 //! wake-up is lost, and polls the doorbell too. After `PROBE_AFTER` it
 //! probes the peers it waits on and watches the others (see `wire`).
+//!
+//! Every pass reads the abort flag of the communicator's handle (one load),
+//! and every blocking poll also waits on the eventfd the handle writes, so
+//! an abort ends the exchange at once whether it spins or sleeps.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::pipe::Pipe;
-use super::shm::Doorbell;
+use super::shm::{Doorbell, segment};
 use super::{Transport, Xfer};
+use crate::abort::AbortSignal;
 use crate::error::CommError;
 use crate::reduce;
 use crate::types::{DType, ReduceOp};
@@ -41,6 +47,8 @@ const MAX_IO: usize = 256 << 10;
 const MAX_REASON: u64 = 4096;
 /// A `polled` entry that is the doorbell, not a peer.
 const DOORBELL: usize = usize::MAX;
+/// A `polled` entry that is the abort eventfd, not a peer.
+const ABORT: usize = usize::MAX - 1;
 
 /// One peer: its pipe and the state of the frames on it.
 pub(crate) struct Conn {
@@ -141,11 +149,35 @@ pub(crate) struct HostTransport {
     spin: Spin,
     /// This process's doorbell, when it has shared-memory peers.
     bell: Option<Doorbell>,
+    /// Set by the communicator's abort handle, which then writes `abort_fd`.
+    abort: Arc<AbortSignal>,
+    abort_fd: Arc<OwnedFd>,
 }
 
 impl HostTransport {
-    pub fn new(rank: usize, conns: Vec<Option<Conn>>, spin: Spin, bell: Option<Doorbell>) -> Self {
-        HostTransport {
+    /// Fails only if no eventfd can be created (for `abort`).
+    pub fn new(
+        rank: usize,
+        conns: Vec<Option<Conn>>,
+        spin: Spin,
+        bell: Option<Doorbell>,
+        abort: Arc<AbortSignal>,
+    ) -> Result<Self, CommError> {
+        let abort_fd =
+            Arc::new(segment::eventfd().map_err(|e| {
+                CommError::io(format!("rank {rank}: creating the abort eventfd"), e)
+            })?);
+        let weak = Arc::downgrade(&abort_fd);
+        abort.on_abort(move || {
+            if let Some(fd) = weak.upgrade() {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: writes 8 bytes from a live buffer to an eventfd
+                // this closure holds open. It is never read: once written,
+                // every later poll on it returns at once.
+                let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+            }
+        });
+        Ok(HostTransport {
             rank,
             conns,
             progress: Vec::new(),
@@ -156,7 +188,9 @@ impl HostTransport {
             watch: Vec::new(),
             spin,
             bell,
-        }
+            abort,
+            abort_fd,
+        })
     }
 
     fn peer_closed(&self, peer: usize, header: &Header, detail: impl Into<String>) -> CommError {
@@ -620,6 +654,13 @@ impl HostTransport {
         let mut probed = false;
         let mut idle_since = started;
         loop {
+            if self.abort.is_aborted() {
+                return Err(CommError::Aborted {
+                    rank: self.rank,
+                    op: op.as_ref().map(Header::describe).unwrap_or_default(),
+                    reason: self.abort.reason().unwrap_or_default().to_owned(),
+                });
+            }
             for conn in self.conns.iter_mut().flatten() {
                 if conn.ctrl_pending() {
                     // A failure shows up on the next transfer on this peer.
@@ -692,6 +733,12 @@ impl HostTransport {
                 });
                 self.polled.push(DOORBELL);
             }
+            self.pollfds.push(libc::pollfd {
+                fd: self.abort_fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            self.polled.push(ABORT);
             let wake = if probed {
                 deadline
             } else {
@@ -714,7 +761,7 @@ impl HostTransport {
             }
             for k in 0..self.pollfds.len() {
                 let peer = self.polled[k];
-                if self.pollfds[k].revents == 0 || peer == DOORBELL {
+                if self.pollfds[k].revents == 0 || peer == DOORBELL || peer == ABORT {
                     continue;
                 }
                 let notice = self.conns[peer].as_mut().and_then(|c| c.pipe.notice());

@@ -2,7 +2,8 @@
 //! messages per sender. Sends copy the payload into the receiver's mailbox and
 //! never block, so an exchange posts all its sends first and then waits for
 //! its receives on a condition variable (no spinning). Thousands of ranks as
-//! threads of one process run the real algorithms this way.
+//! threads of one process run the real algorithms this way. An abort
+//! through the communicator's handle wakes the rank's own mailbox.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::{Transport, Xfer};
+use crate::abort::AbortSignal;
 use crate::error::CommError;
 use crate::reduce;
 use crate::wire::{Bystander, Frame, Header, PROBE_AFTER};
@@ -42,21 +44,81 @@ struct Shared {
 pub(crate) struct MemTransport {
     rank: usize,
     shared: Arc<Shared>,
+    abort: Arc<AbortSignal>,
 }
 
 impl MemTransport {
-    /// The transports of a group of `world` ranks, in rank order.
-    pub fn group(world: usize) -> Vec<MemTransport> {
+    /// The transports of a group of ranks, in rank order, one per abort
+    /// signal (rank `r` is aborted through `aborts[r]`).
+    pub fn group(aborts: &[Arc<AbortSignal>]) -> Vec<MemTransport> {
+        let world = aborts.len();
         let shared = Arc::new(Shared {
             boxes: (0..world).map(|_| Mailbox::default()).collect(),
             gone: (0..world).map(|_| AtomicBool::new(false)).collect(),
         });
-        (0..world)
-            .map(|rank| MemTransport {
-                rank,
-                shared: shared.clone(),
+        aborts
+            .iter()
+            .enumerate()
+            .map(|(rank, abort)| {
+                let weak = Arc::downgrade(&shared);
+                abort.on_abort(move || {
+                    if let Some(shared) = weak.upgrade() {
+                        let mailbox = &shared.boxes[rank];
+                        // As in `leave`: the lock orders the wake-up after
+                        // the waiter's check of the flag.
+                        drop(mailbox.lock());
+                        mailbox.arrived.notify_all();
+                    }
+                });
+                MemTransport {
+                    rank,
+                    shared: shared.clone(),
+                    abort: abort.clone(),
+                }
             })
             .collect()
+    }
+
+    /// Why `peer`, which is gone, can't take part in `op`: the abort notice
+    /// it left in this rank's mailbox, else that it was dropped.
+    fn left(&self, peer: usize, op: &Header) -> CommError {
+        let queues = self.shared.boxes[self.rank].lock();
+        let notice = queues.get(&peer).and_then(|q| {
+            q.iter().find_map(|m| match m {
+                Msg::Abort(reason) => Some(reason.clone()),
+                _ => None,
+            })
+        });
+        match notice {
+            Some(reason) => CommError::PeerAborted {
+                rank: self.rank,
+                peer,
+                op: op.describe(),
+                reason,
+            },
+            None => self.dropped(peer, op),
+        }
+    }
+
+    fn dropped(&self, peer: usize, op: &Header) -> CommError {
+        CommError::PeerClosed {
+            rank: self.rank,
+            peer,
+            op: op.describe(),
+            detail: String::from("its communicator was dropped"),
+        }
+    }
+
+    /// `Aborted`, if the communicator's handle aborted it.
+    fn check_abort(&self, op: &Header) -> Result<(), CommError> {
+        match self.abort.reason() {
+            Some(reason) => Err(CommError::Aborted {
+                rank: self.rank,
+                op: op.describe(),
+                reason: reason.to_owned(),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn post(&self, peer: usize, msg: Msg) {
@@ -89,6 +151,7 @@ impl MemTransport {
         let mailbox = &self.shared.boxes[self.rank];
         let mut queues = mailbox.lock();
         loop {
+            self.check_abort(expect)?;
             if let Some(msg) = queues.get_mut(&peer).and_then(VecDeque::pop_front) {
                 match msg {
                     Msg::Data(header, data) => {
@@ -111,12 +174,8 @@ impl MemTransport {
                 }
             }
             if self.gone(peer) {
-                return Err(CommError::PeerClosed {
-                    rank: self.rank,
-                    peer,
-                    op: expect.describe(),
-                    detail: String::from("its communicator was dropped"),
-                });
+                // Its queue is empty: it left no abort notice.
+                return Err(self.dropped(peer, expect));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -190,15 +249,13 @@ impl MemTransport {
 
 impl Transport for MemTransport {
     fn exchange(&mut self, xfers: &mut [Xfer<'_>], deadline: Instant) -> Result<(), CommError> {
+        if let Some(op) = xfers.iter().find_map(Xfer::header) {
+            self.check_abort(op)?;
+        }
         for xfer in xfers.iter() {
             if let Xfer::Send { peer, header, data } = xfer {
                 if self.gone(*peer) {
-                    return Err(CommError::PeerClosed {
-                        rank: self.rank,
-                        peer: *peer,
-                        op: header.describe(),
-                        detail: String::from("its communicator was dropped"),
-                    });
+                    return Err(self.left(*peer, header));
                 }
                 self.post(*peer, Msg::Data(*header, data.to_vec()));
             }
