@@ -48,3 +48,20 @@ pub use error::ContractError;
 pub use fault::{FaultPoint, FaultSpec};
 pub use shard::shard_range;
 pub use status::{Resumed, WorkerProgress};
+
+/// `e` and its sources on one line, each once: a message that already
+/// quotes its source (`cannot read X: No such file`) does not repeat it
+/// ("transport error: connection refused").
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -40,9 +40,9 @@ pub fn done_key(epoch: u64) -> String {
 }
 
 /// The store prefix the communicator of epoch `epoch` bootstraps under
-/// (epoch 0 uses none).
+/// (its keys are `epoch-E/...`; epoch 0 uses none).
 pub fn epoch_prefix(epoch: u64) -> String {
-    format!("epoch-{epoch}/")
+    format!("epoch-{epoch}")
 }
 
 /// Why the job moved to a new epoch: written by the failed rank's agent.
@@ -69,8 +69,13 @@ pub struct Done {
     pub rank: usize,
     /// The rank the state came from.
     pub source_rank: usize,
-    /// The step redone (the one in flight at the failure).
+    /// The first step redone: the one in flight at the failure, or under
+    /// ZeRO the one after the mirrors' step, when a rank died while they
+    /// were being refreshed (1-based: the step that completes `step`
+    /// steps).
     pub step: u64,
+    /// The step in flight when the failure came.
+    pub in_flight: u64,
     /// Bytes of state received.
     pub bytes: u64,
     /// When the last survivor had left the failed step.
@@ -129,15 +134,19 @@ impl Done {
             .min(notice.noticed_unix_ms)
             .abs_diff(self.redone_unix_ms) as f64
             / 1000.0;
+        let redone = if self.step >= self.in_flight {
+            format!("step {} redone", self.in_flight)
+        } else {
+            format!("steps {} to {} redone", self.step, self.in_flight)
+        };
         format!(
-            "rank {} recovered in place (epoch {}): it {} during step {}; its state came from rank {} over the transport ({:.1} MB); step {} redone; {total:.3} s in all: {phases}",
+            "rank {} recovered in place (epoch {}): it {} during step {}; its state came from rank {} over the transport ({:.1} MB); {redone}; {total:.3} s in all: {phases}",
             self.rank,
             self.epoch,
             notice.reason,
-            self.step,
+            self.in_flight,
             self.source_rank,
             self.bytes as f64 / 1e6,
-            self.step,
         )
     }
 }
@@ -160,6 +169,7 @@ mod tests {
             rank: 1,
             source_rank: 0,
             step: 37,
+            in_flight: 37,
             bytes: 3_400_000,
             survivors_left_unix_ms: 1_012,
             connecting_unix_ms: 1_900,

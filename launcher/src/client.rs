@@ -76,20 +76,7 @@ pub async fn connect(
     }
 }
 
-/// `e` and its sources on one line ("transport error: connection refused").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
-}
+pub use cohort_contract::error_chain;
 
 /// A failed call as a [`LauncherError`]; a refused token says so.
 pub fn rpc_error(addr: &str, call: &'static str, status: tonic::Status) -> LauncherError {

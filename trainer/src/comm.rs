@@ -126,12 +126,30 @@ impl CommThread {
     /// Sums `values` over the ranks (after everything queued before it),
     /// waiting for the result; also returns the time the collective took.
     pub fn sum_f64(&self, mut values: Vec<f64>) -> (Vec<f64>, Duration, Result<(), CommError>) {
+        self.run(move |comm, opts| {
+            let start = Instant::now();
+            let r = comm.all_reduce(&mut values, ReduceOp::Sum, opts);
+            (values, start.elapsed(), r)
+        })
+    }
+
+    /// Runs `f` on the communicator after everything queued before it,
+    /// without waiting for it.
+    pub fn post(&self, f: impl FnOnce(&mut Communicator, &OpOptions) + Send + 'static) {
+        let opts = self.submitter.opts.clone();
+        self.submitter.send(Box::new(move |comm| f(comm, &opts)));
+    }
+
+    /// Runs `f` on the communicator (after everything queued before it),
+    /// waiting for its result.
+    pub fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Communicator, &OpOptions) -> R + Send + 'static,
+    ) -> R {
         let (reply, result) = channel();
         let opts = self.submitter.opts.clone();
         self.submitter.send(Box::new(move |comm| {
-            let start = Instant::now();
-            let r = comm.all_reduce(&mut values, ReduceOp::Sum, &opts);
-            let _ = reply.send((values, start.elapsed(), r));
+            let _ = reply.send(f(comm, &opts));
         }));
         result
             .recv()

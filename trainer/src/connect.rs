@@ -5,7 +5,7 @@
 
 use cohort_collectives::backend::{self, Backend, BackendRequest};
 use cohort_collectives::nccl::{self, NcclCommunicator};
-use cohort_collectives::{Communicator, MemStore, Store, TcpConfig, TransportKind};
+use cohort_collectives::{Communicator, MemStore, PrefixStore, Store, TcpConfig, TransportKind};
 use cohort_configs::{BackendChoice, TransportChoice};
 use cohort_contract::WorkerEnv;
 use tch::Device;
@@ -43,6 +43,50 @@ fn connect_over(
         .map_err(TrainError::comm(env.rank, "connecting to the other ranks"))
 }
 
+/// A host-memory communicator for communicator epoch `epoch` (see
+/// `cohort_contract::recovery`): bootstrapped under the epoch's prefix of
+/// `store` (epoch 0: none), over `transport`, waiting up to `timeout` for
+/// the other ranks.
+pub fn connect_in_epoch(
+    env: &WorkerEnv,
+    store: &std::sync::Arc<dyn Store>,
+    epoch: u64,
+    transport: TransportChoice,
+    timeout: std::time::Duration,
+) -> Result<Communicator, TrainError> {
+    let transport = transport_kind(transport);
+    let comm = &env.comm;
+    let cfg = TcpConfig {
+        transport,
+        connect_timeout: timeout,
+        ..TcpConfig::new(
+            comm.token()?.as_bytes(),
+            comm.host.as_deref(),
+            comm.op_timeout(),
+        )
+    };
+    let what = "connecting to the other ranks of the new epoch";
+    if epoch == 0 {
+        return Communicator::connect_tcp(store, env.rank, env.world, &cfg)
+            .map_err(TrainError::comm(env.rank, what));
+    }
+    let scoped = PrefixStore::new(
+        cohort_contract::recovery::epoch_prefix(epoch),
+        store.clone(),
+    )
+    .map_err(|e| TrainError::Config(format!("the store prefix of epoch {epoch}: {e}")))?;
+    Communicator::connect_tcp(&scoped, env.rank, env.world, &cfg)
+        .map_err(TrainError::comm(env.rank, what))
+}
+
+fn transport_kind(choice: TransportChoice) -> TransportKind {
+    match choice {
+        TransportChoice::Auto => TransportKind::Auto,
+        TransportChoice::Tcp => TransportKind::Tcp,
+        TransportChoice::Shm => TransportKind::Shm,
+    }
+}
+
 /// Why a world of more than one rank can't connect without a store.
 fn no_store(env: &WorkerEnv) -> TrainError {
     TrainError::Config(format!(
@@ -68,11 +112,7 @@ pub fn connect_backend(
         BackendChoice::Tcp => BackendRequest::Tcp,
         BackendChoice::Nccl => BackendRequest::Nccl,
     };
-    let transport = match transport {
-        TransportChoice::Auto => TransportKind::Auto,
-        TransportChoice::Tcp => TransportKind::Tcp,
-        TransportChoice::Shm => TransportKind::Shm,
-    };
+    let transport = transport_kind(transport);
     let cuda = matches!(device, Device::Cuda(_));
     let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
     let usable = if !cuda {

@@ -44,6 +44,11 @@ pub enum TrainError {
     /// Saving or loading a checkpoint.
     #[error(transparent)]
     Checkpoint(#[from] cohort_checkpoint::CkptError),
+    /// A failed peer could not be replaced in place; the job restarts from
+    /// the newest checkpoint on disk (the worker exits with
+    /// `cohort_contract::exit::RECOVERY_FAILED`).
+    #[error("in-place recovery failed: {0}; the job restarts from the newest checkpoint on disk")]
+    RecoveryFailed(String),
     /// Writing metrics or status files.
     #[error("cannot write {path}")]
     Io {
@@ -75,7 +80,10 @@ impl TrainError {
                 | CkptError::NotWritable { .. },
             ) => true,
             TrainError::Checkpoint(CkptError::Io { error, .. }) => is_full(error),
-            TrainError::Comm { .. } | TrainError::Torch { .. } | TrainError::Contract(_) => false,
+            TrainError::Comm { .. }
+            | TrainError::Torch { .. }
+            | TrainError::Contract(_)
+            | TrainError::RecoveryFailed(_) => false,
             TrainError::Checkpoint(_) | TrainError::Io { .. } => is_disk_full(self),
         }
     }

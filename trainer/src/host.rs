@@ -139,6 +139,73 @@ impl HostBuffers {
         self.backward_end = Some(Instant::now());
     }
 
+    /// After a peer failed: the step in flight is dropped (its gradients
+    /// and buckets), and the collectives go to `comm` (the next epoch's)
+    /// from now on. Parameters and optimizer state are kept. The old
+    /// communication thread stops once the work queued on it has failed on
+    /// its broken communicator.
+    pub fn reconnect(&mut self, core: &Core, plan: &Plan, comm: Communicator) {
+        let thread = CommThread::spawn(comm, plan.opts.clone());
+        self.launch.lock().reset(thread.submitter());
+        self.comm = thread;
+        core.flat.zero_grads();
+        self.timers = Timings::default();
+        self.bucket_sq.fill(0.0);
+        self.backward_end = None;
+    }
+
+    /// Runs `f` on the communicator after the work queued, not waiting.
+    pub fn post(
+        &self,
+        f: impl FnOnce(&mut Communicator, &cohort_collectives::OpOptions) + Send + 'static,
+    ) {
+        self.comm.post(f);
+    }
+
+    /// Runs `f` on the communicator, waiting for it.
+    pub fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Communicator, &cohort_collectives::OpOptions) -> R + Send + 'static,
+    ) -> R {
+        self.comm.run(f)
+    }
+
+    /// The whole state (the master parameters and every optimizer state
+    /// vector over the owned range) broadcast from `root` and installed,
+    /// also into the model; returns the bytes that came over. Every rank
+    /// holds the whole space (DDP) and calls it.
+    pub fn broadcast_state(
+        &mut self,
+        core: &Core,
+        plan: &Plan,
+        root: usize,
+    ) -> Result<u64, TrainError> {
+        debug_assert_eq!(plan.owned.len(), core.flat.total());
+        let mut vectors = vec![std::mem::take(&mut self.params)];
+        vectors.extend(self.optimizer.states().iter().cloned());
+        let mut bytes = 0;
+        let mut back = Vec::with_capacity(vectors.len());
+        for mut v in vectors {
+            bytes += (v.len() * std::mem::size_of::<f32>()) as u64;
+            let (v, result) = self.comm.run(move |comm, opts| {
+                let r = comm.broadcast(&mut v, root, opts);
+                (v, r)
+            });
+            result.map_err(TrainError::comm(
+                core.rank,
+                "broadcast of the state to a replaced rank",
+            ))?;
+            back.push(v);
+        }
+        let mut back = back.into_iter();
+        self.params = back.next().expect("the parameters");
+        self.optimizer
+            .set_states(back.collect())
+            .map_err(TrainError::Config)?;
+        core.flat.write_params(plan.owned.clone(), &self.params);
+        Ok(bytes)
+    }
+
     /// A buffer for bucket `k`: ZeRO-1's kept one, else a free one from the
     /// pool, unpacking an in-flight bucket first when the pipeline is full.
     fn take_buffer(&mut self, core: &Core, plan: &Plan, k: usize) -> Result<Vec<f32>, TrainError> {

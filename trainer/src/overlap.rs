@@ -152,6 +152,20 @@ impl Launch {
         }
     }
 
+    /// Forgets the step in flight (its buckets went to a communicator that
+    /// failed): the next step starts afresh, its collectives queued with
+    /// `submitter`. Buffers that were in flight are not coming back; new
+    /// ones are made as needed.
+    pub fn reset(&mut self, submitter: Submitter) {
+        self.submitter = submitter;
+        self.in_flight = 0;
+        self.armed = false;
+        self.error = None;
+        self.pending.clone_from(&self.slots_per_bucket);
+        self.fired.fill(false);
+        let _ = self.end_of_reduction();
+    }
+
     /// The step's buckets are all started: the next step starts afresh.
     /// Returns the misuse a hook saw, if any.
     pub fn end_of_reduction(&mut self) -> Result<(), TrainError> {

@@ -26,6 +26,7 @@
 //!   per parameter, and nothing leaves the GPU under NCCL.
 
 use cohort_checkpoint::Shard;
+use cohort_collectives::Communicator;
 use cohort_configs::{OptimConfig, ParallelConfig};
 use tch::{Device, Tensor, nn::VarStore};
 
@@ -34,11 +35,48 @@ use crate::backend::Collectives;
 use crate::device::DeviceBuffers;
 use crate::flat::FlatParams;
 use crate::host::HostBuffers;
+use crate::mirror::{Mirrors, Snap};
 use crate::optim::LrSchedule;
 pub use crate::plan::StepReport;
 use crate::plan::{Core, Plan};
 use crate::step;
 pub use cohort_configs::ZeroStage;
+
+/// What a rank brings to [`DataParallel::rejoin`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerState {
+    /// `None` for a replacement, which holds nothing yet.
+    pub have: Option<Held>,
+}
+
+/// The state a surviving rank holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// Its optimizer steps completed.
+    pub step: u64,
+    /// Its data loader's position at that step.
+    pub position: u64,
+    /// When it left the failed step (Unix ms).
+    pub left_unix_ms: u64,
+}
+
+/// What [`DataParallel::rejoin`] agreed on.
+#[derive(Debug, Clone, Copy)]
+pub struct Synced {
+    /// The rank whose state every rank now holds.
+    pub source: usize,
+    /// Its optimizer steps completed.
+    pub step: u64,
+    /// Its data position, to continue from.
+    pub position: u64,
+    /// Bytes of state broadcast.
+    pub bytes: u64,
+    /// When the last survivor left the failed step (Unix ms).
+    pub survivors_left_unix_ms: u64,
+    /// The step the survivors were in when they left it (1-based: the
+    /// step that completes `in_flight` steps).
+    pub in_flight: u64,
+}
 
 /// The buffers of the path that runs.
 enum Path {
@@ -53,6 +91,8 @@ pub struct DataParallel {
     core: Core,
     plan: Plan,
     path: Path,
+    /// ZeRO with in-place recovery: the shard mirrors.
+    mirrors: Option<Mirrors>,
 }
 
 /// Runs a `step.rs` function on whichever path's buffers, with the core and
@@ -120,8 +160,156 @@ impl DataParallel {
         Self::start(core, plan, Path::Device(b))
     }
 
+    /// As [`DataParallel::new`] for a worker that replaces a failed rank in
+    /// place: nothing is broadcast at start (the other ranks are past it);
+    /// its state comes from [`DataParallel::rejoin`]. The host path only
+    /// (see [`DataParallel::recovers_in_place`]).
+    pub fn new_joining(
+        vs: &VarStore,
+        comm: Communicator,
+        optim: &OptimConfig,
+        parallel: &ParallelConfig,
+    ) -> Result<Self, TrainError> {
+        if vs.device() != Device::Cpu {
+            return Err(TrainError::RecoveryFailed(
+                "in-place recovery runs on the host path (CPU training) so far".into(),
+            ));
+        }
+        let (core, plan, b) = HostBuffers::new(vs, comm, optim, parallel)?;
+        Ok(DataParallel {
+            core,
+            plan,
+            path: Path::Host(b),
+            mirrors: None,
+        })
+    }
+
+    /// Whether a failed peer can be replaced in place (its state sent from
+    /// a survivor), and why not: on the host path, every rank holds the
+    /// whole state (DDP) or the shard mirrors are kept (ZeRO).
+    pub fn recovers_in_place(&self) -> Result<(), String> {
+        match (&self.path, self.core.stage) {
+            (Path::Host(_), ZeroStage::Ddp) => Ok(()),
+            (Path::Device(_), _) => {
+                Err("in-place recovery runs on the host path (CPU training) so far".into())
+            }
+            (Path::Host(_), _) if self.mirrors.is_some() => Ok(()),
+            (Path::Host(_), stage) => Err(format!(
+                "under ZeRO (parallel.zero_stage = {stage}) a rank's shard exists once and no shard mirrors are kept"
+            )),
+        }
+    }
+
+    /// ZeRO on the host path: keeps the shard mirrors in-place recovery
+    /// needs, refreshed every `every` steps (see `mirror.rs`), on ranks
+    /// laid out `local` per node; returns the host memory they take and
+    /// the rank whose shard this rank mirrors. `None` where there is
+    /// nothing to mirror (DDP: every rank holds the whole state) or no
+    /// host path. Take the first snapshot with
+    /// [`DataParallel::refresh_mirrors`].
+    pub fn keep_mirrors(&mut self, every: u64, local: usize) -> Option<(u64, usize)> {
+        let Path::Host(b) = &self.path else {
+            return None;
+        };
+        if self.core.stage == ZeroStage::Ddp || self.core.world == 1 {
+            return None;
+        }
+        let states = b.optimizer_state_names().len();
+        let m = Mirrors::new(&self.core, states, every, local);
+        let info = (
+            m.bytes(),
+            (self.core.rank + self.core.world - m.offset) % self.core.world,
+        );
+        self.mirrors = Some(m);
+        Some(info)
+    }
+
+    /// After a step (`position`: the data loader's, now): refreshes the
+    /// shard mirrors when they are due (`force`: now, and waits for it).
+    /// Every rank calls it at the same steps.
+    pub fn refresh_mirrors(&mut self, position: u64, force: bool) -> Result<(), TrainError> {
+        let (Some(m), Path::Host(b)) = (&mut self.mirrors, &mut self.path) else {
+            return Ok(());
+        };
+        if force || m.due(self.core.step) {
+            m.refresh(&self.core, &self.plan, b, position, force)?;
+        }
+        Ok(())
+    }
+
+    /// Moves to a new communicator epoch after a peer failed, and makes
+    /// every rank's state the newest one a rank holds: the step in flight
+    /// is dropped; `comm` (the epoch's communicator; `None`: the one this
+    /// was made with, for a replacement) replaces the broken one; the
+    /// ranks agree on a source (the lowest rank whose state is the newest)
+    /// which broadcasts its parameters and optimizer state to the others
+    /// over the transport; `mine` is what this rank brings. Every rank of
+    /// the new epoch calls it.
+    pub fn rejoin(
+        &mut self,
+        comm: Option<Communicator>,
+        mine: PeerState,
+    ) -> Result<Synced, TrainError> {
+        self.recovers_in_place()
+            .map_err(TrainError::RecoveryFailed)?;
+        let Path::Host(b) = &mut self.path else {
+            unreachable!("checked above");
+        };
+        let (core, plan) = (&mut self.core, &self.plan);
+        if let Some(comm) = comm {
+            b.reconnect(core, plan, comm);
+        } else {
+            core.flat.zero_grads();
+        }
+        if let Some(m) = &mut self.mirrors {
+            return rejoin_sharded(core, plan, b, m, mine);
+        }
+        let world = core.world;
+        // What each rank holds: its step + 1 (0: nothing), its data position
+        // and when it left the failed step, summed so every rank sees all.
+        let mut table = vec![0.0f64; 3 * world];
+        if let Some(have) = mine.have {
+            table[core.rank] = (have.step + 1) as f64;
+            table[world + core.rank] = have.position as f64;
+            table[2 * world + core.rank] = have.left_unix_ms as f64;
+        }
+        let (table, result) = b.run(move |comm, opts| {
+            let r = comm.all_reduce(&mut table, cohort_collectives::ReduceOp::Sum, opts);
+            (table, r)
+        });
+        result.map_err(TrainError::comm(
+            core.rank,
+            "all_reduce of what each rank holds",
+        ))?;
+        let newest = table[..world].iter().copied().fold(0.0, f64::max);
+        if newest == 0.0 {
+            return Err(TrainError::RecoveryFailed(
+                "no rank of the new epoch holds the job's state".into(),
+            ));
+        }
+        let source = table[..world]
+            .iter()
+            .position(|&s| s == newest)
+            .expect("the maximum is in the table");
+        let bytes = b.broadcast_state(core, plan, source)?;
+        core.step = newest as u64 - 1;
+        Ok(Synced {
+            source,
+            step: core.step,
+            position: table[world + source] as u64,
+            bytes,
+            in_flight: newest as u64,
+            survivors_left_unix_ms: table[2 * world..].iter().copied().fold(0.0, f64::max) as u64,
+        })
+    }
+
     fn start(core: Core, plan: Plan, path: Path) -> Result<Self, TrainError> {
-        let mut dp = DataParallel { core, plan, path };
+        let mut dp = DataParallel {
+            core,
+            plan,
+            path,
+            mirrors: None,
+        };
         match &mut dp.path {
             Path::Host(b) => step::init(&dp.core, &dp.plan, b)?,
             Path::Device(b) => step::init(&dp.core, &dp.plan, b)?,
@@ -309,6 +497,146 @@ impl DataParallel {
     ) -> Result<(), TrainError> {
         on_path!(self, step::restore, steps_done, params, states)
     }
+}
+
+/// [`DataParallel::rejoin`] under ZeRO: every rank goes back to the
+/// snapshot step of the mirrors; a survivor takes its own shard from its
+/// snapshot, a replacement its shard from the rank that mirrors it; the
+/// parameters are gathered into the model, and the mirrors refreshed.
+fn rejoin_sharded(
+    core: &mut Core,
+    plan: &Plan,
+    b: &mut HostBuffers,
+    m: &mut Mirrors,
+    mine: PeerState,
+) -> Result<Synced, TrainError> {
+    let world = core.world;
+    let rank = core.rank;
+    // Per rank (0 for a replacement): its snapshots' steps + 1 and
+    // positions, its mirror's step + 1 (0: none), when it left the step.
+    const COLS: usize = 7;
+    let mut table = vec![0.0f64; COLS * world];
+    if let Some(have) = mine.have {
+        let own = m.own.as_ref().ok_or_else(|| {
+            TrainError::RecoveryFailed(format!("rank {rank} has no snapshot of its shard"))
+        })?;
+        let row = &mut table[COLS * rank..COLS * (rank + 1)];
+        row[0] = (own.step + 1) as f64;
+        row[1] = own.position as f64;
+        if let Some(prev) = &m.prev {
+            row[2] = (prev.step + 1) as f64;
+            row[3] = prev.position as f64;
+        }
+        row[4] = m.held().map_or(0.0, |h| (h.step + 1) as f64);
+        row[5] = have.left_unix_ms as f64;
+        row[6] = (have.step + 1) as f64;
+    }
+    let (table, result) = b.run(move |comm, opts| {
+        let r = comm.all_reduce(&mut table, cohort_collectives::ReduceOp::Sum, opts);
+        (table, r)
+    });
+    result.map_err(TrainError::comm(rank, "all_reduce of what each rank holds"))?;
+    let row = |r: usize| &table[COLS * r..COLS * (r + 1)];
+    let step_of = |x: f64| x as u64 - 1;
+    let survivors: Vec<usize> = (0..world).filter(|&r| row(r)[0] > 0.0).collect();
+    let replaced: Vec<usize> = (0..world).filter(|&r| row(r)[0] == 0.0).collect();
+    let Some(&first) = survivors.first() else {
+        return Err(TrainError::RecoveryFailed(
+            "no rank of the new epoch holds the job's state".into(),
+        ));
+    };
+    // The step to go back to: that of the replaced ranks' mirrors (all the
+    // same), or the survivors' newest snapshot when no rank was replaced.
+    let mut target = None;
+    for &q in &replaced {
+        let h = m.holder_of(q, world);
+        if row(h)[0] == 0.0 {
+            return Err(TrainError::RecoveryFailed(format!(
+                "rank {q} and rank {h}, which held the mirror of its shard, were lost together"
+            )));
+        }
+        if row(h)[4] == 0.0 {
+            return Err(TrainError::RecoveryFailed(format!(
+                "rank {h} holds no mirror of rank {q}'s shard yet"
+            )));
+        }
+        let at = step_of(row(h)[4]);
+        match target {
+            Some(t) if t != at => {
+                return Err(TrainError::RecoveryFailed(format!(
+                    "the mirrors of the replaced ranks are of different steps ({t} and {at})"
+                )));
+            }
+            _ => target = Some(at),
+        }
+    }
+    let step = target.unwrap_or_else(|| step_of(row(first)[0]));
+    // Every survivor must hold its own shard as of that step.
+    let mut position = None;
+    for &r in &survivors {
+        let snaps = [(row(r)[0], row(r)[1]), (row(r)[2], row(r)[3])];
+        match snaps.iter().find(|(s, _)| *s > 0.0 && step_of(*s) == step) {
+            Some(&(_, pos)) => {
+                position.get_or_insert(pos as u64);
+            }
+            None => {
+                return Err(TrainError::RecoveryFailed(format!(
+                    "rank {r} holds no snapshot of its shard as of step {step}, the step the mirrors of the replaced ranks are of"
+                )));
+            }
+        }
+    }
+    let position = position.expect("there is a survivor");
+    let mut bytes = 0;
+    let mut source = first;
+    for &q in &replaced {
+        let h = m.holder_of(q, world);
+        source = h;
+        let data = if rank == h {
+            m.held().expect("checked in the table").data.to_vec()
+        } else {
+            vec![0.0; m.slot_len()]
+        };
+        bytes += (data.len() * std::mem::size_of::<f32>()) as u64;
+        let (data, result) = b.run(move |comm, opts| {
+            let mut data = data;
+            let r = comm.broadcast(&mut data, h, opts);
+            (data, r)
+        });
+        result.map_err(|e| {
+            TrainError::RecoveryFailed(format!(
+                "sending rank {q}'s shard from rank {h}'s mirror: {e}"
+            ))
+        })?;
+        if rank == q {
+            m.adopt(Snap {
+                step,
+                position,
+                data: std::sync::Arc::new(data),
+            });
+        }
+    }
+    let own = m.own_at(step).cloned().ok_or_else(|| {
+        TrainError::RecoveryFailed(format!(
+            "rank {rank} got no shard of step {step} to start from"
+        ))
+    })?;
+    let (params, states) = m.unpack(&own, core.shard().len());
+    step::restore(core, plan, b, step, params, states).map_err(|e| {
+        TrainError::RecoveryFailed(format!(
+            "gathering the parameters of step {step}: {}",
+            crate::describe_error(&e)
+        ))
+    })?;
+    m.refresh(core, plan, b, position, true)?;
+    Ok(Synced {
+        source,
+        step,
+        position,
+        bytes,
+        survivors_left_unix_ms: (0..world).map(|r| row(r)[5]).fold(0.0, f64::max) as u64,
+        in_flight: (0..world).map(|r| row(r)[6]).fold(0.0, f64::max) as u64,
+    })
 }
 
 fn run_backward(loss: &Tensor) -> Result<(), TrainError> {

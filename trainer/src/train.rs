@@ -22,6 +22,8 @@ use crate::checkpointer::Checkpointer;
 use crate::data::{Dataset, Loader};
 use crate::metrics::{Metrics, StepTimes};
 use crate::optim::LrSchedule;
+use crate::parallel::Held;
+use crate::recover::Recovery;
 use crate::{Collectives, DataParallel, TrainError, model};
 
 /// Where to resume from (`COHORT_RESUME`, the worker env's `resume`).
@@ -42,11 +44,26 @@ pub struct Summary {
 
 /// Trains the model `job` describes with `comm` (world and rank taken from
 /// it; `env` supplies the local rank, log dir, status file, where to resume
-/// from, the job attempt and the fault to inject).
+/// from, the job attempt and the fault to inject). A failed peer fails the
+/// run (the launcher restarts the job from disk).
 pub fn run(
     job: &JobConfig,
     env: &WorkerEnv,
     comm: impl Into<Collectives>,
+) -> Result<Summary, TrainError> {
+    run_recovering(job, env, comm, None)
+}
+
+/// As [`run`]; with `recovery`, a failed peer is replaced in place (see
+/// [`crate::recover`]): this rank keeps its state, leaves the step in
+/// flight, moves to the next communicator epoch with the others and redoes
+/// the step. When `recovery` says this worker is itself a replacement, it
+/// takes its state from the survivors instead of a checkpoint.
+pub fn run_recovering(
+    job: &JobConfig,
+    env: &WorkerEnv,
+    comm: impl Into<Collectives>,
+    mut recovery: Option<Recovery>,
 ) -> Result<Summary, TrainError> {
     // Setup: the device, the data, the model, its data-parallel wrapper,
     // the checkpoint to resume from, and where metrics go.
@@ -67,14 +84,44 @@ pub fn run(
     tch::manual_seed(t.seed as i64);
     let vs = VarStore::new(device);
     let net = model::build(&vs.root(), &job.model, data.vocab_size(), t.precision)?;
-    let mut dp = DataParallel::new(&vs, comm, &job.optim, &job.parallel)?;
+    let joining = recovery.as_ref().is_some_and(Recovery::is_replacement);
+    let mut dp = match comm {
+        Collectives::Host(c) if joining => {
+            DataParallel::new_joining(&vs, c, &job.optim, &job.parallel)?
+        }
+        _ if joining => {
+            return Err(TrainError::RecoveryFailed(
+                "in-place recovery needs the host collectives (parallel.backend = \"tcp\")".into(),
+            ));
+        }
+        comm => DataParallel::new(&vs, comm, &job.optim, &job.parallel)?,
+    };
     dp.set_schedule(LrSchedule::new(&job.optim, t.max_steps));
+    // ZeRO: a rank's shard exists once; in-place recovery keeps a mirror.
+    let mirrors = recovery
+        .as_ref()
+        .and_then(|_| dp.keep_mirrors(job.recovery.mirror_every, env.local_world));
     let mut loader = Loader::new(data.clone(), t.seed, rank, world, t.batch_size);
 
-    let (mut ckpt, resumed_from) = Checkpointer::start(job, env, &mut dp, &mut loader)?;
+    let (mut ckpt, resumed_from) = if joining {
+        // The state comes from the survivors, not from disk.
+        let env = WorkerEnv {
+            resume: Some(Resume::Never),
+            ..env.clone()
+        };
+        let started = Checkpointer::start(job, &env, &mut dp, &mut loader)?;
+        let r = recovery.as_mut().expect("a replacement has its recovery");
+        let synced = r.join(&mut dp)?;
+        loader.set_position(synced.position);
+        started
+    } else {
+        let started = Checkpointer::start(job, env, &mut dp, &mut loader)?;
+        dp.refresh_mirrors(loader.position(), true)?;
+        started
+    };
     let fault_step = env.fault().and_then(|f| f.step_for(rank, FaultPoint::Step));
     let tokens_per_step = (world * t.batch_size * t.grad_accum_steps * job.model.block_size) as f64;
-    if rank == 0 {
+    if rank == 0 && !joining {
         println!(
             "training {:?} ({} parameters, {}) on {}, world {world}, {backend} collectives, zero stage {}, {} tokens/step{}",
             job.model.kind,
@@ -88,6 +135,13 @@ pub fn run(
                 .map(|p| format!(", resumed from {} at step {}", p.display(), dp.steps_done()))
                 .unwrap_or_default()
         );
+        if let Some((bytes, of)) = mirrors {
+            println!(
+                "in-place recovery: every rank keeps a mirror of another rank's ZeRO shard in host memory (rank 0 of rank {of}'s), with a snapshot of its own: {:.1} MB per rank, refreshed every {} step(s)",
+                bytes as f64 / 1e6,
+                job.recovery.mirror_every
+            );
+        }
     }
     let resumed = resumed_from.as_ref().map(|p| Resumed {
         checkpoint: p.display().to_string(),
@@ -111,48 +165,42 @@ pub fn run(
     };
     while dp.steps_done() < t.max_steps {
         let step = dp.steps_done();
+        let position = loader.position();
         if fault_step == Some(step) {
             eprintln!("{}: rank {rank} aborting at step {step}", var::INJECT_FAULT);
             std::process::abort();
         }
         let start = Instant::now();
-        tch::manual_seed(step_seed(t.seed, step, rank));
-
-        // Micro-batches: each loss is divided by their number so the summed
-        // gradients are those of the mean over the whole per-rank batch.
-        // The loss is summed on the device and reduced with the gradient
-        // norm: reading it here would make the host wait for the GPU.
-        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
-        for micro in 0..t.grad_accum_steps {
-            let batch = loader.next_batch(device);
-            let loss = net.loss(&batch.inputs, &batch.targets, true)? / t.grad_accum_steps as f64;
-            if micro + 1 < t.grad_accum_steps {
-                dp.backward_no_sync(&loss)
-            } else {
-                dp.backward(&loss)
+        let (report, compute_s) = match one_step(&*net, &mut dp, &mut loader, t, device, step) {
+            Ok(done) => done,
+            Err(e) => {
+                recover(&mut recovery, e, &mut dp, &mut loader, (step, position))?;
+                continue;
             }
-            .map_err(|e| match e {
-                TrainError::Torch { source, .. } => TrainError::Torch {
-                    context: format!("backward pass of step {step}"),
-                    source,
-                },
-                other => other,
-            })?;
-            loss_sum += loss.detach().to_kind(Kind::Double);
-        }
-        // On a GPU, the time to enqueue the forward and backward passes: the
-        // step waits for the device once, inside `step_with_loss_tensor`.
-        let compute_s = start.elapsed().as_secs_f64();
-        // Reduce, clip, optimizer, parameters.
-        let report = dp.step_with_loss_tensor(&loss_sum)?;
+        };
         let step_s = start.elapsed().as_secs_f64();
         summary.steps = report.step;
         summary.final_loss = report.loss;
+        if let Some(r) = &mut recovery {
+            r.after_step();
+        }
+        if let Err(e) = dp.refresh_mirrors(loader.position(), false) {
+            let held = (dp.steps_done(), loader.position());
+            recover(&mut recovery, e, &mut dp, &mut loader, held)?;
+            continue;
+        }
 
         let eval_loss = if t.eval_every > 0
             && (report.step % t.eval_every == 0 || report.step == t.max_steps)
         {
-            evaluate(&*net, &loader, t.eval_batches, device, &mut dp)?
+            match evaluate(&*net, &loader, t.eval_batches, device, &mut dp) {
+                Ok(loss) => loss,
+                Err(e) => {
+                    let held = (dp.steps_done(), loader.position());
+                    recover(&mut recovery, e, &mut dp, &mut loader, held)?;
+                    continue;
+                }
+            }
         } else {
             None
         };
@@ -170,6 +218,76 @@ pub fn run(
     }
     ckpt.finish()?;
     Ok(summary)
+}
+
+/// After a failure in-place recovery covers (see [`Recovery::covers`]),
+/// with `recovery`: this rank keeps the state it holds (`held`: steps done,
+/// the loader's position there) and takes the newest one a rank holds;
+/// else the error.
+fn recover(
+    recovery: &mut Option<Recovery>,
+    e: TrainError,
+    dp: &mut DataParallel,
+    loader: &mut Loader,
+    held: (u64, u64),
+) -> Result<(), TrainError> {
+    match recovery {
+        Some(r) if Recovery::covers(&e) => {
+            let held = Held {
+                step: held.0,
+                position: held.1,
+                left_unix_ms: cohort_contract::recovery::unix_ms(),
+            };
+            let synced = r.recover(dp, e, held)?;
+            loader.set_position(synced.position);
+            Ok(())
+        }
+        _ => Err(e),
+    }
+}
+
+/// One optimizer step: the micro-batches' forward and backward passes,
+/// then [`DataParallel::step_with_loss_tensor`]; also returns the time to
+/// run (on a GPU, to enqueue) the passes.
+fn one_step(
+    net: &dyn model::LanguageModel,
+    dp: &mut DataParallel,
+    loader: &mut Loader,
+    t: &cohort_configs::TrainConfig,
+    device: Device,
+    step: u64,
+) -> Result<(crate::StepReport, f64), TrainError> {
+    let start = Instant::now();
+    tch::manual_seed(step_seed(t.seed, step, dp.rank()));
+
+    // Micro-batches: each loss is divided by their number so the summed
+    // gradients are those of the mean over the whole per-rank batch.
+    // The loss is summed on the device and reduced with the gradient
+    // norm: reading it here would make the host wait for the GPU.
+    let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+    for micro in 0..t.grad_accum_steps {
+        let batch = loader.next_batch(device);
+        let loss = net.loss(&batch.inputs, &batch.targets, true)? / t.grad_accum_steps as f64;
+        if micro + 1 < t.grad_accum_steps {
+            dp.backward_no_sync(&loss)
+        } else {
+            dp.backward(&loss)
+        }
+        .map_err(|e| match e {
+            TrainError::Torch { source, .. } => TrainError::Torch {
+                context: format!("backward pass of step {step}"),
+                source,
+            },
+            other => other,
+        })?;
+        loss_sum += loss.detach().to_kind(Kind::Double);
+    }
+    // On a GPU, the time to enqueue the forward and backward passes: the
+    // step waits for the device once, inside `step_with_loss_tensor`.
+    let compute_s = start.elapsed().as_secs_f64();
+    // Reduce, clip, optimizer, parameters.
+    let report = dp.step_with_loss_tensor(&loss_sum)?;
+    Ok((report, compute_s))
 }
 
 /// Mean validation loss over the ranks (`None` without a held-out split).

@@ -64,6 +64,13 @@ fn main() -> ExitCode {
             eprintln!("error: {}", describe(&e));
             if is_permanent(&e) {
                 ExitCode::from(cohort_contract::exit::PERMANENT_FAILURE as u8)
+            } else if e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<cohort_trainer::TrainError>(),
+                    Some(cohort_trainer::TrainError::RecoveryFailed(_))
+                )
+            }) {
+                ExitCode::from(cohort_contract::exit::RECOVERY_FAILED as u8)
             } else {
                 ExitCode::FAILURE
             }
@@ -71,22 +78,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// `e` and its causes on one line, each cause once: an error whose message
-/// already quotes its source (`cannot read X: No such file`) does not
-/// repeat it.
+/// `e` and its causes on one line, each cause once.
 fn describe(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    cohort_contract::error_chain(e.as_ref())
 }
 
 /// Whether `e` is a failure a restart can't fix (see
@@ -111,7 +105,8 @@ fn is_permanent(e: &anyhow::Error) -> bool {
 fn train(config: &std::path::Path, source: Option<&str>) -> anyhow::Result<()> {
     use anyhow::Context;
     use cohort_contract::WorkerEnv;
-    use cohort_trainer::train::run;
+    use cohort_trainer::recover::Recovery;
+    use cohort_trainer::train::run_recovering;
 
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -126,20 +121,36 @@ fn train(config: &std::path::Path, source: Option<&str>) -> anyhow::Result<()> {
         "finding the other ranks (run under `cohort launch`, or set COHORT_STORE_DIR to a directory shared by every rank)",
     )?;
     let device = cohort_trainer::train::resolve_device(job.train.device, env.local_rank)?;
-    let (comm, why) = cohort_trainer::connect_backend(
-        &env,
-        store.as_deref(),
-        job.parallel.backend,
-        job.parallel.transport,
-        device,
-    )?;
-    if env.rank == 0 {
-        println!("collectives: {} ({why})", comm.backend());
-    }
+    // In-place recovery, for a job of several ranks (the failed rank's
+    // agent writes the notices into their store).
+    let mut recovery = match &store {
+        Some(store) if job.recovery.mode == cohort_configs::RecoveryMode::Peer => Some(
+            Recovery::new(store.clone(), &env, job.parallel.transport, &job.recovery),
+        ),
+        _ => None,
+    };
+    let comm = match &mut recovery {
+        // A replacement joins the epoch the survivors moved to.
+        Some(r) if r.is_replacement() => r.connect()?.into(),
+        _ => {
+            let (comm, why) = cohort_trainer::connect_backend(
+                &env,
+                store.as_deref(),
+                job.parallel.backend,
+                job.parallel.transport,
+                device,
+            )?;
+            if env.rank == 0 {
+                println!("collectives: {} ({why})", comm.backend());
+            }
+            comm
+        }
+    };
     let source = source.map_or_else(|| config.display().to_string(), str::to_owned);
     // No rank in the message: the launcher prefixes it, and shows an error
     // every rank hit alike once.
-    let summary = run(&job, &env, comm).with_context(|| format!("training {source}"))?;
+    let summary =
+        run_recovering(&job, &env, comm, recovery).with_context(|| format!("training {source}"))?;
     if env.rank == 0 {
         println!(
             "done: {} steps, final loss {}{}",

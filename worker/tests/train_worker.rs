@@ -40,6 +40,7 @@ impl Worker {
             "COHORT_INJECT_FAULT",
             "COHORT_RESTART_COUNT",
             "COHORT_RESUME",
+            "COHORT_EPOCH",
         ] {
             cmd.env_remove(var);
         }
@@ -216,4 +217,123 @@ fn an_injected_fault_kills_the_worker_and_the_restart_resumes() {
         "resumed from the step-2 checkpoint: {out}"
     );
     assert!(out.contains("done: 6 steps"), "{out}");
+}
+
+/// In-place recovery as the workers see it, this test playing the agent:
+/// rank `victim` of `world` dies at step 8 (no checkpoint on disk); the
+/// test writes the epoch's notice into the store and starts that rank again
+/// with `COHORT_EPOCH=1`; the others keep their processes, the replacement
+/// takes its state from them (DDP: a survivor's; ZeRO: its shard from the
+/// rank mirroring it), step 9 is redone, and every step's loss is the one
+/// of an uninterrupted run, to the bit. Returns the recovery's line.
+fn recover_in_place(stage: u8, world: usize, victim: usize) -> String {
+    use cohort_collectives::Store;
+    use cohort_contract::recovery::{Done, Notice, done_key, notice_key, unix_ms};
+
+    let extra = format!("[optim]\nlr = 3e-3\n[parallel]\nzero_stage = {stage}\n");
+    let run = |dir: &Path, fault: Option<String>| -> (Vec<serde_json::Value>, String) {
+        let config = write_config(dir, 16, &extra);
+        let store = dir.join("store");
+        let logs = dir.join("logs");
+        let env = |rank: usize| {
+            let mut env = vec![
+                ("RANK", rank.to_string()),
+                ("LOCAL_RANK", rank.to_string()),
+                ("WORLD_SIZE", world.to_string()),
+                ("COHORT_TOKEN", "test-token".into()),
+                ("COHORT_STORE_DIR", store.display().to_string()),
+                ("COHORT_LOG_DIR", logs.display().to_string()),
+            ];
+            if let Some(f) = &fault {
+                env.push(("COHORT_INJECT_FAULT", f.clone()));
+            }
+            env
+        };
+        let mut workers: Vec<Option<Worker>> = (0..world)
+            .map(|r| Some(Worker::start(dir, &format!("rank{r}"), &config, &env(r))))
+            .collect();
+        let mut note = String::new();
+        if fault.is_some() {
+            let (exit, out) = workers[victim].take().unwrap().finish();
+            assert!(!exit.success(), "rank {victim} was to die: {out}");
+            let store = cohort_collectives::FileStore::new(&store).unwrap();
+            let notice = Notice {
+                epoch: 1,
+                rank: victim,
+                reason: "was killed by SIGABRT".into(),
+                failed_unix_ms: unix_ms(),
+                noticed_unix_ms: unix_ms(),
+            };
+            store
+                .set(&notice_key(1), &serde_json::to_vec(&notice).unwrap())
+                .unwrap();
+            let mut env1 = env(victim);
+            env1.push(("COHORT_EPOCH", "1".into()));
+            let replacement = Worker::start(dir, &format!("rank{victim}-epoch1"), &config, &env1);
+            let (exit, out) = replacement.finish();
+            assert!(exit.success(), "the replacement: {out}");
+            let done = store
+                .wait(&[done_key(1)], Duration::from_secs(10))
+                .expect("the replacement's record");
+            let done: Done = serde_json::from_slice(&done[0]).unwrap();
+            assert_eq!((done.rank, done.in_flight), (victim, 9), "{done:?}");
+            // DDP: only the step in flight; ZeRO: also the one before when
+            // the victim died while the mirrors were being refreshed.
+            assert!(done.step == 9 || (stage > 0 && done.step == 8), "{done:?}");
+            note = done.describe(&notice);
+        }
+        for (rank, w) in workers.into_iter().enumerate() {
+            if let Some(w) = w {
+                let (exit, out) = w.finish();
+                assert!(
+                    exit.success(),
+                    "rank {rank} kept its process and finished: {out}"
+                );
+            }
+        }
+        (metrics(&logs), note)
+    };
+    let straight = tempfile::tempdir().unwrap();
+    let faulted = tempfile::tempdir().unwrap();
+    let (want, _) = run(straight.path(), None);
+    let (got, note) = run(faulted.path(), Some(format!("rank={victim},step=8")));
+    assert!(
+        note.starts_with(&format!("rank {victim} recovered in place (epoch 1)")),
+        "{note}"
+    );
+    // A step redone is logged again (with the same loss): the last line
+    // of each step counts.
+    let losses = |m: &[serde_json::Value]| -> Vec<(u64, f64)> {
+        let by_step: std::collections::BTreeMap<u64, f64> = m
+            .iter()
+            .filter_map(|l| Some((l.get("step")?.as_u64()?, l.get("loss")?.as_f64()?)))
+            .collect();
+        by_step.into_iter().collect()
+    };
+    assert_eq!(losses(&want).len(), 16, "a loss every step");
+    assert_eq!(
+        losses(&got),
+        losses(&want),
+        "zero stage {stage}, {world} ranks: {note}"
+    );
+    note
+}
+
+#[test]
+fn a_dead_ddp_rank_is_replaced_in_place_and_the_losses_are_unchanged() {
+    let note = recover_in_place(0, 2, 1);
+    assert!(note.contains("its state came from rank 0"), "{note}");
+    let note = recover_in_place(0, 3, 0);
+    assert!(note.contains("its state came from rank 1"), "{note}");
+}
+
+#[test]
+fn a_dead_zero_rank_takes_its_shard_from_its_mirror() {
+    for (stage, world, victim, holder) in [(1, 2, 1, 0), (2, 2, 0, 1), (1, 3, 1, 2), (2, 3, 2, 0)] {
+        let note = recover_in_place(stage, world, victim);
+        assert!(
+            note.contains(&format!("its state came from rank {holder}")),
+            "zero stage {stage}: {note}"
+        );
+    }
 }
