@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use launch_util::{FAST, Proc, alive, cohort, eventually, worker_pid};
 
-/// `cohort launch` of the quickstart (2 ranks) for a very long run, in `dir`.
+/// `cohort launch` of the quickstart (2 ranks) for a very long run, in
+/// `dir`, that restarts from disk on a failure (`recovery.mode = "restart"`).
 fn long_job(dir: &Path, job: &str, extra: &[&str]) -> Proc {
     worker_bin::ensure();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -31,6 +32,9 @@ fn long_job(dir: &Path, job: &str, extra: &[&str]) -> Proc {
             "train.max_steps=1000000",
             "--set",
             "checkpoint.every=0",
+            // What happens when the job restarts; in place is tests/peer_recovery.rs.
+            "--set",
+            "recovery.mode=restart",
         ]);
     Proc::spawn(cmd)
 }

@@ -32,7 +32,8 @@ impl Job {
     }
 
     /// `cohort launch configs/quickstart.toml` with `max_steps` steps,
-    /// checkpoints every 10 into `ckpt`, and `extra` flags; returns the
+    /// checkpoints every 10 into `ckpt`, a failure restarting the job from
+    /// disk (`recovery.mode = "restart"`), and `extra` flags; returns the
     /// launcher's stdout and stderr together after asserting success.
     fn launch(&self, ckpt: &str, max_steps: u64, extra: &[&str], env: &[(&str, &str)]) -> String {
         let (ok, out) = self.try_launch(ckpt, max_steps, extra, env);
@@ -58,7 +59,9 @@ impl Job {
             .args(["--set", "train.eval_every=0"])
             .args(["--set", "checkpoint.every=10"])
             .args(["--set", &format!("checkpoint.dir={ckpt}")])
-            .args(["--set", "checkpoint.keep_last=10"]);
+            .args(["--set", "checkpoint.keep_last=10"])
+            // A failure restarts the job from disk, not in place.
+            .args(["--set", "recovery.mode=restart"]);
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -139,9 +139,9 @@ fn the_example_trains_like_pytorch_and_loads_back_strictly() {
         "ZeRO-2: per-step losses differ from PyTorch's by up to {diff:.2e}\ncohort {zero2:?}\ntorch  {reference:?}"
     );
 
-    // Rank 1 dies at step 13; the restart resumes from step 10's
-    // checkpoint, and the steps it redoes and those after are the
-    // uninterrupted run's.
+    // Rank 1 dies at step 13; the restart (`recovery.mode = "restart"`)
+    // resumes from step 10's checkpoint, and the steps it redoes and those
+    // after are the uninterrupted run's.
     let mut cmd = cohort();
     cmd.current_dir(&work)
         .arg("launch")
@@ -154,6 +154,7 @@ fn the_example_trains_like_pytorch_and_loads_back_strictly() {
             "checkpoint.dir={}",
             dir.path().join("ckpt3").display()
         ))
+        .args(["--set", "recovery.mode=restart"])
         .env("COHORT_INJECT_FAULT", "rank=1,step=13");
     let (status, out, err) = run(cmd, DEADLINE);
     let all = format!("{out}{err}");

@@ -2,11 +2,13 @@
 //! worker env contract, heartbeats, detects hung workers, reports exits, and
 //! follows the coordinator's directives (go on, restart, finish).
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cohort_contract::recovery::unix_ms;
 use cohort_contract::{CommEnv, Resume, Role, UserSet, WorkerEnv, exit};
 use cohort_proto::v1::{
     Action, Assignment, Directive, FailureInfo, HeartbeatRequest, JobOptions, JobOutcome,
@@ -18,8 +20,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::LauncherError;
 use crate::client::{Client, connect, error_chain, rpc_error};
 use crate::console::Console;
-use crate::decision::{NodeRange, find_hang_culprit, find_hung_worker};
+use crate::decision::{
+    FailedWorker, NodeRange, WorkerFailure, decide_worker_failure, find_hang_culprit,
+    find_hung_worker,
+};
 use crate::errorfile;
+use crate::recovery::{Recoveries, Scope};
 use crate::worker::{Worker, WorkerGroup, WorkerSpec, attempt_dir, describe_exit};
 
 /// What each worker runs.
@@ -44,7 +50,37 @@ pub enum WorkerCommand {
         /// (`configs/quickstart.toml`, not the job's resolved copy):
         /// passed as `--source`.
         source: String,
+        /// The config's `[recovery]`: what a failed worker costs the job.
+        recovery: RecoveryPolicy,
     },
+}
+
+/// How a job of the built-in trainer recovers from a failed worker (its
+/// config's `recovery.mode`). Programs run with `cohort launch -- PROGRAM`
+/// always restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryPolicy {
+    /// Every worker stops and the job restarts from the newest checkpoint.
+    Restart,
+    /// In place: only the failed rank starts again (`COHORT_EPOCH` set)
+    /// and takes its state from a survivor; the others keep running.
+    Peer {
+        /// `recovery.rejoin_timeout_s`: how long the workers wait for the
+        /// replacement before they give up (exit 75).
+        rejoin_timeout: Duration,
+    },
+}
+
+impl RecoveryPolicy {
+    /// The policy of a job config's `[recovery]` section.
+    pub fn of(config: &cohort_configs::RecoveryConfig) -> Self {
+        match config.mode {
+            cohort_configs::RecoveryMode::Restart => Self::Restart,
+            cohort_configs::RecoveryMode::Peer => Self::Peer {
+                rejoin_timeout: Duration::from_secs(config.rejoin_timeout_s),
+            },
+        }
+    }
 }
 
 /// Everything a node agent needs.
@@ -282,6 +318,7 @@ impl Agent {
                     min_nodes: self.config.nnodes.min,
                     max_nodes: self.config.nnodes.max,
                     max_restarts: self.config.max_restarts,
+                    peer_recovery: matches!(self.recovery(), RecoveryPolicy::Peer { .. }),
                 }),
                 node_rank: self.config.node_rank,
                 role: self.config.role.clone(),
@@ -345,34 +382,76 @@ impl Agent {
         self.config.log_dir.join(&self.config.job_id)
     }
 
+    /// Where a `Train` job's resolved config is written for its workers.
+    fn config_path(&self) -> PathBuf {
+        self.job_dir().join("config.toml")
+    }
+
+    /// What every worker runs: (program, args).
+    fn program(&self) -> (OsString, Vec<OsString>) {
+        match &self.config.command {
+            WorkerCommand::Program { program, args } => (program.clone(), args.clone()),
+            WorkerCommand::Train { worker, source, .. } => (
+                worker.clone().into_os_string(),
+                vec![
+                    "train".into(),
+                    "--config".into(),
+                    self.config_path().into_os_string(),
+                    "--source".into(),
+                    source.into(),
+                ],
+            ),
+        }
+    }
+
+    /// How this node recovers a failed worker (peer recovery needs the
+    /// built-in trainer).
+    fn recovery(&self) -> RecoveryPolicy {
+        match &self.config.command {
+            WorkerCommand::Train { recovery, .. } => *recovery,
+            WorkerCommand::Program { .. } => RecoveryPolicy::Restart,
+        }
+    }
+
+    /// How to start every worker of generation `a`. Error files an earlier
+    /// job of the same id left are removed.
     fn specs(&self, a: &Assignment) -> Result<Vec<WorkerSpec>, LauncherError> {
+        let attempt = attempt_dir(&self.job_dir(), a.generation)?;
+        if let WorkerCommand::Train { config_toml, .. } = &self.config.command {
+            let path = self.config_path();
+            std::fs::write(&path, config_toml)
+                .map_err(|source| LauncherError::Io { path, source })?;
+        }
+        let (program, args) = self.program();
+        let mut specs = Vec::new();
+        for local_rank in 0..self.config.nproc {
+            let error_file = errorfile::error_file(&attempt, a.rank_offset + local_rank);
+            if let Err(source) = std::fs::remove_file(&error_file)
+                && source.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(LauncherError::Io {
+                    path: error_file,
+                    source,
+                });
+            }
+            specs.push(self.spec(a, local_rank, 0, &program, &args)?);
+        }
+        Ok(specs)
+    }
+
+    /// How to start the worker of local rank `local_rank` of generation
+    /// `a` in communicator epoch `epoch` (0: the generation's first start;
+    /// more: it replaces a failed one in place).
+    fn spec(
+        &self,
+        a: &Assignment,
+        local_rank: u32,
+        epoch: u64,
+        program: &OsString,
+        args: &[OsString],
+    ) -> Result<WorkerSpec, LauncherError> {
         let job_dir = self.job_dir();
         let attempt = attempt_dir(&job_dir, a.generation)?;
-        let (program, args) = match &self.config.command {
-            WorkerCommand::Program { program, args } => (program.clone(), args.clone()),
-            WorkerCommand::Train {
-                worker,
-                config_toml,
-                source,
-                ..
-            } => {
-                let path = job_dir.join("config.toml");
-                std::fs::write(&path, config_toml).map_err(|source| LauncherError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                (
-                    worker.clone().into_os_string(),
-                    vec![
-                        "train".into(),
-                        "--config".into(),
-                        path.into_os_string(),
-                        "--source".into(),
-                        source.into(),
-                    ],
-                )
-            }
-        };
         let nproc = self.config.nproc;
         let resume = match &self.config.command {
             WorkerCommand::Train {
@@ -397,71 +476,58 @@ impl Agent {
         // The interface carrying this node's address, for Gloo's and NCCL's
         // sockets (their host name lookup may give a loopback address).
         let ifname = crate::netif::interface_of(&self.config.host);
-        let mut specs = Vec::new();
-        for local_rank in 0..nproc {
-            let rank = a.rank_offset + local_rank;
-            let status_path = attempt.join(format!("rank_{rank}.status"));
-            let error_file = errorfile::error_file(&attempt, rank);
-            // A file left by an earlier job of the same id is no error of this one.
-            if let Err(source) = std::fs::remove_file(&error_file)
-                && source.kind() != std::io::ErrorKind::NotFound
-            {
-                return Err(LauncherError::Io {
-                    path: error_file,
-                    source,
-                });
-            }
-            let mut env = WorkerEnv {
-                rank: rank as usize,
-                local_rank: local_rank as usize,
-                world: a.world_size as usize,
-                local_world: nproc as usize,
-                node_rank: a.node_rank as usize,
-                group_world: a.nnodes as usize,
-                role: Role {
-                    name: self.config.role.clone(),
-                    rank: (a.role_rank_offset + local_rank) as usize,
-                    world: a.role_world_size as usize,
-                },
-                max_restarts: self.config.max_restarts,
-                error_file: Some(error_file),
-                master_addr: Some(a.master_addr.clone()),
-                master_port: Some(master_port),
-                coordinator: Some(self.config.coordinator.clone()),
-                job_id: Some(a.job_id.clone()),
-                generation: Some(a.generation),
-                restart_count: u64::from(a.restart_count),
-                comm: CommEnv {
-                    token: Some(self.config.token.clone()),
-                    host: Some(self.config.host.clone()),
-                    timeout: None,
-                },
-                log_dir: Some(job_dir.clone()),
-                status_file: Some(status_path.clone()),
-                resume: resume.clone(),
-                ..WorkerEnv::default()
-            };
-            self.config.user_set.apply(&mut env, ifname.as_deref());
-            specs.push(WorkerSpec {
-                rank,
-                local_rank,
-                program: program.clone(),
-                args: args.clone(),
-                env: env
-                    .vars()
-                    .into_iter()
-                    .map(|(name, value)| (name.to_owned(), value))
-                    .collect(),
-                log_path: attempt.join(format!("rank_{rank}.log")),
-                status_path,
-                echo: self
-                    .config
-                    .local_ranks_filter
-                    .as_ref()
-                    .is_none_or(|shown| shown.contains(&local_rank)),
-            });
-        }
-        Ok(specs)
+        let rank = a.rank_offset + local_rank;
+        let status_path = attempt.join(format!("rank_{rank}.status"));
+        let mut env = WorkerEnv {
+            rank: rank as usize,
+            local_rank: local_rank as usize,
+            world: a.world_size as usize,
+            local_world: nproc as usize,
+            node_rank: a.node_rank as usize,
+            group_world: a.nnodes as usize,
+            role: Role {
+                name: self.config.role.clone(),
+                rank: (a.role_rank_offset + local_rank) as usize,
+                world: a.role_world_size as usize,
+            },
+            max_restarts: self.config.max_restarts,
+            error_file: Some(errorfile::error_file(&attempt, rank)),
+            master_addr: Some(a.master_addr.clone()),
+            master_port: Some(master_port),
+            coordinator: Some(self.config.coordinator.clone()),
+            job_id: Some(a.job_id.clone()),
+            generation: Some(a.generation),
+            restart_count: u64::from(a.restart_count),
+            epoch,
+            comm: CommEnv {
+                token: Some(self.config.token.clone()),
+                host: Some(self.config.host.clone()),
+                timeout: None,
+            },
+            log_dir: Some(job_dir),
+            status_file: Some(status_path.clone()),
+            resume,
+            ..WorkerEnv::default()
+        };
+        self.config.user_set.apply(&mut env, ifname.as_deref());
+        Ok(WorkerSpec {
+            rank,
+            local_rank,
+            program: program.clone(),
+            args: args.to_vec(),
+            env: env
+                .vars()
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect(),
+            log_path: attempt.join(format!("rank_{rank}.log")),
+            status_path,
+            echo: self
+                .config
+                .local_ranks_filter
+                .as_ref()
+                .is_none_or(|shown| shown.contains(&local_rank)),
+        })
     }
 
     async fn run_generation(
@@ -574,6 +640,16 @@ impl Agent {
             .collect()
     }
 
+    /// The namespace of generation `a` in the coordinator's store.
+    fn scope(&self, a: &Assignment) -> Scope {
+        Scope {
+            client: self.client.clone(),
+            addr: self.config.coordinator.clone(),
+            job_id: self.config.job_id.clone(),
+            generation: a.generation,
+        }
+    }
+
     async fn supervise(
         &mut self,
         a: &Assignment,
@@ -585,23 +661,41 @@ impl Agent {
         // Once this node reported a failure or success, it only waits for
         // the coordinator's directive.
         let mut reported = false;
+        // In-place recovery: every recovery of the generation, this node's
+        // and the others'.
+        let mut recoveries =
+            match self.recovery() {
+                RecoveryPolicy::Peer { rejoin_timeout } if a.world_size > 1 => Some(
+                    Recoveries::start(self.scope(a), self.console.clone(), rejoin_timeout),
+                ),
+                _ => None,
+            };
+        // Hang culprits killed to be replaced in place once their exit comes.
+        let mut killed: HashMap<usize, KilledCulprit> = HashMap::new();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
                     let now = Instant::now();
                     group.refresh_progress(now, &self.console);
-                    if !reported {
-                        let marks = group.step_marks();
-                        if let Some((first, stalled)) = find_hung_worker(now, &marks, self.config.hang_timeout) {
-                            reported = true;
-                            // The first rank seen stalled is rarely the cause.
-                            let (rank, reason) = match find_hang_culprit(&group.hang_evidence()) {
-                                Some((culprit, why)) => (culprit, format!("{why}; rank {first} was the first seen stalled: {stalled}")),
-                                None => (first, format!("{stalled}; every rank stalled at the same step and none is stopped, so this is the first one seen (evidence: step marks)")),
-                            };
-                            let failure = Self::failure_of(group, rank, reason);
-                            if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false, group).await?) {
-                                return Ok(next);
+                    let recovering = !killed.is_empty()
+                        || recoveries.as_ref().is_some_and(|r| r.in_flight().is_some());
+                    if recovering {
+                        // No rank makes progress while one is replaced:
+                        // the hang clocks start once it is back.
+                        group.restart_hang_clocks(now);
+                    } else if !reported {
+                        match self.find_hang(a, group, recoveries.is_some(), now) {
+                            Hang::None => {}
+                            Hang::Replace(index, culprit) => {
+                                group.kill(index);
+                                killed.insert(index, culprit);
+                            }
+                            Hang::Report(rank, reason) => {
+                                reported = true;
+                                let failure = Self::failure_of(group, rank, reason);
+                                if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false, group).await?) {
+                                    return Ok(next);
+                                }
                             }
                         }
                     }
@@ -633,10 +727,14 @@ impl Agent {
                         continue;
                     }
                     if !status.success() {
+                        let culprit = killed.remove(&index);
+                        let Some(failure) = self
+                            .on_failure(a, group, recoveries.as_mut(), index, status, culprit)
+                            .await
+                        else {
+                            continue;
+                        };
                         reported = true;
-                        let rank = group.workers[index].rank;
-                        let mut failure = Self::failure_of(group, rank, describe_exit(status));
-                        failure.permanent = status.code() == Some(exit::PERMANENT_FAILURE);
                         if let Some(next) = Self::follow(self.report_failure(a.generation, failure, false, group).await?) {
                             return Ok(next);
                         }
@@ -660,6 +758,11 @@ impl Agent {
                         }
                     }
                 }
+                event = next_recovery_event(&mut recoveries) => {
+                    if let Some(r) = recoveries.as_mut() {
+                        r.apply(event);
+                    }
+                }
                 sig = signals.recv() => {
                     self.console.err(&format!(
                         "[cohort] {} received: stopping workers (SIGKILL after {:?})",
@@ -671,4 +774,186 @@ impl Agent {
             }
         }
     }
+
+    /// A hung worker, if one is: replaced in place when it is one of this
+    /// node's and the job recovers in place (`peer`), else reported.
+    fn find_hang(&self, a: &Assignment, group: &WorkerGroup, peer: bool, now: Instant) -> Hang {
+        let marks = group.step_marks();
+        let timeout = self.config.hang_timeout;
+        let Some((first, stalled)) = find_hung_worker(now, &marks, timeout) else {
+            return Hang::None;
+        };
+        // The first rank seen stalled is rarely the cause.
+        let Some((culprit, why)) = find_hang_culprit(&group.hang_evidence()) else {
+            // The culprit may be on another node, whose agent replaces it
+            // in place once it sees the same stall: give it the time to.
+            let grace = self.config.heartbeat_interval * 2 + PEER_HANG_GRACE;
+            if peer && a.nnodes > 1 && find_hung_worker(now, &marks, timeout + grace).is_none() {
+                return Hang::None;
+            }
+            return Hang::Report(
+                first,
+                format!(
+                    "{stalled}; every rank stalled at the same step and none is stopped, so this is the first one seen (evidence: step marks)"
+                ),
+            );
+        };
+        let reason = format!("{why}; rank {first} was the first seen stalled: {stalled}");
+        let facts = FailedWorker {
+            peer,
+            world_size: a.world_size,
+            ..FailedWorker::default()
+        };
+        match group.workers.iter().position(|w| w.rank == culprit) {
+            Some(index) if decide_worker_failure(&facts) == WorkerFailure::InPlace => {
+                // When it last made progress: the failure, as well as known.
+                let stalled_ms = marks.iter().find(|m| m.rank == culprit).map_or(0, |m| {
+                    now.saturating_duration_since(m.since).as_millis() as u64
+                });
+                Hang::Replace(
+                    index,
+                    KilledCulprit {
+                        notice_reason: why,
+                        report_reason: reason,
+                        last_progress_unix_ms: unix_ms().saturating_sub(stalled_ms),
+                    },
+                )
+            }
+            _ => Hang::Report(culprit, reason),
+        }
+    }
+
+    /// The worker at `index` exited with `status` (killed as the hang
+    /// `culprit` if it was): replaced in place when it can be ([`None`]),
+    /// else the failure to report.
+    async fn on_failure(
+        &self,
+        a: &Assignment,
+        group: &mut WorkerGroup,
+        recoveries: Option<&mut Recoveries>,
+        index: usize,
+        status: std::process::ExitStatus,
+        culprit: Option<KilledCulprit>,
+    ) -> Option<FailureInfo> {
+        let worker = &group.workers[index];
+        let rank = worker.rank;
+        let exited = describe_exit(status);
+        let (notice_reason, report_reason, failed_unix_ms) = match culprit {
+            Some(c) => (c.notice_reason, c.report_reason, c.last_progress_unix_ms),
+            None => (
+                // "it was killed by ...", "it exited with code 1".
+                if exited.starts_with("killed") {
+                    format!("was {exited}")
+                } else {
+                    exited.clone()
+                },
+                exited,
+                worker.exited_unix_ms.unwrap_or_else(unix_ms),
+            ),
+        };
+        let facts = FailedWorker {
+            peer: recoveries.is_some(),
+            world_size: a.world_size,
+            code: status.code(),
+            replacing: recoveries.as_ref().and_then(|r| r.replacing(index)),
+            in_flight: recoveries.as_ref().and_then(|r| r.in_flight()),
+        };
+        let why = match (decide_worker_failure(&facts), recoveries) {
+            (WorkerFailure::InPlace, Some(recoveries)) => {
+                match self
+                    .replace(a, group, recoveries, index, &notice_reason, failed_unix_ms)
+                    .await
+                {
+                    Ok(()) => return None,
+                    Err(e) => Some(format!(
+                        "in-place recovery could not start: {e}; falling back to a restart from \
+                         the newest checkpoint"
+                    )),
+                }
+            }
+            (WorkerFailure::Report(why), _) => why,
+            (WorkerFailure::InPlace, None) => None,
+        };
+        let reason = match why {
+            Some(why) => format!("{report_reason} ({why})"),
+            None => report_reason,
+        };
+        let mut failure = Self::failure_of(group, rank, reason);
+        failure.permanent = status.code() == Some(exit::PERMANENT_FAILURE);
+        Some(failure)
+    }
+
+    /// Replaces the failed worker at `index` in place: a new epoch and its
+    /// notice, then the same rank started again with `COHORT_EPOCH` set,
+    /// its output appended to its log; its `Done` is awaited in the
+    /// background.
+    async fn replace(
+        &self,
+        a: &Assignment,
+        group: &mut WorkerGroup,
+        recoveries: &mut Recoveries,
+        index: usize,
+        reason: &str,
+        failed_unix_ms: u64,
+    ) -> Result<(), LauncherError> {
+        let (rank, local_rank) = (group.workers[index].rank, group.workers[index].local_rank);
+        let notice = recoveries
+            .begin(index, rank, reason, failed_unix_ms)
+            .await?;
+        let epoch = notice.epoch;
+        let (program, args) = self.program();
+        let spec = self.spec(a, local_rank, epoch, &program, &args)?;
+        // What the failed worker recorded is this failure's, not the
+        // replacement's: kept aside, out of the job's root cause.
+        if let Some(dir) = spec.log_path.parent() {
+            let error_file = errorfile::error_file(dir, rank);
+            let aside = dir.join(format!("rank_{rank}.error.before_epoch_{epoch}.json"));
+            if let Err(source) = std::fs::rename(&error_file, &aside)
+                && source.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(LauncherError::Io {
+                    path: error_file,
+                    source,
+                });
+            }
+        }
+        let separator = format!(
+            "[cohort] ---- rank {rank} {reason}; started again in place (epoch {epoch}) ----"
+        );
+        group.respawn(index, spec, &separator, &self.console)?;
+        recoveries.await_done(notice);
+        Ok(())
+    }
+}
+
+/// The next event of the generation's recoveries (never without them).
+async fn next_recovery_event(recoveries: &mut Option<Recoveries>) -> crate::recovery::Event {
+    match recoveries {
+        Some(r) => r.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How much longer than `--hang-timeout` a node that sees no culprit of its
+/// own waits before it reports a hang, when the job recovers in place
+/// (besides two heartbeat intervals): the culprit's own node may be about
+/// to replace it.
+const PEER_HANG_GRACE: Duration = Duration::from_secs(2);
+
+/// A hang culprit killed to be replaced in place.
+struct KilledCulprit {
+    /// What its notice says ("hung: ...").
+    notice_reason: String,
+    /// What the failure says if it is reported after all.
+    report_reason: String,
+    last_progress_unix_ms: u64,
+}
+
+/// What [`Agent::find_hang`] found.
+enum Hang {
+    None,
+    /// Kill the worker at this index and replace it in place.
+    Replace(usize, KilledCulprit),
+    /// Report this rank as hung, for this reason.
+    Report(u32, String),
 }

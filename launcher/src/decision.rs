@@ -9,6 +9,8 @@
 //! - [`decide_recovery`]: after a failure, restart or give up?
 //! - [`find_hung_worker`]: which worker made no step progress for too long?
 //! - [`find_hang_culprit`]: of the ranks that stalled, which one caused it?
+//! - [`decide_worker_failure`]: a worker of this node failed: replace it in
+//!   place, or have the job restart?
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -200,6 +202,83 @@ pub fn decide_recovery(
     )
 }
 
+/// What a node agent knows of one of its workers that failed, for
+/// [`decide_worker_failure`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FailedWorker<'a> {
+    /// The job recovers in place (`recovery.mode = "peer"`, a job of the
+    /// built-in trainer).
+    pub peer: bool,
+    pub world_size: u32,
+    /// Its exit code (`None`: a signal killed it).
+    pub code: Option<i32>,
+    /// The epoch in which it replaced a failed rank, while that recovery
+    /// is not over (it has not written its `Done`).
+    pub replacing: Option<u64>,
+    /// A recovery in flight in the job, as this agent knows it: its epoch
+    /// and what failed ("rank 1 was killed by ...").
+    pub in_flight: Option<(u64, &'a str)>,
+}
+
+/// What [`decide_worker_failure`] says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkerFailure {
+    /// Only this rank starts again, under a new epoch; the others keep
+    /// running.
+    InPlace,
+    /// Report it to the coordinator (which restarts the job or gives up),
+    /// with why in-place recovery does not apply, where there is a reason
+    /// to say.
+    Report(Option<String>),
+}
+
+/// What falling back means.
+const FALLBACK: &str = "falling back to a restart from the newest checkpoint";
+
+/// A worker of this node failed: recover it in place, or report it?
+///
+/// In place needs `peer` mode, a surviving rank (a world of two or more),
+/// and no recovery already in flight: a failure during a recovery (of the
+/// replacement itself or of any rank) falls back to a restart, as does a
+/// worker that says its in-place recovery failed
+/// (`cohort_contract::exit::RECOVERY_FAILED`). A permanent failure
+/// (`cohort_contract::exit::PERMANENT_FAILURE`) is never recovered: the
+/// replacement would fail the same way.
+pub fn decide_worker_failure(w: &FailedWorker<'_>) -> WorkerFailure {
+    use cohort_contract::exit::{PERMANENT_FAILURE, RECOVERY_FAILED};
+    match w.code {
+        Some(PERMANENT_FAILURE) => return WorkerFailure::Report(None),
+        Some(RECOVERY_FAILED) => {
+            return WorkerFailure::Report(Some(format!(
+                "its in-place recovery failed, as its output says; {FALLBACK}"
+            )));
+        }
+        _ => {}
+    }
+    if !w.peer {
+        return WorkerFailure::Report(None);
+    }
+    if w.world_size < 2 {
+        return WorkerFailure::Report(Some(format!(
+            "in-place recovery takes the state from a surviving rank and this job has one rank; \
+             {FALLBACK}"
+        )));
+    }
+    if let Some(epoch) = w.replacing {
+        return WorkerFailure::Report(Some(format!(
+            "it was the replacement of the in-place recovery of epoch {epoch} and failed before \
+             it rejoined; a failure during a recovery means {FALLBACK}"
+        )));
+    }
+    if let Some((epoch, what)) = w.in_flight {
+        return WorkerFailure::Report(Some(format!(
+            "during the in-place recovery of epoch {epoch}, after {what}; a failure during a \
+             recovery means {FALLBACK}"
+        )));
+    }
+    WorkerFailure::InPlace
+}
+
 /// A worker's last step change, as its agent saw it in the status file.
 #[derive(Clone, Copy, Debug)]
 pub struct StepMark {
@@ -294,6 +373,81 @@ pub fn find_hang_culprit(evidence: &[RankEvidence]) -> Option<(u32, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_worker_is_replaced_in_place_only_when_it_can_be() {
+        let peer = FailedWorker {
+            peer: true,
+            world_size: 2,
+            code: None,
+            ..FailedWorker::default()
+        };
+        assert_eq!(decide_worker_failure(&peer), WorkerFailure::InPlace);
+        assert_eq!(
+            decide_worker_failure(&FailedWorker {
+                code: Some(1),
+                ..peer
+            }),
+            WorkerFailure::InPlace
+        );
+        let why = |w: FailedWorker| match decide_worker_failure(&w) {
+            WorkerFailure::Report(why) => why,
+            WorkerFailure::InPlace => panic!("{w:?} was recovered in place"),
+        };
+        // restart mode, and a permanent failure: today's report, no reason.
+        assert_eq!(
+            why(FailedWorker {
+                peer: false,
+                ..peer
+            }),
+            None
+        );
+        assert_eq!(
+            why(FailedWorker {
+                code: Some(78),
+                ..peer
+            }),
+            None
+        );
+        let reason = why(FailedWorker {
+            code: Some(75),
+            ..peer
+        })
+        .unwrap();
+        assert!(
+            reason.starts_with("its in-place recovery failed"),
+            "{reason}"
+        );
+        assert!(reason.ends_with("falling back to a restart from the newest checkpoint"));
+        let reason = why(FailedWorker {
+            world_size: 1,
+            ..peer
+        })
+        .unwrap();
+        assert!(reason.contains("this job has one rank"), "{reason}");
+        let reason = why(FailedWorker {
+            replacing: Some(2),
+            in_flight: Some((2, "rank 1 exited with code 1")),
+            ..peer
+        })
+        .unwrap();
+        assert!(
+            reason.starts_with("it was the replacement of the in-place recovery of epoch 2"),
+            "{reason}"
+        );
+        let reason = why(FailedWorker {
+            in_flight: Some((3, "rank 1 was killed by signal 9 (SIGKILL)")),
+            ..peer
+        })
+        .unwrap();
+        assert!(
+            reason.starts_with(
+                "during the in-place recovery of epoch 3, after rank 1 was killed by signal 9 \
+                 (SIGKILL); a failure"
+            ),
+            "{reason}"
+        );
+    }
 
     #[test]
     fn the_hang_culprit_is_the_rank_outside_the_collective() {

@@ -12,6 +12,8 @@
 //!   cause they name; [`netif`]: the interface carrying an address.
 //! - [`launch`]: `cohort launch` / `cohort coordinator` as library calls.
 //! - [`reaper`]: no process of a job outlives its launcher.
+//! - [`recovery`]: the agent's side of in-place recovery (a new epoch, its
+//!   notice, the replacement's `Done`).
 //! - [`sched`]: a node's place in a Slurm or Kubernetes job, from their env.
 
 pub mod agent;
@@ -27,11 +29,12 @@ mod kv;
 pub mod launch;
 pub mod netif;
 pub mod reaper;
+pub mod recovery;
 pub mod sched;
 pub mod store;
 pub mod worker;
 
-pub use agent::WorkerCommand;
+pub use agent::{RecoveryPolicy, WorkerCommand};
 pub use decision::NodeRange;
 pub use error::LauncherError;
 pub use launch::{CoordinatorMode, CoordinatorOptions, LaunchOptions, Timing, launch, serve};

@@ -61,12 +61,20 @@ pub struct Worker {
     progress: Option<WorkerProgress>,
     mark: Option<StepMark>,
     status_error_logged: bool,
+    /// When its exit was seen (Unix ms), once it exited.
+    pub exited_unix_ms: Option<u64>,
 }
+
+/// A worker's exit as its watcher saw it: (index into `workers`, status,
+/// when it was seen in Unix ms).
+type Exit = (usize, ExitStatus, u64);
 
 /// The workers of this node in the current generation.
 pub struct WorkerGroup {
     pub workers: Vec<Worker>,
-    exits: mpsc::UnboundedReceiver<(usize, ExitStatus)>,
+    exits: mpsc::UnboundedReceiver<Exit>,
+    /// For the exit watchers of workers started again ([`Self::respawn`]).
+    exits_tx: mpsc::UnboundedSender<Exit>,
 }
 
 fn signal_name(sig: i32) -> &'static str {
@@ -124,13 +132,23 @@ async fn copy_lines(
         if echo {
             console.worker_line(rank, to_stderr, text);
         }
-        let line = format!("[rank {rank}] {text}");
-        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-        if tail.len() == TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(line);
+        push_tail(&tail, format!("[rank {rank}] {text}"));
     }
+}
+
+fn push_tail(tail: &Mutex<VecDeque<String>>, line: String) {
+    let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+    if tail.len() == TAIL_LINES {
+        tail.pop_front();
+    }
+    tail.push_back(line);
+}
+
+fn create_log(path: &Path) -> Result<File, LauncherError> {
+    File::create(path).map_err(|source| LauncherError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl WorkerGroup {
@@ -140,13 +158,18 @@ impl WorkerGroup {
         console: &Arc<Console>,
         grace: Duration,
     ) -> Result<Self, LauncherError> {
-        let (tx, exits) = mpsc::unbounded_channel();
+        let (exits_tx, exits) = mpsc::unbounded_channel();
         let mut group = Self {
             workers: Vec::new(),
             exits,
+            exits_tx,
         };
         for (index, spec) in specs.into_iter().enumerate() {
-            match spawn_one(index, spec, console, tx.clone()) {
+            let started = create_log(&spec.log_path).and_then(|log| {
+                let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+                spawn_one(index, spec, log, tail, console, group.exits_tx.clone())
+            });
+            match started {
                 Ok(worker) => group.workers.push(worker),
                 Err(e) => {
                     group.stop(libc::SIGTERM, grace).await;
@@ -157,10 +180,75 @@ impl WorkerGroup {
         Ok(group)
     }
 
+    /// Starts the worker at `index`, which exited, again from `spec` (its
+    /// rank's, with the env of the new start): its output goes on in the
+    /// same log after the line `separator`, with the same process group,
+    /// parent-death and exit handling as a first start. Its last progress
+    /// stays (the status file is the same) but its hang clock starts only
+    /// with the next step it reports.
+    pub fn respawn(
+        &mut self,
+        index: usize,
+        spec: WorkerSpec,
+        separator: &str,
+        console: &Arc<Console>,
+    ) -> Result<(), LauncherError> {
+        let old = &self.workers[index];
+        if old.exit.is_none() {
+            return Err(LauncherError::Spawn {
+                program: spec.program.to_string_lossy().into_owned(),
+                source: std::io::Error::other(format!(
+                    "rank {} is still running: only an exited worker starts again",
+                    old.rank
+                )),
+            });
+        }
+        let io = |source| LauncherError::Io {
+            path: spec.log_path.clone(),
+            source,
+        };
+        let mut log = File::options()
+            .append(true)
+            .create(true)
+            .open(&spec.log_path)
+            .map_err(io)?;
+        writeln!(log, "{separator}").map_err(io)?;
+        let tail = old.tail.clone();
+        push_tail(&tail, separator.to_owned());
+        let progress = old.progress.clone();
+        let status_error_logged = old.status_error_logged;
+        let mut worker = spawn_one(index, spec, log, tail, console, self.exits_tx.clone())?;
+        worker.progress = progress;
+        worker.status_error_logged = status_error_logged;
+        self.workers[index] = worker;
+        Ok(())
+    }
+
+    /// SIGKILL to the process group of the worker at `index` if it runs
+    /// (its exit comes through [`Self::next_exit`] as any other).
+    pub fn kill(&self, index: usize) {
+        let w = &self.workers[index];
+        if w.exit.is_none() {
+            // SAFETY: killpg has no memory-safety preconditions.
+            unsafe {
+                libc::killpg(w.pgid, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Starts every running worker's hang clock again at `now` (while a
+    /// rank is replaced in place, no rank can make progress).
+    pub fn restart_hang_clocks(&mut self, now: Instant) {
+        for mark in self.workers.iter_mut().filter_map(|w| w.mark.as_mut()) {
+            mark.since = now;
+        }
+    }
+
     /// The next worker exit: (index into `workers`, status).
     pub async fn next_exit(&mut self) -> Option<(usize, ExitStatus)> {
-        let (index, status) = self.exits.recv().await?;
+        let (index, status, seen) = self.exits.recv().await?;
         self.workers[index].exit = Some(status);
+        self.workers[index].exited_unix_ms = Some(seen);
         Some((index, status))
     }
 
@@ -364,16 +452,16 @@ async fn wait_unreaped(pid: i32) -> bool {
     }
 }
 
+/// Starts `spec`'s worker as the one at `index`, its output appended to
+/// `log` and kept in `tail`.
 fn spawn_one(
     index: usize,
     spec: WorkerSpec,
+    log: File,
+    tail: Arc<Mutex<VecDeque<String>>>,
     console: &Arc<Console>,
-    exits: mpsc::UnboundedSender<(usize, ExitStatus)>,
+    exits: mpsc::UnboundedSender<Exit>,
 ) -> Result<Worker, LauncherError> {
-    let log = File::create(&spec.log_path).map_err(|source| LauncherError::Io {
-        path: spec.log_path.clone(),
-        source,
-    })?;
     let mut command = tokio::process::Command::new(&spec.program);
     command
         .args(&spec.args)
@@ -420,7 +508,6 @@ fn spawn_one(
     };
     reaper::track(pgid);
     let log = Arc::new(Mutex::new(log));
-    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
     let mut copies = Vec::new();
     if let Some(out) = child.stdout.take() {
         copies.push(tokio::spawn(copy_lines(
@@ -451,7 +538,9 @@ fn spawn_one(
         // signal reaches only that group (after the reap the number may go to
         // an unrelated process of another job; this host reuses pids quickly
         // when busy).
-        if wait_unreaped(pgid).await {
+        let unreaped = wait_unreaped(pgid).await;
+        let seen_unreaped = unreaped.then(cohort_contract::recovery::unix_ms);
+        if unreaped {
             // SAFETY: killpg has no memory-safety preconditions.
             unsafe {
                 libc::killpg(pgid, libc::SIGKILL);
@@ -461,13 +550,14 @@ fn spawn_one(
             Ok(status) => status,
             Err(_) => ExitStatus::from_raw(libc::SIGKILL),
         };
+        let seen = seen_unreaped.unwrap_or_else(cohort_contract::recovery::unix_ms);
         reaper::untrack(pgid);
         // Let the output drain before the exit is reported (for the log tail),
         // but don't wait on programs the worker left holding its pipes.
         for copy in copies {
             let _ = tokio::time::timeout(Duration::from_millis(500), copy).await;
         }
-        let _ = exits.send((index, status));
+        let _ = exits.send((index, status, seen));
     });
     Ok(Worker {
         rank: spec.rank,
@@ -480,6 +570,7 @@ fn spawn_one(
         progress: None,
         mark: None,
         status_error_logged: false,
+        exited_unix_ms: None,
     })
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cohort_contract::var;
 use cohort_launcher::{
-    CoordinatorMode, LaunchOptions, LauncherError, NodeRange, Timing, WorkerCommand,
+    CoordinatorMode, LaunchOptions, LauncherError, NodeRange, RecoveryPolicy, Timing, WorkerCommand,
 };
 
 /// Hidden knobs of the launcher's clock (tests shorten them).
@@ -392,6 +392,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     format!("{} (with --set overrides)", path.display())
                 },
+                recovery: RecoveryPolicy::of(&job.recovery),
             };
             (command, job.launch)
         }

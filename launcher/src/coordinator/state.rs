@@ -107,6 +107,8 @@ pub struct JobState {
     job_id: Option<String>,
     range: Option<NodeRange>,
     max_restarts: Option<u32>,
+    /// The job recovers a failed worker in place (its nodes said so).
+    peer_recovery: bool,
     generation: u64,
     restart_count: u32,
     phase: Phase,
@@ -153,6 +155,7 @@ impl JobState {
             job_id: config.job_id.clone(),
             range: config.nnodes,
             max_restarts: config.max_restarts,
+            peer_recovery: false,
             generation: 0,
             restart_count: 0,
             phase: Phase::Forming,
@@ -206,6 +209,7 @@ impl JobState {
                 .awaiting
                 .as_ref()
                 .map_or_else(String::new, |a| a.what.clone()),
+            peer_recovery: self.peer_recovery,
         }
     }
 
@@ -241,6 +245,7 @@ impl JobState {
         st.job_id = saved.job_id.clone().or(st.job_id);
         st.range = range.or(st.range);
         st.max_restarts = saved.max_restarts.or(st.max_restarts);
+        st.peer_recovery = saved.peer_recovery;
         st.generation = saved.generation;
         st.restart_count = saved.restart_count;
         st.node_ranks = saved.node_ranks.clone();
@@ -361,6 +366,7 @@ impl JobState {
             if self.max_restarts.is_none() {
                 self.max_restarts = Some(opts.max_restarts);
             }
+            self.peer_recovery |= opts.peer_recovery;
         }
         if matches!(self.phase, Phase::Finished(_)) {
             return Ok(());
@@ -543,7 +549,7 @@ impl JobState {
         self.emit(EventKind::Failure, what.clone());
         let live = self.members.len() - lost.len();
         let range = self.range.unwrap_or(NodeRange::exactly(1));
-        let (decision, reason) = decide_recovery(
+        let (decision, mut reason) = decide_recovery(
             self.restart_count,
             self.max_restarts.unwrap_or(0),
             live,
@@ -552,6 +558,13 @@ impl JobState {
             failure.permanent,
             self.replacement_timeout,
         );
+        // A worker's agent names its own fallbacks; a lost node is named here.
+        if self.peer_recovery && !lost.is_empty() && decision != Recovery::GiveUp {
+            reason = format!(
+                "in-place recovery covers a failed worker on a live node, so the job restarts \
+                 from the newest checkpoint: {reason}"
+            );
+        }
         match decision {
             Recovery::Restart | Recovery::Replace => {
                 self.generation += 1;
@@ -670,8 +683,10 @@ impl JobState {
         self.directive_for(&req.node_id, req.generation)
     }
 
-    /// Keeps the errors `node_id`'s workers of `generation` recorded (the
-    /// latest report of each rank), with where they ran.
+    /// Keeps the errors `node_id`'s workers of `generation` recorded, with
+    /// where they ran: its latest report, which holds every error file of
+    /// the node (a rank replaced in place sets its failed worker's aside:
+    /// that error is no cause of what comes later).
     fn record(&mut self, node_id: &str, generation: u64, recorded: Vec<FailureInfo>) {
         let Some(m) = self.members.get(node_id) else {
             return;
@@ -679,13 +694,12 @@ impl JobState {
         if generation != self.generation {
             return;
         }
+        self.recorded.retain(|r| r.node_id != node_id);
         for mut f in recorded.into_iter().filter(|f| f.error.is_some()) {
             f.node_id = node_id.to_owned();
             f.node_rank = m.node_rank;
             f.host.clone_from(&m.host);
             f.generation = generation;
-            self.recorded
-                .retain(|r| !(r.node_id == f.node_id && r.rank == f.rank));
             self.recorded.push(f);
         }
     }
@@ -1235,6 +1249,83 @@ mod tests {
             "{}",
             d.reason
         );
+    }
+
+    #[test]
+    fn a_lost_node_of_a_job_that_recovers_in_place_says_why_it_restarts() {
+        let mut j = job(NodeRange { min: 1, max: 2 }, 3);
+        let t0 = Instant::now();
+        for node in ["a", "b"] {
+            j.register(
+                t0,
+                &JoinRequest {
+                    job_id: "job".into(),
+                    node_id: node.into(),
+                    host: format!("host-{node}"),
+                    nproc: 2,
+                    master_port: 1000,
+                    options: Some(JobOptions {
+                        peer_recovery: true,
+                        ..JobOptions::default()
+                    }),
+                    node_rank: None,
+                    role: String::new(),
+                },
+            )
+            .unwrap();
+        }
+        j.heartbeat(t0 + Duration::from_secs(4), heartbeat("a"));
+        j.tick(t0 + Duration::from_secs(6), false);
+        let d = j.heartbeat(t0 + Duration::from_secs(6), heartbeat("a"));
+        assert_eq!(d.action, Action::Restart as i32);
+        assert!(
+            d.reason.starts_with("node b (host-b) lost: "),
+            "{}",
+            d.reason
+        );
+        assert!(
+            d.reason.ends_with(
+                " UTC; in-place recovery covers a failed worker on a live node, so the job \
+                 restarts from the newest checkpoint: restart 1 of --max-restarts 3 with 1 node(s)"
+            ),
+            "{}",
+            d.reason
+        );
+        // A saved state keeps it.
+        let saved = j.durable("t", HashMap::new());
+        assert!(saved.peer_recovery);
+    }
+
+    #[test]
+    fn an_error_its_node_no_longer_reports_is_no_root_cause() {
+        use cohort_proto::v1::RecordedError;
+        let mut j = job(NodeRange::exactly(1), 0);
+        let t0 = Instant::now();
+        join(&mut j, t0, "a");
+        let recorded = FailureInfo {
+            rank: Some(1),
+            reason: "raised ValueError: 1".into(),
+            error: Some(Box::new(RecordedError {
+                timestamp: 100,
+                message: "ValueError: 1".into(),
+                ..RecordedError::default()
+            })),
+            ..FailureInfo::default()
+        };
+        j.heartbeat(
+            t0,
+            HeartbeatRequest {
+                recorded: vec![recorded],
+                ..heartbeat("a")
+            },
+        );
+        // Rank 1 was replaced in place: its failed worker's error file is
+        // set aside, and the next report holds none.
+        j.heartbeat(t0, heartbeat("a"));
+        let d = j.report_failure(t0, failure(0, 0));
+        let cause = d.outcome.unwrap().root_cause.unwrap();
+        assert_eq!(cause.rank, Some(0));
+        assert_eq!(cause.reason, "exited with code 3");
     }
 
     #[test]
