@@ -1055,6 +1055,17 @@ mod tests {
     }
 
     fn join_as(j: &mut JobState, now: Instant, node: &str, node_rank: Option<u32>, role: &str) {
+        join_with(j, now, node, node_rank, role, JobOptions::default());
+    }
+
+    fn join_with(
+        j: &mut JobState,
+        now: Instant,
+        node: &str,
+        node_rank: Option<u32>,
+        role: &str,
+        options: JobOptions,
+    ) {
         j.register(
             now,
             &JoinRequest {
@@ -1063,7 +1074,7 @@ mod tests {
                 host: format!("host-{node}"),
                 nproc: 2,
                 master_port: 1000,
-                options: Some(JobOptions::default()),
+                options: Some(options),
                 node_rank,
                 role: role.into(),
             },
@@ -1255,24 +1266,12 @@ mod tests {
     fn a_lost_node_of_a_job_that_recovers_in_place_says_why_it_restarts() {
         let mut j = job(NodeRange { min: 1, max: 2 }, 3);
         let t0 = Instant::now();
+        let peer = JobOptions {
+            peer_recovery: true,
+            ..JobOptions::default()
+        };
         for node in ["a", "b"] {
-            j.register(
-                t0,
-                &JoinRequest {
-                    job_id: "job".into(),
-                    node_id: node.into(),
-                    host: format!("host-{node}"),
-                    nproc: 2,
-                    master_port: 1000,
-                    options: Some(JobOptions {
-                        peer_recovery: true,
-                        ..JobOptions::default()
-                    }),
-                    node_rank: None,
-                    role: String::new(),
-                },
-            )
-            .unwrap();
+            join_with(&mut j, t0, node, None, "", peer);
         }
         j.heartbeat(t0 + Duration::from_secs(4), heartbeat("a"));
         j.tick(t0 + Duration::from_secs(6), false);
