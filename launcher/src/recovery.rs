@@ -444,6 +444,7 @@ mod tests {
             rank: 5,
             source_rank: 0,
             step: 7,
+            in_flight: 7,
             bytes: 10,
             survivors_left_unix_ms: 1_001,
             connecting_unix_ms: 1_002,

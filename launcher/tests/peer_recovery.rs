@@ -268,6 +268,7 @@ fn done(notice: &Notice) -> Done {
         rank: notice.rank,
         source_rank: 0,
         step: 4,
+        in_flight: 4,
         bytes: 2_000_000,
         survivors_left_unix_ms: t + 5,
         connecting_unix_ms: t + 100,
