@@ -3,15 +3,17 @@
 //!
 //! A surviving rank keeps its process and memory: a watcher thread waits
 //! on the store for the notice of the next epoch (the failed rank's agent
-//! writes it when it sees the failure). A step whose collective failed on
-//! the dead peer leaves ([`Recovery::recover`]): its gradients and buckets
-//! are dropped, parameters and optimizer state kept; every rank connects
-//! the epoch's communicator, and the state is made whole again
+//! writes it when it sees the failure) and aborts the collective in flight,
+//! so a step blocked on a dead or stopped peer fails at once. The step
+//! is left ([`Recovery::recover`]): its gradients and buckets are dropped,
+//! parameters and optimizer state kept; every rank connects the epoch's
+//! communicator, and the state is made whole again
 //! ([`DataParallel::rejoin`]): under DDP the lowest rank holding the newest
 //! state broadcasts it to the others; under ZeRO every rank goes back to
 //! the step of the shard mirrors (`mirror.rs`) and the replacement takes
-//! its shard from the rank mirroring it. The step in flight is redone: data order and dropout are functions of the step, so
-//! the run's result is that of an uninterrupted one.
+//! its shard from the rank mirroring it. The step in flight is redone:
+//! data order and dropout are functions of the step, so the run's result
+//! is that of an uninterrupted one.
 //!
 //! The replacement (a new process with `COHORT_EPOCH` > 0) builds its model
 //! without reading a checkpoint, connects under its epoch and receives the
@@ -27,7 +29,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cohort_collectives::{Communicator, Store, StoreError};
+use cohort_collectives::{AbortHandle, Communicator, Store, StoreError};
 use cohort_configs::{RecoveryConfig, TransportChoice};
 use cohort_contract::WorkerEnv;
 use cohort_contract::recovery::{Done, Notice, done_key, notice_key, unix_ms};
@@ -45,6 +47,8 @@ struct WatchState {
     want: u64,
     /// That notice, once it came.
     notice: Option<Notice>,
+    /// Aborts the current communicator's op in flight.
+    abort: Option<AbortHandle>,
 }
 
 #[derive(Default)]
@@ -133,6 +137,18 @@ impl Recovery {
         Ok(comm)
     }
 
+    /// Lets the watcher abort `comm`'s op in flight when the next notice
+    /// comes (at once if it came already): a step blocked on a stopped or
+    /// unreachable peer fails then, not at its timeout.
+    pub fn watch(&self, comm: &Communicator) {
+        let handle = comm.abort_handle();
+        let mut st = self.watch.lock();
+        if let Some(notice) = &st.notice {
+            handle.abort(&notice_reason(notice));
+        }
+        st.abort = Some(handle);
+    }
+
     /// The replacement takes the job's state from the survivors.
     pub fn join(&mut self, dp: &mut DataParallel) -> Result<Synced, TrainError> {
         let synced = dp.rejoin(None, PeerState::default())?;
@@ -191,6 +207,7 @@ impl Recovery {
                 let mut st = self.watch.lock();
                 st.want = epoch + 1;
                 st.notice = None;
+                st.abort = None;
                 self.watch.changed.notify_all();
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -204,6 +221,7 @@ impl Recovery {
                 }
                 Err(e) => return Err(gave_up(crate::describe_error(&e))),
             };
+            self.watch(&comm);
             match dp.rejoin(Some(comm), PeerState { have: Some(held) }) {
                 Ok(synced) => return Ok(synced),
                 // Before the state was sent: this rank still holds it.
@@ -272,8 +290,13 @@ impl Recovery {
     }
 }
 
-/// The watcher: waits for the notice of the epoch `want`, hands it over,
-/// then waits until the trainer moves on to the next epoch.
+fn notice_reason(n: &Notice) -> String {
+    format!("rank {} {} (epoch {})", n.rank, n.reason, n.epoch)
+}
+
+/// The watcher: waits for the notice of the epoch `want`, hands it over
+/// and aborts the communicator's op in flight, then waits until the
+/// trainer moves on to the next epoch.
 fn watch_notices(store: &dyn Store, watch: &Watch) {
     loop {
         let want = watch.lock().want;
@@ -290,6 +313,9 @@ fn watch_notices(store: &dyn Store, watch: &Watch) {
                 let mut st = watch.lock();
                 if st.want != want {
                     continue;
+                }
+                if let Some(handle) = &st.abort {
+                    handle.abort(&notice_reason(&notice));
                 }
                 st.notice = Some(notice);
                 watch.changed.notify_all();

@@ -85,6 +85,9 @@ pub fn run_recovering(
     let vs = VarStore::new(device);
     let net = model::build(&vs.root(), &job.model, data.vocab_size(), t.precision)?;
     let joining = recovery.as_ref().is_some_and(Recovery::is_replacement);
+    if let (Some(r), Collectives::Host(c)) = (&recovery, &comm) {
+        r.watch(c);
+    }
     let mut dp = match comm {
         Collectives::Host(c) if joining => {
             DataParallel::new_joining(&vs, c, &job.optim, &job.parallel)?
