@@ -635,15 +635,16 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         rate
     );
     if let Some(r) = &recovered {
+        let (bootstrap, armed) = (args.bootstrap.name(), r.armed.as_secs_f64());
         let (n50, n99, nmax) = (
-            percentile(&r.notice, 0.5),
-            percentile(&r.notice, 0.99),
-            r.notice.last().copied().unwrap_or_default(),
+            ms(percentile(&r.notice, 0.5)),
+            ms(percentile(&r.notice, 0.99)),
+            ms(r.notice.last().copied().unwrap_or_default()),
         );
         let (f50, f99, formed) = (
-            percentile(&r.formed, 0.5),
-            percentile(&r.formed, 0.99),
-            r.formed.last().copied().unwrap_or_default(),
+            ms(percentile(&r.formed, 0.5)),
+            ms(percentile(&r.formed, 0.99)),
+            r.formed.last().copied().unwrap_or_default().as_secs_f64(),
         );
         println!(
             "{:>8} {:>9} {:>9} {:>13} {:>13} {:>13} {:>12} {:>12} {:>15}",
@@ -658,29 +659,13 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "epoch_formed_s"
         );
         println!(
-            "{:>8} {:>9} {:>9.3} {:>13.1} {:>13.1} {:>13.1} {:>12.1} {:>12.1} {:>15.3}",
-            ranks_seen,
-            args.bootstrap.name(),
-            r.armed.as_secs_f64(),
-            ms(n50),
-            ms(n99),
-            ms(nmax),
-            ms(f50),
-            ms(f99),
-            formed.as_secs_f64()
+            "{ranks_seen:>8} {bootstrap:>9} {armed:>9.3} {n50:>13.1} {n99:>13.1} {nmax:>13.1} \
+             {f50:>12.1} {f99:>12.1} {formed:>15.3}"
         );
         json.push_str(&format!(
-            ", \"bootstrap\": \"{}\", \"armed_s\": {:.4}, \"notice_p50_ms\": {:.3}, \"notice_p99_ms\": {:.3}, \
-             \"notice_max_ms\": {:.3}, \"rank_formed_p50_ms\": {:.3}, \"rank_formed_p99_ms\": {:.3}, \
-             \"epoch_formed_s\": {:.4}",
-            args.bootstrap.name(),
-            r.armed.as_secs_f64(),
-            ms(n50),
-            ms(n99),
-            ms(nmax),
-            ms(f50),
-            ms(f99),
-            formed.as_secs_f64()
+            ", \"bootstrap\": \"{bootstrap}\", \"armed_s\": {armed:.4}, \"notice_p50_ms\": {n50:.3}, \
+             \"notice_p99_ms\": {n99:.3}, \"notice_max_ms\": {nmax:.3}, \"rank_formed_p50_ms\": {f50:.3}, \
+             \"rank_formed_p99_ms\": {f99:.3}, \"epoch_formed_s\": {formed:.4}"
         ));
     }
     json.push('}');
