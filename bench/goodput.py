@@ -216,8 +216,10 @@ def main():
             names = r["in_place"][0]["phases"].keys()
             phases = ", ".join(f"{k} {statistics.median(x['phases'].get(k, 0) for x in r['in_place']):.3f}" for k in names)
         else:
-            # A restart redoes the steps since the checkpoint it resumes from.
-            lost_each = [k["step"] - s for k, s in zip(r["kills"], r["restarts"]) if k["step"] is not None]
+            # A restart redoes the steps since the checkpoint it resumes from
+            # (0 for a kill of a worker still starting, whose status file
+            # showed the step of the attempt before).
+            lost_each = [max(0, k["step"] - s) for k, s in zip(r["kills"], r["restarts"]) if k["step"] is not None]
             lost = statistics.mean(lost_each) if lost_each else float("nan")
             rec, phases = float("nan"), ""
         fb = f"  ({len(r['fallbacks'])} fallbacks to disk)" if r["fallbacks"] else ""
