@@ -154,6 +154,17 @@ impl HostBuffers {
         self.backward_end = None;
     }
 
+    /// Copies the master parameters, then each optimizer state vector,
+    /// into consecutive `slot`-element parts of `out` (each part's tail past
+    /// the owned length is left as it is).
+    pub fn pack_master(&self, slot: usize, out: &mut [f32]) {
+        let vectors = std::iter::once(self.params.as_slice())
+            .chain(self.optimizer.states().iter().map(Vec::as_slice));
+        for (k, v) in vectors.enumerate() {
+            out[k * slot..k * slot + v.len()].copy_from_slice(v);
+        }
+    }
+
     /// Runs `f` on the communicator after the work queued, not waiting.
     pub fn post(
         &self,

@@ -23,8 +23,7 @@ use cohort_collectives::Communicator;
 
 use crate::TrainError;
 use crate::host::HostBuffers;
-use crate::plan::{Core, Plan};
-use crate::step::Buffers;
+use crate::plan::Core;
 
 /// One shard's state as of a step: the master parameters, then each
 /// optimizer state vector, each padded to the longest shard.
@@ -53,6 +52,9 @@ pub(crate) struct Mirrors {
     /// The shard of rank `rank - offset`, written by the communication
     /// thread once it has arrived whole.
     held: Arc<Mutex<Option<Snap>>>,
+    /// The buffer of the mirror before, for the next one to arrive in:
+    /// refreshes allocate (and fault in) nothing once running.
+    spare: Arc<Mutex<Option<Vec<f32>>>>,
 }
 
 impl Mirrors {
@@ -69,6 +71,7 @@ impl Mirrors {
             own: None,
             prev: None,
             held: Arc::new(Mutex::new(None)),
+            spare: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -85,7 +88,7 @@ impl Mirrors {
 
     /// What this rank holds of rank `rank - offset`.
     pub fn held(&self) -> Option<Snap> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.held).clone()
     }
 
     /// Whether `step` (steps done) is one to refresh at.
@@ -98,32 +101,39 @@ impl Mirrors {
     pub fn refresh(
         &mut self,
         core: &Core,
-        plan: &Plan,
         b: &mut HostBuffers,
         position: u64,
         wait: bool,
     ) -> Result<(), TrainError> {
-        let owned = 0..plan.owned.len();
-        let (params, states) = b.read_master(plan, owned);
-        let mut data = vec![0.0f32; (1 + self.states) * self.slot];
-        for (k, v) in std::iter::once(&params).chain(states.iter()).enumerate() {
-            data[k * self.slot..k * self.slot + v.len()].copy_from_slice(v);
-        }
+        // The oldest snapshot's buffer becomes the newest.
+        let mut data = self
+            .prev
+            .take()
+            .and_then(|p| Arc::try_unwrap(p.data).ok())
+            .unwrap_or_else(|| vec![0.0f32; self.slot_len()]);
+        b.pack_master(self.slot, &mut data);
         let snap = Snap {
             step: core.step,
             position,
             data: Arc::new(data),
         };
         self.prev = self.own.replace(snap.clone());
-        let (held, offset) = (self.held.clone(), self.offset);
+        let (held, spare, offset) = (self.held.clone(), self.spare.clone(), self.offset);
         let send = move |comm: &mut Communicator, opts: &cohort_collectives::OpOptions| {
-            let mut recv = vec![0.0f32; snap.data.len()];
+            let mut recv = lock(&spare)
+                .take()
+                .unwrap_or_else(|| vec![0.0f32; snap.data.len()]);
             let r = comm.shift(&snap.data, &mut recv, offset, opts);
             if r.is_ok() {
-                *held.lock().unwrap_or_else(|e| e.into_inner()) = Some(Snap {
+                let before = lock(&held).replace(Snap {
                     data: Arc::new(recv),
                     ..snap
                 });
+                if let Some(buf) = before.and_then(|b| Arc::try_unwrap(b.data).ok()) {
+                    *lock(&spare) = Some(buf);
+                }
+            } else {
+                *lock(&spare) = Some(recv);
             }
             r
         };
@@ -165,4 +175,8 @@ impl Mirrors {
         self.own = Some(snap);
         self.prev = None;
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

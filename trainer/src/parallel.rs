@@ -232,7 +232,7 @@ impl DataParallel {
             return Ok(());
         };
         if force || m.due(self.core.step) {
-            m.refresh(&self.core, &self.plan, b, position, force)?;
+            m.refresh(&self.core, b, position, force)?;
         }
         Ok(())
     }
@@ -628,7 +628,7 @@ fn rejoin_sharded(
             crate::describe_error(&e)
         ))
     })?;
-    m.refresh(core, plan, b, position, true)?;
+    m.refresh(core, b, position, true)?;
     Ok(Synced {
         source,
         step,
