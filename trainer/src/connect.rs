@@ -30,15 +30,7 @@ fn connect_over(
         return Ok(Communicator::mem_group(1).remove(0));
     }
     let store = store.ok_or_else(|| no_store(env))?;
-    let comm = &env.comm;
-    let cfg = TcpConfig {
-        transport,
-        ..TcpConfig::new(
-            comm.token()?.as_bytes(),
-            comm.host.as_deref(),
-            comm.op_timeout(),
-        )
-    };
+    let cfg = tcp_config(env, transport)?;
     Communicator::connect_tcp(store, env.rank, env.world, &cfg)
         .map_err(TrainError::comm(env.rank, "connecting to the other ranks"))
 }
@@ -54,16 +46,9 @@ pub fn connect_in_epoch(
     transport: TransportChoice,
     timeout: std::time::Duration,
 ) -> Result<Communicator, TrainError> {
-    let transport = transport_kind(transport);
-    let comm = &env.comm;
     let cfg = TcpConfig {
-        transport,
         connect_timeout: timeout,
-        ..TcpConfig::new(
-            comm.token()?.as_bytes(),
-            comm.host.as_deref(),
-            comm.op_timeout(),
-        )
+        ..tcp_config(env, transport_kind(transport))?
     };
     let what = "connecting to the other ranks of the new epoch";
     if epoch == 0 {
@@ -77,6 +62,20 @@ pub fn connect_in_epoch(
     .map_err(|e| TrainError::Config(format!("the store prefix of epoch {epoch}: {e}")))?;
     Communicator::connect_tcp(&scoped, env.rank, env.world, &cfg)
         .map_err(TrainError::comm(env.rank, what))
+}
+
+/// The TCP config of `env`'s collectives (token, host, op timeout) over
+/// `transport`.
+fn tcp_config(env: &WorkerEnv, transport: TransportKind) -> Result<TcpConfig, TrainError> {
+    let comm = &env.comm;
+    Ok(TcpConfig {
+        transport,
+        ..TcpConfig::new(
+            comm.token()?.as_bytes(),
+            comm.host.as_deref(),
+            comm.op_timeout(),
+        )
+    })
 }
 
 fn transport_kind(choice: TransportChoice) -> TransportKind {

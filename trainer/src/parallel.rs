@@ -273,14 +273,7 @@ impl DataParallel {
             table[world + core.rank] = have.position as f64;
             table[2 * world + core.rank] = have.left_unix_ms as f64;
         }
-        let (table, result) = b.run(move |comm, opts| {
-            let r = comm.all_reduce(&mut table, cohort_collectives::ReduceOp::Sum, opts);
-            (table, r)
-        });
-        result.map_err(TrainError::comm(
-            core.rank,
-            "all_reduce of what each rank holds",
-        ))?;
+        step::Buffers::sum_f64(b, core, &mut table)?;
         let newest = table[..world].iter().copied().fold(0.0, f64::max);
         if newest == 0.0 {
             return Err(TrainError::RecoveryFailed(
@@ -531,11 +524,7 @@ fn rejoin_sharded(
         row[5] = have.left_unix_ms as f64;
         row[6] = (have.step + 1) as f64;
     }
-    let (table, result) = b.run(move |comm, opts| {
-        let r = comm.all_reduce(&mut table, cohort_collectives::ReduceOp::Sum, opts);
-        (table, r)
-    });
-    result.map_err(TrainError::comm(rank, "all_reduce of what each rank holds"))?;
+    step::Buffers::sum_f64(b, core, &mut table)?;
     let row = |r: usize| &table[COLS * r..COLS * (r + 1)];
     let step_of = |x: f64| x as u64 - 1;
     let survivors: Vec<usize> = (0..world).filter(|&r| row(r)[0] > 0.0).collect();
