@@ -80,8 +80,8 @@ impl Mirrors {
         (3 * (1 + self.states) * self.slot * std::mem::size_of::<f32>()) as u64
     }
 
-    /// The rank whose shard this rank mirrors, and the rank mirroring
-    /// `rank`'s, in a world of `world`.
+    /// The rank holding the mirror of `rank`'s shard, in a world of
+    /// `world`.
     pub fn holder_of(&self, rank: usize, world: usize) -> usize {
         (rank + self.offset) % world
     }

@@ -42,6 +42,9 @@ use crate::plan::{Core, Plan};
 use crate::step;
 pub use cohort_configs::ZeroStage;
 
+/// Why a model on a GPU can't recover in place.
+const HOST_PATH_ONLY: &str = "in-place recovery runs on the host path (CPU training) so far";
+
 /// What a rank brings to [`DataParallel::rejoin`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PeerState {
@@ -171,9 +174,7 @@ impl DataParallel {
         parallel: &ParallelConfig,
     ) -> Result<Self, TrainError> {
         if vs.device() != Device::Cpu {
-            return Err(TrainError::RecoveryFailed(
-                "in-place recovery runs on the host path (CPU training) so far".into(),
-            ));
+            return Err(TrainError::RecoveryFailed(HOST_PATH_ONLY.into()));
         }
         let (core, plan, b) = HostBuffers::new(vs, comm, optim, parallel)?;
         Ok(DataParallel {
@@ -190,9 +191,7 @@ impl DataParallel {
     pub fn recovers_in_place(&self) -> Result<(), String> {
         match (&self.path, self.core.stage) {
             (Path::Host(_), ZeroStage::Ddp) => Ok(()),
-            (Path::Device(_), _) => {
-                Err("in-place recovery runs on the host path (CPU training) so far".into())
-            }
+            (Path::Device(_), _) => Err(HOST_PATH_ONLY.into()),
             (Path::Host(_), _) if self.mirrors.is_some() => Ok(()),
             (Path::Host(_), stage) => Err(format!(
                 "under ZeRO (parallel.zero_stage = {stage}) a rank's shard exists once and no shard mirrors are kept"
