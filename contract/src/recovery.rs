@@ -61,6 +61,13 @@ pub struct Notice {
     pub noticed_unix_ms: u64,
 }
 
+impl Notice {
+    /// What failed: "rank 1 was killed by signal 9 (SIGKILL)".
+    pub fn what(&self) -> String {
+        format!("rank {} {}", self.rank, self.reason)
+    }
+}
+
 /// How a recovery went: written by the replacement after its first step.
 /// Times are Unix ms.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -141,11 +141,6 @@ impl Scope {
     }
 }
 
-/// What failed, as a notice says: "rank 1 was killed by signal 9 (SIGKILL)".
-fn describe(notice: &Notice) -> String {
-    format!("rank {} {}", notice.rank, notice.reason)
-}
-
 /// An epoch as the store holds it: decimal ASCII.
 fn parse_epoch(bytes: &[u8]) -> Option<u64> {
     std::str::from_utf8(bytes).ok()?.trim().parse().ok()
@@ -232,7 +227,7 @@ impl Recoveries {
             noticed_unix_ms: cohort_contract::recovery::unix_ms(),
         };
         self.scope.write_notice(&notice).await?;
-        self.in_flight.insert(epoch, describe(&notice));
+        self.in_flight.insert(epoch, notice.what());
         self.replacing.insert(epoch, index);
         self.console.err(&format!(
             "[cohort] rank {rank} {reason}: recovering in place (epoch {epoch}): the other ranks \
@@ -314,7 +309,7 @@ async fn watch_notices(scope: Scope, tx: mpsc::UnboundedSender<Event>) {
                         notice_key(epoch)
                     )
                 },
-                |notice| describe(&notice),
+                |notice| notice.what(),
             );
             if tx.send(Event::Noticed { epoch, what }).is_err() {
                 return;

@@ -291,7 +291,7 @@ impl Recovery {
 }
 
 fn notice_reason(n: &Notice) -> String {
-    format!("rank {} {} (epoch {})", n.rank, n.reason, n.epoch)
+    format!("{} (epoch {})", n.what(), n.epoch)
 }
 
 /// The watcher: waits for the notice of the epoch `want`, hands it over
